@@ -3,7 +3,7 @@ into length-prefixed binary frames and back, validating every field on receipt.
 
 Positions are absolute indices in the *generated* sequence (prompt excluded): position 0 is
 the first token after the prompt. Epochs count rollbacks of a session: both sides start at 0
-and bump by one each time a verdict carries a correction, so a batch stamped with an older
+and bump by one each time a verdict carries a correction (or bonus) token, so a batch stamped with an older
 epoch is stale and dropped.
 """
 from __future__ import annotations
@@ -98,7 +98,8 @@ class Verdict:
     ``accepted`` drafts were accepted (positions ``start_pos .. start_pos+accepted-1``).
     ``correction`` >= 0 is the target's token at ``start_pos + accepted`` (a correction after
     a rejection, or a bonus after full acceptance when asked); -1 means none. A verdict with
-    ``rejected`` True bumps the session epoch to ``epoch + 1`` on both sides.
+    a correction (or bonus) token bumps the session epoch to ``epoch + 1`` on both sides:
+    drafts past it are void. ``rejected`` says whether a draft was rejected.
     ``verified_len`` is the session's verified length after applying this verdict.
     """
 

@@ -1,0 +1,3 @@
+from pipesd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,462 @@
+"""The cloud: one asyncio server holding one session per edge stream, verifying draft runs
+with the target model (NAV) and replying with verdicts.
+
+Concurrency: the event loop owns the sockets and the session bookkeeping; all model work
+(target forwards, verification kernels, KV-cache crops) runs on one verifier thread, so the
+loop keeps reading frames while the target computes. Sessions whose triggers coincide are
+verified together: one batched target forward and one batched ``verify_chain`` launch.
+
+Session state machine (positions count generated tokens, prompt excluded)::
+
+    verified [0, v)  |  pending drafts [v, v + len(pending))
+    DraftBatch(epoch == session.epoch, first_pos == v + len(pending)) -> append to pending
+    DraftBatch(epoch <  session.epoch) or first_pos < expected       -> stale/duplicate: dropped
+    verify flag -> verify pending[: up to the end of that batch]
+    verdict: accept a drafts (+ correction/bonus); a correction or bonus token clears pending
+             and bumps the epoch on both sides
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pipesd.sampling import SamplingParams
+from pipesd.transport import codec, conn
+from pipesd.transport import messages as M
+from pipesd.verify import verify_chain
+
+log = logging.getLogger("pipesd.cloud")
+
+__all__ = ["CloudConfig", "CloudServer", "CloudStats"]
+
+
+@dataclass
+class CloudConfig:
+    """Server settings and limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 7070  # 0: pick a free port
+    auth_token: str = ""
+    max_sessions: int = 64
+    max_sessions_per_client: int = 8
+    max_prompt_tokens: int = 4096
+    max_new_tokens: int = 4096
+    max_draft_in_flight: int = 256
+    max_frame_bytes: int = 8 << 20
+    max_batch_sessions: int = 32
+    handshake_timeout_s: float = 10.0
+    write_timeout_s: float = 30.0
+    # Emulated cloud compute: pad each verification to at least this long (0 = off). Lets a
+    # CPU run behave like a big target on a GPU; benchmarks state it in their settings.
+    verify_pad_s: float = 0.0
+    server_name: str = "pipesd-cloud"
+
+
+@dataclass
+class CloudStats:
+    verifications: int = 0
+    batched_launches: int = 0
+    max_batch: int = 0
+    target_forwards: int = 0
+    wasted_forwards: int = 0  # scored draft tokens that were rejected (or followed a rejection)
+    busy_s: float = 0.0
+    stale_batches: int = 0
+    duplicate_batches: int = 0
+    sessions_opened: int = 0
+    sessions_open: int = 0
+    protocol_errors: int = 0
+
+
+@dataclass
+class _Session:
+    sid: int
+    client: "_Client"
+    tsession: object  # pipesd.models.TargetSession
+    params: SamplingParams
+    max_new_tokens: int
+    eos_id: Optional[int]
+    generator: torch.Generator
+    epoch: int = 0
+    generated: list = field(default_factory=list)  # verified generated tokens
+    pending: list = field(default_factory=list)  # draft tokens after `generated`
+    pending_q_ids: list = field(default_factory=list)  # per token np.int32[k]
+    pending_q_probs: list = field(default_factory=list)
+    verify_upto: int = 0  # number of pending drafts to verify (0: nothing asked)
+    verify_requested: bool = False
+    bonus: bool = False
+    echo_sent_at: float = 0.0
+    busy: bool = False  # in the verifier right now
+    finished: bool = False
+    closed: bool = False
+
+
+class _Client:
+    def __init__(self, writer: asyncio.StreamWriter, peer: str) -> None:
+        self.writer = writer
+        self.peer = peer
+        self.sessions: dict[int, _Session] = {}
+        self.write_lock = asyncio.Lock()
+        self.alive = True
+
+
+class CloudServer:
+    """Verification server. ``target`` is a :class:`pipesd.models.TargetModel`."""
+
+    def __init__(self, target, config: Optional[CloudConfig] = None, *, tokenizer_fingerprint: str = "") -> None:
+        self.target = target
+        self.config = config or CloudConfig()
+        self.fingerprint = tokenizer_fingerprint
+        self.stats = CloudStats()
+        tok = getattr(target, "tokenizer", None)
+        self.eos_id = getattr(tok, "eos_token_id", None) if tok is not None else None
+        self.vocab_size = int(target.vocab_size)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipesd-verify")
+        self._server: Optional[asyncio.base_events.Server] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._ready: Optional[asyncio.Queue] = None
+        self._clients: set[_Client] = set()
+        self._n_sessions = 0
+        self._thread: Optional[threading.Thread] = None
+        self._started = threading.Event()
+        self._stop_event: Optional[asyncio.Event] = None
+        self.address: tuple[str, int] = (self.config.host, self.config.port)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def serve(self) -> None:
+        """Run until :meth:`stop` (or cancellation)."""
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Queue()
+        self._stop_event = asyncio.Event()
+        self._server = await asyncio.start_server(self._handle, self.config.host, self.config.port)
+        sock = self._server.sockets[0].getsockname()
+        self.address = (sock[0], sock[1])
+        verifier = asyncio.create_task(self._verifier())
+        self._started.set()
+        log.info("serving on %s:%d", *self.address)
+        try:
+            await self._stop_event.wait()
+        finally:
+            self._server.close()
+            verifier.cancel()
+            for c in list(self._clients):
+                c.writer.close()
+            try:
+                await self._server.wait_closed()
+            except Exception:  # pragma: no cover
+                pass
+            self._executor.shutdown(wait=True)
+
+    def start_in_thread(self) -> tuple[str, int]:
+        """Serve from a background thread (tests, demo); returns ``(host, port)``."""
+        self._thread = threading.Thread(target=lambda: asyncio.run(self.serve()), name="pipesd-cloud", daemon=True)
+        self._thread.start()
+        if not self._started.wait(30):
+            raise RuntimeError("cloud server did not start within 30 s")
+        return self.address
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Clean shutdown: stop accepting, close connections, finish the verifier."""
+        if self._loop is not None and self._stop_event is not None:
+            self._loop.call_soon_threadsafe(self._stop_event.set)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # ------------------------------------------------------------------ connections
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = str(writer.get_extra_info("peername"))
+        cfg = self.config
+        info = M.HelloAck(M.PROTOCOL_VERSION, cfg.server_name, self.vocab_size, self.fingerprint,
+                          cfg.max_sessions_per_client, cfg.max_prompt_tokens, cfg.max_draft_in_flight)
+        try:
+            await conn.serve_handshake(reader, writer, expected_token=cfg.auth_token, server_info=info,
+                                       timeout_s=cfg.handshake_timeout_s)
+        except Exception as e:  # refused: serve_handshake already answered with an Error frame
+            log.info("handshake with %s failed: %s", peer, e)
+            writer.close()
+            return
+        client = _Client(writer, peer)
+        self._clients.add(client)
+        try:
+            while True:
+                try:
+                    msg = await conn.read_message(reader, cfg.max_frame_bytes)
+                except codec.ProtocolError as e:
+                    self.stats.protocol_errors += 1
+                    await self._send(client, M.Error(e.code, str(e)))
+                    break
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                try:
+                    await self._dispatch(client, msg)
+                except codec.ProtocolError as e:
+                    self.stats.protocol_errors += 1
+                    sid = getattr(msg, "session_id", -1)
+                    await self._send(client, M.Error(e.code, str(e), sid))
+                    if sid in client.sessions:
+                        self._close_session(client.sessions[sid])
+        except Exception:  # never let one client take the server down
+            log.exception("client %s failed", peer)
+        finally:
+            client.alive = False
+            for s in list(client.sessions.values()):
+                self._close_session(s)
+            self._clients.discard(client)
+            writer.close()
+
+    async def _send(self, client: _Client, msg) -> None:
+        if not client.alive:
+            return
+        try:
+            async with client.write_lock:
+                await asyncio.wait_for(conn.write_message(client.writer, msg), self.config.write_timeout_s)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            client.alive = False
+            client.writer.close()
+
+    async def _dispatch(self, client: _Client, msg) -> None:
+        if isinstance(msg, M.DraftBatch):
+            self._on_draft(client, msg)
+        elif isinstance(msg, M.OpenSession):
+            await self._on_open(client, msg)
+        elif isinstance(msg, M.CloseSession):
+            s = client.sessions.get(msg.session_id)
+            if s is not None:
+                self._close_session(s)
+        else:
+            raise codec.ProtocolError(M.E_BAD_FRAME, f"unexpected message {type(msg).__name__} from an edge")
+
+    async def _on_open(self, client: _Client, msg: M.OpenSession) -> None:
+        cfg = self.config
+        sid = msg.session_id
+        if sid in client.sessions:
+            raise codec.ProtocolError(M.E_BAD_FIELD, f"session {sid} is already open on this connection")
+        if len(client.sessions) >= cfg.max_sessions_per_client or self._n_sessions >= cfg.max_sessions:
+            await self._send(client, M.Error(M.E_LIMIT, "too many sessions", sid))
+            return
+        prompt = np.asarray(msg.prompt_ids)
+        if len(prompt) == 0 or len(prompt) > cfg.max_prompt_tokens:
+            raise codec.ProtocolError(M.E_LIMIT, f"prompt length {len(prompt)} outside [1, {cfg.max_prompt_tokens}]")
+        if int(prompt.min()) < 0 or int(prompt.max()) >= self.vocab_size:
+            raise codec.ProtocolError(M.E_BAD_FIELD, f"prompt token ids outside [0, {self.vocab_size})")
+        if msg.tokenizer_fingerprint and self.fingerprint and msg.tokenizer_fingerprint != self.fingerprint:
+            raise codec.ProtocolError(M.E_TOKENIZER, "tokenizer fingerprint differs from the cloud's: "
+                                      f"edge {msg.tokenizer_fingerprint}, cloud {self.fingerprint}")
+        try:
+            params = SamplingParams(float(msg.temperature), int(msg.top_k), float(msg.top_p), float(msg.min_p),
+                                    int(msg.seed))
+        except ValueError as e:
+            raise codec.ProtocolError(M.E_BAD_FIELD, str(e)) from None
+        if not (1 <= msg.max_new_tokens <= cfg.max_new_tokens):
+            raise codec.ProtocolError(M.E_LIMIT, f"max_new_tokens {msg.max_new_tokens} outside [1, {cfg.max_new_tokens}]")
+        gen = torch.Generator()
+        gen.manual_seed(int(msg.seed))
+        tsession = self.target.new_session([int(t) for t in prompt])
+        s = _Session(sid, client, tsession, params, int(msg.max_new_tokens), self.eos_id, gen)
+        client.sessions[sid] = s
+        self._n_sessions += 1
+        self.stats.sessions_opened += 1
+        self.stats.sessions_open = self._n_sessions
+        await self._send(client, M.SessionOpened(sid))
+
+    def _close_session(self, s: _Session) -> None:
+        if s.closed:
+            return
+        s.closed = True
+        s.client.sessions.pop(s.sid, None)
+        self._n_sessions -= 1
+        self.stats.sessions_open = self._n_sessions
+        if not s.busy:
+            self._executor.submit(s.tsession.close)
+
+    def _on_draft(self, client: _Client, b: M.DraftBatch) -> None:
+        s = client.sessions.get(b.session_id)
+        if s is None:
+            raise codec.ProtocolError(M.E_UNKNOWN_SESSION, f"unknown session {b.session_id}")
+        if s.finished:
+            return
+        if b.epoch < s.epoch:
+            self.stats.stale_batches += 1
+            return
+        if b.epoch > s.epoch:
+            raise codec.ProtocolError(M.E_BAD_FIELD, f"epoch {b.epoch} is ahead of the session's {s.epoch}")
+        n = len(b.tokens)
+        expected = len(s.generated) + len(s.pending)
+        if n and b.first_pos != expected:
+            if b.first_pos < expected:
+                self.stats.duplicate_batches += 1
+                return
+            raise codec.ProtocolError(M.E_BAD_FIELD, f"batch starts at {b.first_pos}, expected {expected} (gap)")
+        if len(s.pending) + n > self.config.max_draft_in_flight:
+            raise codec.ProtocolError(M.E_LIMIT, f"more than {self.config.max_draft_in_flight} draft tokens in flight")
+        if n:
+            toks = np.asarray(b.tokens)
+            if int(toks.min()) < 0 or int(toks.max()) >= self.vocab_size:
+                raise codec.ProtocolError(M.E_BAD_FIELD, f"draft token ids outside [0, {self.vocab_size})")
+            if not s.params.greedy:
+                if b.q_ids is None or b.q_probs is None:
+                    raise codec.ProtocolError(M.E_BAD_FIELD, "sampling mode needs the draft's q (q_ids, q_probs)")
+                qi = np.asarray(b.q_ids)
+                if int(qi.min()) < 0 or int(qi.max()) >= self.vocab_size:
+                    raise codec.ProtocolError(M.E_BAD_FIELD, f"q ids outside [0, {self.vocab_size})")
+                s.pending_q_ids.extend(qi)
+                s.pending_q_probs.extend(np.asarray(b.q_probs))
+            s.pending.extend(int(t) for t in toks)
+        if b.verify:
+            s.verify_upto = len(s.pending)
+            s.bonus = bool(b.bonus)
+            s.echo_sent_at = b.sent_at
+            if not s.verify_requested:
+                s.verify_requested = True
+                if not s.busy:
+                    self._ready.put_nowait(s)
+
+    # ------------------------------------------------------------------ verification
+    async def _verifier(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._ready.get()
+            batch = [first]
+            while not self._ready.empty() and len(batch) < self.config.max_batch_sessions:
+                batch.append(self._ready.get_nowait())
+            batch = [s for s in batch if not s.closed and s.verify_requested]
+            if not batch:
+                continue
+            jobs = []
+            for s in batch:
+                n = s.verify_upto
+                jobs.append((s, s.pending[:n], s.pending_q_ids[:n], s.pending_q_probs[:n], s.bonus, s.echo_sent_at))
+                s.verify_requested = False
+                s.busy = True
+            try:
+                results = await loop.run_in_executor(self._executor, self._verify_jobs, jobs)
+            except Exception:
+                log.exception("verification failed")
+                for s in batch:
+                    s.busy = False
+                    await self._send(s.client, M.Error(M.E_INTERNAL, "verification failed", s.sid))
+                    self._close_session(s)
+                continue
+            for (s, *_), (verdict, new) in zip(jobs, results):
+                s.busy = False
+                if s.closed:
+                    self._executor.submit(s.tsession.close)
+                    continue
+                self._apply(s, verdict, new)
+                await self._send(s.client, verdict)
+                if s.verify_requested and not s.closed:
+                    self._ready.put_nowait(s)
+
+    def _verify_jobs(self, jobs) -> list[tuple[M.Verdict, list[int]]]:
+        """Verifier thread: one batched target forward + one verify_chain launch."""
+        t0 = time.perf_counter()
+        sessions = [j[0] for j in jobs]
+        drafts = [j[1] for j in jobs]
+        f0 = self.target.forwards
+        if len(jobs) == 1:
+            logits_list = [sessions[0].tsession.score(drafts[0])]
+        else:
+            logits_list = self.target.score_batch([s.tsession for s in sessions], drafts)
+        forwards = self.target.forwards - f0
+        B = len(jobs)
+        K = max(len(d) for d in drafts)
+        V = logits_list[0].shape[-1]
+        logits = torch.zeros(B, K + 1, V, dtype=logits_list[0].dtype)
+        draft_t = torch.zeros(B, max(K, 1), dtype=torch.int64)[:, :K]
+        num = torch.tensor([len(d) for d in drafts], dtype=torch.int64)
+        for i, (lg, d) in enumerate(zip(logits_list, drafts)):
+            logits[i, : lg.shape[0]] = lg
+            if d:
+                draft_t[i, : len(d)] = torch.tensor(d)
+        greedy = all(s.params.greedy for s in sessions)
+        bonus = torch.tensor([j[4] for j in jobs], dtype=torch.bool)
+        if greedy:
+            v = verify_chain(logits, draft_t, num, mode="greedy", bonus=bonus)
+        else:
+            kq = max((q.shape[-1] for j in jobs for q in j[2]), default=1)
+            q_ids = torch.zeros(B, K, kq, dtype=torch.int64)
+            q_probs = torch.zeros(B, K, kq, dtype=torch.float32)
+            for i, j in enumerate(jobs):
+                for t, (qi, qp) in enumerate(zip(j[2], j[3])):
+                    q_ids[i, t, : len(qi)] = torch.from_numpy(np.asarray(qi, dtype=np.int64))
+                    q_probs[i, t, : len(qp)] = torch.from_numpy(np.asarray(qp, dtype=np.float32))
+            p = [s.params for s in sessions]
+            temp = torch.tensor([x.temperature for x in p], dtype=torch.float32)
+            gen = sessions[0].generator if B == 1 else self._batch_generator(sessions)
+            v = verify_chain(logits, draft_t, num, mode="sample", draft_topk_ids=q_ids, draft_topk_probs=q_probs,
+                             temperature=temp, top_k=torch.tensor([x.top_k for x in p]),
+                             top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32),
+                             min_p=torch.tensor([x.min_p for x in p], dtype=torch.float32),
+                             generator=gen, bonus=bonus)
+        out = []
+        for i, (s, d, _, _, _, echo) in enumerate(jobs):
+            acc = int(v.accepted[i])
+            ntok = int(v.num_tokens[i])
+            new = [int(t) for t in v.tokens[i, :ntok]]
+            rejected = acc < len(d)
+            correction = new[acc] if ntok > acc else -1
+            start = len(s.generated)
+            # Clip at max_new_tokens and at EOS: nothing past them is ever emitted.
+            room = s.max_new_tokens - start
+            finished = False
+            if len(new) >= room:
+                new, finished = new[:room], True
+            if s.eos_id is not None and s.eos_id in new:
+                new, finished = new[: new.index(s.eos_id) + 1], True
+            if len(new) <= acc:  # clipped before the correction
+                correction = -1
+            s.tsession.commit(new)
+            wasted = len(d) - min(acc, len(new))
+            out.append((M.Verdict(s.sid, s.epoch, start, start + len(d), min(acc, len(new)), correction,
+                                  rejected, start + len(new), finished,
+                                  forwards if B == 1 else len(d) + 1, 0.0, echo), new))
+            self.stats.wasted_forwards += wasted
+        busy = time.perf_counter() - t0
+        if self.config.verify_pad_s > busy:
+            time.sleep(self.config.verify_pad_s - busy)
+            busy = self.config.verify_pad_s
+        for vd, _ in out:
+            vd.verify_s = busy
+        self.stats.verifications += B
+        self.stats.batched_launches += 1
+        self.stats.max_batch = max(self.stats.max_batch, B)
+        self.stats.target_forwards += forwards
+        self.stats.busy_s += busy
+        return out
+
+    def _batch_generator(self, sessions) -> torch.Generator:
+        # One stream for a mixed batch: each session's generator advances by one draw.
+        seed = int(torch.randint(0, 2**62, (1,), generator=sessions[0].generator))
+        for s in sessions[1:]:
+            seed ^= int(torch.randint(0, 2**62, (1,), generator=s.generator))
+        g = torch.Generator()
+        g.manual_seed(seed)
+        return g
+
+    def _apply(self, s: _Session, v: M.Verdict, new: list[int]) -> None:
+        """Event loop: move the session past the verdict."""
+        s.generated.extend(new)
+        if v.correction >= 0:
+            # The correction (or bonus) token takes a position the edge may have drafted
+            # past: every pending draft is void, and both sides bump the epoch.
+            s.pending.clear()
+            s.pending_q_ids.clear()
+            s.pending_q_probs.clear()
+            s.verify_requested = False
+            s.verify_upto = 0
+            s.epoch += 1
+        else:
+            n_verified = v.end_pos - v.start_pos
+            del s.pending[:n_verified]
+            del s.pending_q_ids[:n_verified]
+            del s.pending_q_probs[:n_verified]
+            s.verify_upto = max(0, s.verify_upto - n_verified)
+        if v.finished:
+            s.finished = True
