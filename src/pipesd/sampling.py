@@ -92,10 +92,12 @@ def filtered_probs(
         sorted_kept = sorted_kept / sorted_kept.sum(-1, keepdim=True)
         cum_before = torch.cumsum(sorted_kept, -1) - sorted_kept  # mass strictly before each rank
         in_nucleus = cum_before < p  # always true for rank 0
-        # threshold = smallest probability inside the nucleus (ties at the edge are kept)
-        thr = torch.where(in_nucleus, sorted_kept, torch.full_like(sorted_kept, float("inf"))).amin(-1, keepdim=True)
-        renorm = probs / torch.where(keep, probs, torch.zeros_like(probs)).sum(-1, keepdim=True)
-        keep &= renorm >= thr
+        # threshold = smallest probability inside the nucleus (ties at the edge are kept).
+        # Compared on the raw (un-renormalised) values: sort moves values bit-exactly, whereas
+        # renormalising both sides with sums taken in different orders could drop the
+        # threshold token itself (and leave an all-zero, NaN row).
+        thr = torch.where(in_nucleus, sorted_p, torch.full_like(sorted_p, float("inf"))).amin(-1, keepdim=True)
+        keep &= probs >= thr
         probs = torch.where(keep, probs, torch.zeros_like(probs))
     if bool((mp > 0).any()):
         mx = probs.amax(-1, keepdim=True)
