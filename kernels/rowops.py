@@ -1,0 +1,248 @@
+"""Row-level Triton building blocks shared by the sampling and verification kernels.
+
+One program handles one row of logits ``x[0:V]`` (any float dtype, computed in fp32). With
+``y = x / T`` (``T = 1`` for greedy rows), ``m = max(y)`` and ``e = exp(y - m)`` in ``[0, 1]``,
+the filtered distribution of :func:`pipesd.sampling.filtered_probs` is
+``p = e * [e >= thr] / S`` with ``S`` the kept mass, where the threshold ``thr`` is found
+without sorting (see :func:`row_threshold`):
+
+* top-k: ``thr_k`` = the k-th largest ``e`` (ties at the boundary all kept);
+* top-p: ``thr_p`` = the smallest kept value ``v`` whose strictly-larger kept mass is
+  ``< top_p * S_k`` (the smallest most-probable set reaching ``top_p`` after top-k
+  renormalisation; ties at the edge all kept);
+* min-p: ``e >= min_p`` (``max e == 1``, so this is ``p >= min_p * max p``).
+
+Thresholds are searched over the IEEE bit patterns of ``e`` (non-negative floats order like
+their int32 bits) with ``NPIV`` pivots per pass over the row, each pass narrowing the interval
+``NPIV + 1``-fold: about 8 passes per threshold for ``NPIV = 16``. Draws are by inverse CDF
+with one uniform: per-block weights (kept in registers, ``NBLK`` of them) select the block,
+one more read of that block selects the token. Only tokens with positive weight are ever
+drawn, whatever the rounding.
+"""
+import triton
+import triton.language as tl
+
+ONE_BITS = tl.constexpr(0x3F800000)  # bit pattern of 1.0f
+
+
+@triton.jit
+def philox_uniform(seed, c0, STREAM: tl.constexpr):
+    """Uniform in (0, 1) from word 0 of Philox4x32-10, key = 64-bit ``seed``, counter = (c0, STREAM, 0, 0).
+
+    Bit-identical to :func:`pipesd.verify._rng.philox_uniform`.
+    """
+    s = seed.to(tl.int64)
+    k0 = (s & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((s >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    x0 = (s * 0 + c0).to(tl.uint32)
+    x1 = x0 * 0 + STREAM
+    x2 = x0 * 0
+    x3 = x0 * 0
+    for r in tl.static_range(10):
+        if r > 0:
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        hi0 = tl.umulhi(x0, 0xD2511F53)
+        lo0 = x0 * 0xD2511F53
+        hi1 = tl.umulhi(x2, 0xCD9E8D57)
+        lo1 = x2 * 0xCD9E8D57
+        x0, x1, x2, x3 = hi1 ^ x1 ^ k0, lo1, hi0 ^ x3 ^ k1, lo0
+    return ((x0 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def row_pass_a(row_ptr, V, T, BLOCK: tl.constexpr, NBLK: tl.constexpr, STATS: tl.constexpr):
+    """One read of the row: max and argmax of ``y = x / T`` (lowest index on ties), a bad-row
+    flag (NaN, ``+inf`` in ``y``, or all ``-inf``) and, if ``STATS``, per-block max / sum-exp.
+
+    Returns ``(m, argmax, bad, bmax[NBLK], bsum[NBLK])``.
+    """
+    offs = tl.arange(0, BLOCK)
+    bidx = tl.arange(0, NBLK)
+    bmax = tl.full([NBLK], float("-inf"), tl.float32)
+    bsum = tl.zeros([NBLK], dtype=tl.float32)
+    best_v = tl.max(bmax, 0)
+    best_i = tl.argmax(bmax, 0).to(tl.int32) * 0
+    bad = best_i
+    for blk in range(0, tl.cdiv(V, BLOCK)):
+        idx = blk * BLOCK + offs
+        msk = idx < V
+        x = tl.load(row_ptr + idx, mask=msk, other=float("-inf")).to(tl.float32)
+        y = x / T
+        bad = tl.maximum(bad, tl.max(((x != x) | (y == float("inf"))).to(tl.int32), 0))
+        v, i = tl.max(y, 0, return_indices=True, return_indices_tie_break_left=True)
+        upd = v > best_v
+        best_i = tl.where(upd, blk * BLOCK + i.to(tl.int32), best_i)
+        best_v = tl.where(upd, v, best_v)
+        if STATS:
+            vs = tl.where(v == float("-inf"), 0.0, v)
+            s = tl.sum(tl.where(msk, tl.exp(y - vs), 0.0), 0)
+            bmax = tl.where(bidx == blk, v, bmax)
+            bsum = tl.where(bidx == blk, s, bsum)
+    bad = tl.where(best_v == float("-inf"), 1, bad)
+    return best_v, best_i, bad, bmax, bsum
+
+
+@triton.jit
+def block_weights(bmax, bsum, m):
+    """Per-block unfiltered mass ``sum(e)`` from :func:`row_pass_a`'s block statistics."""
+    return tl.where(bmax == float("-inf"), 0.0, bsum * tl.exp(bmax - m))
+
+
+@triton.jit
+def _pivot_eval(row_ptr, V, T, m, piv, PBLOCK: tl.constexpr, NPIV: tl.constexpr):
+    """For each pivot bit pattern: count and mass of ``e`` with ``bits(e) >= pivot``."""
+    offs = tl.arange(0, PBLOCK)
+    cnt = tl.zeros([NPIV], dtype=tl.int32)
+    mass = tl.zeros([NPIV], dtype=tl.float32)
+    for start in range(0, V, PBLOCK):
+        idx = start + offs
+        msk = idx < V
+        x = tl.load(row_ptr + idx, mask=msk, other=float("-inf")).to(tl.float32)
+        e = tl.exp(x / T - m)
+        bits = e.to(tl.int32, bitcast=True)
+        ge = (bits[:, None] >= piv[None, :]) & msk[:, None]
+        cnt += tl.sum(ge.to(tl.int32), 0)
+        mass += tl.sum(tl.where(ge, e[:, None], 0.0), 0)
+    return cnt, mass
+
+
+@triton.jit
+def _search(row_ptr, V, T, m, lo, hi, mass_lo, k_target, mass_target,
+            TOPK: tl.constexpr, PBLOCK: tl.constexpr, NPIV: tl.constexpr):
+    """Smallest bit pattern ``t`` in ``(lo, hi]`` with ``pred(t)``, given ``pred(lo)`` false and
+    ``pred(hi)`` true; ``pred(t)`` = count(e >= t) < k_target (TOPK) or mass(e >= t) < mass_target.
+    Returns ``(t - 1, mass(e >= t - 1))``: the threshold and the mass it keeps."""
+    j = tl.arange(0, NPIV).to(tl.int64) + 1
+    while hi - lo > 1:
+        d = (hi - lo).to(tl.int64)
+        piv = (lo.to(tl.int64) + (d * j) // (NPIV + 1)).to(tl.int32)
+        cnt, mass = _pivot_eval(row_ptr, V, T, m, piv, PBLOCK, NPIV)
+        if TOPK:
+            pred = cnt < k_target
+        else:
+            pred = mass < mass_target
+        mass_lo = tl.min(tl.where(pred, mass_lo, mass), 0)
+        new_lo = tl.max(tl.where(pred, lo, piv), 0)
+        hi = tl.min(tl.where(pred, piv, hi), 0)
+        lo = new_lo
+    return lo, mass_lo
+
+
+@triton.jit
+def row_threshold(row_ptr, V, T, m, S0, k, tp, mp, PBLOCK: tl.constexpr, NPIV: tl.constexpr):
+    """Keep-threshold (int32 bits of ``e``; 0 keeps everything) for top-k / top-p / min-p."""
+    lo = k * 0
+    mass_lo = S0
+    if (k > 0) & (k < V):
+        lo, mass_lo = _search(row_ptr, V, T, m, lo, lo + (ONE_BITS + 1), mass_lo, k, 0.0,
+                              True, PBLOCK, NPIV)
+    if tp < 1.0:
+        lo, mass_lo = _search(row_ptr, V, T, m, lo, lo * 0 + (ONE_BITS + 1), mass_lo, k, tp * mass_lo,
+                              False, PBLOCK, NPIV)
+    thr = lo
+    if mp > 0.0:
+        thr = tl.maximum(thr, mp.to(tl.float32).to(tl.int32, bitcast=True))
+    return thr
+
+
+@triton.jit
+def row_kept_blocks(row_ptr, V, T, m, thr, BLOCK: tl.constexpr, NBLK: tl.constexpr):
+    """Per-block kept mass ``sum(e * [bits(e) >= thr])``."""
+    offs = tl.arange(0, BLOCK)
+    bidx = tl.arange(0, NBLK)
+    W = tl.zeros([NBLK], dtype=tl.float32)
+    for blk in range(0, tl.cdiv(V, BLOCK)):
+        idx = blk * BLOCK + offs
+        msk = idx < V
+        x = tl.load(row_ptr + idx, mask=msk, other=float("-inf")).to(tl.float32)
+        e = tl.exp(x / T - m)
+        keep = msk & (e.to(tl.int32, bitcast=True) >= thr)
+        W = tl.where(bidx == blk, tl.sum(tl.where(keep, e, 0.0), 0), W)
+    return W
+
+
+@triton.jit
+def row_resid_out_blocks(row_ptr, V, T, m, thr, S, qid_ptr, nq, BLOCK: tl.constexpr, NBLK: tl.constexpr):
+    """Per-block filtered probability mass ``sum(p)`` over tokens *not* among the ``nq`` ids at ``qid_ptr``."""
+    offs = tl.arange(0, BLOCK)
+    bidx = tl.arange(0, NBLK)
+    BS = tl.zeros([NBLK], dtype=tl.float32)
+    for blk in range(0, tl.cdiv(V, BLOCK)):
+        idx = blk * BLOCK + offs
+        msk = idx < V
+        x = tl.load(row_ptr + idx, mask=msk, other=float("-inf")).to(tl.float32)
+        e = tl.exp(x / T - m)
+        keep = msk & (e.to(tl.int32, bitcast=True) >= thr)
+        for jj in range(0, nq):
+            keep = keep & (idx != tl.load(qid_ptr + jj).to(tl.int32))
+        BS = tl.where(bidx == blk, tl.sum(tl.where(keep, e / S, 0.0), 0), BS)
+    return BS
+
+
+@triton.jit
+def scatter_to_blocks(ids, vals, BLOCK: tl.constexpr, NBLK: tl.constexpr):
+    """``out[blk] = sum(vals[j] for ids[j] in blk)`` (ids < 0 ignored)."""
+    bidx = tl.arange(0, NBLK)
+    blk_of = tl.where(ids >= 0, ids // BLOCK, -1)
+    return tl.sum(tl.where(bidx[:, None] == blk_of[None, :], vals[None, :], 0.0), 1)
+
+
+@triton.jit
+def row_draw(row_ptr, V, T, m, thr, S, W, u, qid_ptr, nq, rq, resid,
+             BLOCK: tl.constexpr, NBLK: tl.constexpr, KQP: tl.constexpr):
+    """Inverse-CDF draw with uniform ``u`` over the row's weights.
+
+    ``resid`` false: weights ``e * kept`` (block masses ``W`` in the same units);
+    ``resid`` true: weights ``p = e * kept / S`` except ``rq[j]`` at token ``qid_ptr[j]``
+    (``j < nq``). Picks the first token whose running sum exceeds ``u * total`` among tokens
+    of positive weight (block first, then inside the block); the last positive one if
+    rounding runs past the end.
+    """
+    offs = tl.arange(0, BLOCK)
+    bidx = tl.arange(0, NBLK)
+    qa = tl.arange(0, KQP)
+    Wv = tl.where(bidx < tl.cdiv(V, BLOCK), W, 0.0)
+    cw = tl.cumsum(Wv, 0)
+    total = tl.max(cw, 0)
+    target = u * total
+    beta = tl.min(tl.where((cw > target) & (Wv > 0), bidx, NBLK), 0)
+    lastb = tl.max(tl.where(Wv > 0, bidx, -1), 0)
+    beta = tl.where(beta == NBLK, lastb, beta)
+    beta = tl.maximum(beta, 0)
+    carry = tl.sum(tl.where(bidx == beta, cw - Wv, 0.0), 0)
+    t2 = target - carry
+    idx = beta * BLOCK + offs
+    msk = idx < V
+    x = tl.load(row_ptr + idx, mask=msk, other=float("-inf")).to(tl.float32)
+    e = tl.exp(x / T - m)
+    keep = msk & (e.to(tl.int32, bitcast=True) >= thr)
+    w = tl.where(keep, tl.where(resid, e / S, e), 0.0)
+    if resid:
+        for jj in range(0, nq):
+            idj = tl.load(qid_ptr + jj).to(tl.int32)
+            rj = tl.sum(tl.where(qa == jj, rq, 0.0), 0)
+            w = tl.where(msk & (idx == idj), rj, w)
+    cs = tl.cumsum(w, 0)
+    pos = tl.min(tl.where((cs > t2) & (w > 0), offs, BLOCK), 0)
+    lastp = tl.max(tl.where(w > 0, offs, -1), 0)
+    pos = tl.where(pos == BLOCK, lastp, pos)
+    pos = tl.maximum(pos, 0)
+    return beta * BLOCK + pos
+
+
+def _pow2(n: int, lo: int = 2) -> int:
+    return max(lo, triton.next_power_of_2(max(1, int(n))))
+
+
+def row_config(V: int, block: int | None = None) -> dict:
+    """Launch constants for rows of ``V`` logits (``block`` overrides the streaming block)."""
+    import os
+
+    if block is None:
+        block = int(os.environ.get("PIPESD_TRITON_BLOCK", "0")) or min(2048, _pow2(V, 16))
+    block = _pow2(block, 16)
+    pblock = min(block, int(os.environ.get("PIPESD_TRITON_PBLOCK", "0")) or 256)
+    nblk = _pow2(triton.cdiv(V, block))
+    num_warps = int(os.environ.get("PIPESD_TRITON_WARPS", "0")) or (8 if block >= 2048 else 4)
+    return dict(BLOCK=block, NBLK=nblk, PBLOCK=_pow2(pblock, 16), NPIV=16, num_warps=num_warps)

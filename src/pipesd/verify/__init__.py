@@ -1,0 +1,448 @@
+"""Batched speculative-decoding verification and fused sampling (``docs/verify.md``).
+
+Three functions, each running the Triton kernels (:mod:`pipesd.kernels`) on CUDA tensors and
+the PyTorch reference (:mod:`pipesd.verify.reference`) elsewhere, with identical semantics
+and identical random draws for the same seeds:
+
+* :func:`verify_chain` — ragged batch of draft chains, greedy or lossless rejection sampling;
+* :func:`verify_tree` — ragged batch of draft token trees (greedy walk or SpecInfer-style
+  multi-candidate rejection sampling);
+* :func:`sample` — temperature / top-k / top-p / min-p sampling from logits, no sort.
+
+``backend(tensor)`` says which path runs; ``force_triton=True`` (or ``PIPESD_FORCE_TRITON=1``)
+runs the kernels on CPU tensors under ``TRITON_INTERPRET=1``; ``force_triton=False`` runs the
+reference even on CUDA.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from . import reference as _ref
+from ._rng import philox_uniform, request_seeds
+
+__all__ = ["ChainVerdict", "TreeVerdict", "verify_chain", "verify_tree", "sample", "backend",
+           "philox_uniform", "request_seeds"]
+
+Scalar = Union[int, float, bool]
+PerRequest = Union[Scalar, torch.Tensor, None]
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ChainVerdict:
+    """Result of :func:`verify_chain` (all int64, on the logits' device).
+
+    ``accepted[B]``: drafts accepted; ``tokens[B, K+1]``: the accepted drafts followed by the
+    correction (first rejection) or bonus token, -1 padded; ``num_tokens[B]``: valid entries of
+    ``tokens`` (``accepted + 1``, or ``accepted`` when all drafts were accepted and bonus is off).
+    """
+
+    accepted: torch.Tensor
+    tokens: torch.Tensor
+    num_tokens: torch.Tensor
+    backend: str = "torch"
+
+
+@dataclass(frozen=True)
+class TreeVerdict:
+    """Result of :func:`verify_tree` (all int64, on the logits' device).
+
+    ``accepted[B]``: accepted draft nodes (path length below the root); ``path[B, N]``: node 0
+    then the accepted nodes in order, -1 padded (``accepted + 1`` entries); ``tokens[B, N]``:
+    the accepted nodes' tokens then the correction/bonus token drawn at the last path node,
+    -1 padded; ``num_tokens[B]``. ``tokens[b, i]`` is predicted by logits row ``path[b, i]``.
+    """
+
+    accepted: torch.Tensor
+    path: torch.Tensor
+    tokens: torch.Tensor
+    num_tokens: torch.Tensor
+    backend: str = "torch"
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the installation
+        return False
+    return True
+
+
+def backend(tensor: torch.Tensor, force_triton: Optional[bool] = None) -> str:
+    """``"triton"`` or ``"torch"``: the path a call on ``tensor`` takes.
+
+    ``force_triton``: True = Triton (CPU tensors need ``TRITON_INTERPRET=1``), False = the
+    PyTorch reference, None = ``PIPESD_FORCE_TRITON=1`` forces Triton, else Triton on CUDA
+    tensors when Triton is importable.
+    """
+    if force_triton is None and os.environ.get("PIPESD_FORCE_TRITON", "") not in ("", "0"):
+        force_triton = True
+    if force_triton is False:
+        return "torch"
+    if force_triton:
+        return "triton"
+    return "triton" if tensor.is_cuda and _triton_ok() else "torch"
+
+
+def _use_triton(tensor: torch.Tensor, force_triton: Optional[bool]) -> bool:
+    if backend(tensor, force_triton) != "triton":
+        return False
+    if not _triton_ok():
+        raise RuntimeError("pipesd.verify: the Triton path was forced but triton is not importable")
+    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET", "") != "1":
+        raise RuntimeError("pipesd.verify: the Triton path on CPU tensors needs TRITON_INTERPRET=1 "
+                           "set before triton is imported")
+    return True
+
+
+# ----------------------------------------------------------------------------- validation
+class _Checks:
+    """Collect device-side violation flags; one host sync raises the first one found."""
+
+    def __init__(self) -> None:
+        self.flags: list[torch.Tensor] = []
+        self.msgs: list[str] = []
+
+    def add(self, violated: torch.Tensor, msg: str) -> None:
+        self.flags.append(violated.any().reshape(1))
+        self.msgs.append(msg)
+
+    def run(self) -> None:
+        if not self.flags:
+            return
+        hit = torch.cat(self.flags).cpu()
+        msgs = self.msgs
+        self.flags, self.msgs = [], []
+        for h, m in zip(hit.tolist(), msgs):
+            if h:
+                raise ValueError(m)
+
+
+def _tensor(x, name: str, dim: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dim:
+        raise ValueError(f"{name}: expected {dim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def _int_tensor(x, name: str, shape: tuple, device) -> torch.Tensor:
+    x = _tensor(x, name, len(shape))
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise ValueError(f"{name}: expected an integer tensor, got {x.dtype}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
+    return x.to(device)
+
+
+def _logits(x, name: str, dim: int) -> torch.Tensor:
+    x = _tensor(x, name, dim)
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"{name}: dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.shape[-1] < 1:
+        raise ValueError(f"{name}: the vocabulary dimension is empty")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x
+
+
+def _per_request(v: PerRequest, B: int, name: str, default: Scalar, kind: str, device) -> torch.Tensor:
+    """A ``[B]`` tensor from a scalar / 0-d / [B] tensor; ``kind`` in {"float", "int", "bool"}."""
+    if v is None:
+        v = default
+    if isinstance(v, torch.Tensor):
+        if v.dim() == 0:
+            v = v.item()
+        elif tuple(v.shape) != (B,):
+            raise ValueError(f"{name}: expected a scalar or a tensor of shape [{B}], got {tuple(v.shape)}")
+        else:
+            if kind == "int" and (v.dtype.is_floating_point or v.dtype == torch.bool):
+                raise ValueError(f"{name}: expected integers, got {v.dtype}")
+            dtype = {"float": torch.float32, "int": torch.int64, "bool": torch.bool}[kind]
+            return v.to(device=device, dtype=dtype)
+    if kind == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+        raise ValueError(f"{name}: expected an int, got {v!r}")
+    if kind == "bool" and not isinstance(v, (bool, int)):
+        raise ValueError(f"{name}: expected a bool, got {v!r}")
+    if kind == "float" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise ValueError(f"{name}: expected a number, got {v!r}")
+    dtype = {"float": torch.float32, "int": torch.int64, "bool": torch.bool}[kind]
+    return torch.full((B,), v, dtype=dtype, device=device)
+
+
+def _params(B: int, device, sample_mode: bool, temperature, top_k, top_p, min_p, checks: _Checks):
+    if not sample_mode:
+        z = torch.zeros(B, dtype=torch.float32, device=device)
+        return z, torch.zeros(B, dtype=torch.int64, device=device), z + 1.0, z
+    t = _per_request(temperature, B, "temperature", 1.0, "float", device)
+    k = _per_request(top_k, B, "top_k", 0, "int", device)
+    p = _per_request(top_p, B, "top_p", 1.0, "float", device)
+    mp = _per_request(min_p, B, "min_p", 0.0, "float", device)
+    checks.add(~torch.isfinite(t) | (t < 0), "temperature: must be finite and >= 0")
+    checks.add(k < 0, "top_k: must be >= 0 (0 = off)")
+    checks.add(~((p > 0) & (p <= 1)), "top_p: must be in (0, 1]")
+    checks.add(~((mp >= 0) & (mp < 1)), "min_p: must be in [0, 1)")
+    return t, k, p, mp
+
+
+def _check_q(q_ids, q_probs, lead: tuple, V: int, device, checks: _Checks):
+    """Validate the draft's top-k q (ids, probs) ``[*lead, kq]``; returns (ids int64, probs fp32)."""
+    if q_ids is None or q_probs is None:
+        raise ValueError("draft_topk_ids/draft_topk_probs: required in sample mode (the draft's top-k q)")
+    q_ids = _tensor(q_ids, "draft_topk_ids", len(lead) + 1)
+    q_probs = _tensor(q_probs, "draft_topk_probs", len(lead) + 1)
+    if tuple(q_ids.shape[:-1]) != lead or q_ids.shape[-1] < 1:
+        raise ValueError(f"draft_topk_ids: expected shape [{', '.join(map(str, lead))}, k>=1], got {tuple(q_ids.shape)}")
+    if q_probs.shape != q_ids.shape:
+        raise ValueError(f"draft_topk_probs: shape {tuple(q_probs.shape)} != draft_topk_ids shape {tuple(q_ids.shape)}")
+    if q_ids.dtype.is_floating_point or q_ids.dtype == torch.bool:
+        raise ValueError(f"draft_topk_ids: expected an integer tensor, got {q_ids.dtype}")
+    if not q_probs.dtype.is_floating_point:
+        raise ValueError(f"draft_topk_probs: expected a float tensor, got {q_probs.dtype}")
+    return q_ids.to(device=device, dtype=torch.int64), q_probs.to(device=device, dtype=torch.float32)
+
+
+def _check_q_rows(ids, probs, used_row: torch.Tensor, V: int, checks: _Checks) -> None:
+    """Checks on the q rows that are used (``used_row`` bool ``[*lead]``)."""
+    u = used_row[..., None]
+    checks.add(u & ((ids < -1) | (ids >= V)), f"draft_topk_ids: ids must be in [0, {V}) (or -1 for padding)")
+    checks.add(u & (~torch.isfinite(probs) | (probs < 0)), "draft_topk_probs: must be finite and >= 0")
+    checks.add(u & (ids < 0) & (probs != 0), "draft_topk_probs: padding entries (id -1) must have probability 0")
+    checks.add(used_row & ((probs.sum(-1) - 1).abs() > 1e-3), "draft_topk_probs: each used q row must sum to 1 (+-1e-3)")
+    s = torch.sort(torch.where(ids >= 0, ids, -1 - torch.arange(ids.shape[-1], device=ids.device)), -1).values
+    checks.add(used_row & (s[..., 1:] == s[..., :-1]).any(-1) if ids.shape[-1] > 1 else used_row & False,
+               "draft_topk_ids: ids in a q row must be distinct")
+
+
+def _raise_bad(bad: torch.Tensor, what: str) -> None:
+    """``bad [B, N]`` flags from either path -> ValueError naming the first bad row."""
+    if bool(bad.any()):
+        b, n = (int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(f"target_logits: {what} (b={b}, row={n}) has NaN, +inf (after temperature "
+                         f"scaling) or no finite logit")
+
+
+def _bonus(bonus, B: int, device) -> torch.Tensor:
+    return _per_request(bonus, B, "bonus", True, "bool", device)
+
+
+# ----------------------------------------------------------------------------- shared driver
+def _run_nodes(logits, *, is_tree, sample_mode, tok, par, lengths, child_node, child_tok, node_tok,
+               used, q_ids, q_probs, temps, top_k, top_p, min_p, bonus_t, seeds, triton_path, block=None):
+    """Decisions + walk on either backend. Returns (path, tokens, accepted, num_tokens)."""
+    B, N, V = logits.shape
+    if triton_path:
+        from pipesd.kernels.verify import verify_nodes_triton, walk_triton
+
+        acc, cand, bad = verify_nodes_triton(
+            logits, tok.contiguous(), None if par is None else par.to(torch.int32).contiguous(),
+            lengths.to(torch.int32).contiguous(),
+            None if q_ids is None else q_ids.to(torch.int32).contiguous(),
+            None if q_probs is None else q_probs.contiguous(),
+            temps.contiguous(), top_k.clamp(max=2**31 - 1).to(torch.int32), top_p.contiguous(), min_p.contiguous(),
+            bonus_t.to(torch.int8), seeds.contiguous(), is_tree=is_tree, sample=sample_mode, block=block)
+        _raise_bad(bad != 0, "node" if is_tree else "position")
+        return walk_triton(acc, cand, tok, is_tree=is_tree)
+    bi, ni = used.nonzero(as_tuple=True)
+    rows = logits[bi, ni]
+    acc = torch.full((B, N), -1, dtype=torch.int64, device=logits.device)
+    cand = torch.full((B, N), -1, dtype=torch.int64, device=logits.device)
+    if bi.numel():
+        bad = torch.zeros(B, N, dtype=torch.bool, device=logits.device)
+        bad[bi, ni] = _ref.bad_rows(rows, temps[bi])
+        _raise_bad(bad, "node" if is_tree else "position")
+        if q_ids is None:
+            qi = torch.full((bi.numel(), 1), -1, dtype=torch.int64, device=logits.device)
+            qp = torch.zeros((bi.numel(), 1), dtype=torch.float32, device=logits.device)
+        else:
+            qi, qp = q_ids[bi, ni], q_probs[bi, ni]
+        a, c = _ref.node_decisions(rows, temps[bi], top_k[bi], top_p[bi], min_p[bi], child_node[bi, ni],
+                                   child_tok[bi, ni], qi, qp, seeds[bi], ni, sample_mode)
+        acc[bi, ni] = a
+        cand[bi, ni] = c
+    return _ref.walk(acc, cand, node_tok)
+
+
+# ----------------------------------------------------------------------------- public API
+def verify_chain(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    num_draft: Optional[torch.Tensor] = None,
+    *,
+    mode: str = "greedy",
+    draft_topk_ids: Optional[torch.Tensor] = None,
+    draft_topk_probs: Optional[torch.Tensor] = None,
+    temperature: PerRequest = None,
+    top_k: PerRequest = None,
+    top_p: PerRequest = None,
+    min_p: PerRequest = None,
+    seed: Union[int, torch.Tensor, None] = None,
+    generator: Optional[torch.Generator] = None,
+    bonus: Union[bool, torch.Tensor] = True,
+    force_triton: Optional[bool] = None,
+) -> ChainVerdict:
+    """Verify a ragged batch of draft chains in one launch.
+
+    ``target_logits [B, K+1, V]`` (fp32/fp16/bf16; row ``j`` predicts the token after
+    ``j`` drafts), ``draft_tokens [B, K]``, ``num_draft [B]`` (0..K; default K). Rows past
+    ``num_draft[b]`` (and row ``num_draft[b]`` when bonus is off) are never read.
+
+    ``mode="greedy"``: accept while draft == argmax (lowest index on ties), then the argmax.
+    ``mode="sample"``: lossless rejection sampling against ``p`` = ``filtered_probs`` of the
+    row with the request's ``temperature`` (default 1; 0 = greedy) / ``top_k`` / ``top_p`` /
+    ``min_p`` (scalars or ``[B]``); ``draft_topk_ids/probs [B, K, k]`` is the exact top-k q each
+    draft was sampled from (ids -1 / prob 0 pad). ``bonus`` (bool or ``[B]``): emit a token
+    after full acceptance. Randomness: ``seed`` (int, or ``[B]`` per-request seeds) or
+    ``generator``; see ``docs/verify.md``.
+    """
+    logits = _logits(target_logits, "target_logits", 3)
+    B, N, V = logits.shape
+    K = N - 1
+    dev = logits.device
+    if mode not in ("greedy", "sample"):
+        raise ValueError(f"mode: must be 'greedy' or 'sample', got {mode!r}")
+    sample_mode = mode == "sample"
+    draft = _int_tensor(draft_tokens, "draft_tokens", (B, K), dev)
+    nd = (torch.full((B,), K, dtype=torch.int64, device=dev) if num_draft is None
+          else _int_tensor(num_draft, "num_draft", (B,), dev).long())
+    checks = _Checks()
+    checks.add((nd < 0) | (nd > K), f"num_draft: must be in [0, {K}] (K = target_logits.shape[1] - 1)")
+    j = torch.arange(K, device=dev)
+    live = j[None, :] < nd[:, None]
+    checks.add(live & ((draft < 0) | (draft >= V)), f"draft_tokens: tokens must be in [0, {V})")
+    temps, tk, tp, mp = _params(B, dev, sample_mode, temperature, top_k, top_p, min_p, checks)
+    bonus_t = _bonus(bonus, B, dev)
+    q_ids = q_probs = None
+    if sample_mode:
+        q_ids, q_probs = _check_q(draft_topk_ids, draft_topk_probs, (B, K), V, dev, checks)
+        _check_q_rows(q_ids, q_probs, live, V, checks)
+        inq = ((q_ids == draft[..., None]) & (q_probs > 0)).any(-1)
+        checks.add(live & ~inq, "draft_topk_ids: each draft token must be in its q ids with probability > 0")
+    checks.run()
+    seeds = request_seeds(B, seed, generator, dev) if sample_mode else torch.zeros(B, dtype=torch.int64, device=dev)
+    triton_path = _use_triton(logits, force_triton)
+    child_node, child_tok, node_tok = _ref.chain_nodes(draft, nd, N)
+    jn = torch.arange(N, device=dev)
+    used = (jn[None, :] < nd[:, None]) | ((jn[None, :] == nd[:, None]) & bonus_t[:, None])
+    if sample_mode and not triton_path:  # q rows padded to one per node (the last row has no child)
+        q_ids = torch.cat([q_ids, q_ids.new_full((B, 1, q_ids.shape[-1]), -1)], 1)
+        q_probs = torch.cat([q_probs, q_probs.new_zeros((B, 1, q_probs.shape[-1]))], 1)
+    path, tokens, acc, ntok = _run_nodes(
+        logits, is_tree=False, sample_mode=sample_mode, tok=draft, par=None, lengths=nd,
+        child_node=child_node, child_tok=child_tok, node_tok=node_tok, used=used, q_ids=q_ids, q_probs=q_probs,
+        temps=temps, top_k=tk, top_p=tp, min_p=mp, bonus_t=bonus_t, seeds=seeds, triton_path=triton_path)
+    return ChainVerdict(acc, tokens, ntok, "triton" if triton_path else "torch")
+
+
+def verify_tree(
+    target_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    parents: torch.Tensor,
+    num_nodes: Optional[torch.Tensor] = None,
+    *,
+    mode: str = "greedy",
+    draft_topk_ids: Optional[torch.Tensor] = None,
+    draft_topk_probs: Optional[torch.Tensor] = None,
+    temperature: PerRequest = None,
+    top_k: PerRequest = None,
+    top_p: PerRequest = None,
+    min_p: PerRequest = None,
+    seed: Union[int, torch.Tensor, None] = None,
+    generator: Optional[torch.Generator] = None,
+    bonus: Union[bool, torch.Tensor] = True,
+    force_triton: Optional[bool] = None,
+) -> TreeVerdict:
+    """Verify a ragged batch of draft token trees in one launch.
+
+    Node 0 is the root: the last verified token (``tokens[b, 0]`` is ignored); nodes
+    ``1..num_nodes[b]-1`` are draft tokens with ``parents[b, i] < i`` (``parents[b, 0] = -1``).
+    ``target_logits [B, N, V]``: row ``n`` = the target's logits after the path to node ``n``.
+    Children are tried in increasing node order. Greedy: follow the child equal to the argmax
+    (the first such child). Sample: SpecInfer multi-candidate rejection; ``draft_topk_ids/probs
+    [B, N, k]`` row ``n`` is the q that *all* children of node ``n`` were drawn from,
+    independently (with replacement: duplicates allowed and must all be sent). Bonus token
+    at a fully accepted leaf when ``bonus``. Other arguments as in :func:`verify_chain`.
+    """
+    logits = _logits(target_logits, "target_logits", 3)
+    B, N, V = logits.shape
+    dev = logits.device
+    if mode not in ("greedy", "sample"):
+        raise ValueError(f"mode: must be 'greedy' or 'sample', got {mode!r}")
+    sample_mode = mode == "sample"
+    tok = _int_tensor(tokens, "tokens", (B, N), dev)
+    par = _int_tensor(parents, "parents", (B, N), dev).long()
+    nn = (torch.full((B,), N, dtype=torch.int64, device=dev) if num_nodes is None
+          else _int_tensor(num_nodes, "num_nodes", (B,), dev).long())
+    checks = _Checks()
+    checks.add((nn < 1) | (nn > N), f"num_nodes: must be in [1, {N}] (node 0 is the root)")
+    i = torch.arange(N, device=dev)
+    live = (i[None, :] >= 1) & (i[None, :] < nn[:, None])
+    checks.add(par[:, 0] != -1, "parents: parents[b, 0] must be -1 (node 0 is the root)")
+    checks.add(live & ((par < 0) | (par >= i[None, :])),
+               "parents: parents[b, i] must be in [0, i) for 1 <= i < num_nodes[b] (nodes in topological order)")
+    checks.add(live & ((tok < 0) | (tok >= V)), f"tokens: tokens must be in [0, {V})")
+    temps, tk, tp, mp = _params(B, dev, sample_mode, temperature, top_k, top_p, min_p, checks)
+    bonus_t = _bonus(bonus, B, dev)
+    checks.run()
+    parc = torch.where(live, par, 0).clamp(0, N - 1)
+    # node n has a child iff some live node i points to it
+    has_child = torch.zeros(B, N, dtype=torch.int64, device=dev).scatter_add_(1, parc, live.long()) > 0
+    q_ids = q_probs = None
+    if sample_mode:
+        q_ids, q_probs = _check_q(draft_topk_ids, draft_topk_probs, (B, N), V, dev, checks)
+        _check_q_rows(q_ids, q_probs, has_child, V, checks)
+        pid = q_ids.gather(1, parc[..., None].expand(-1, -1, q_ids.shape[-1]))
+        pp = q_probs.gather(1, parc[..., None].expand(-1, -1, q_ids.shape[-1]))
+        inq = ((pid == tok.long()[..., None]) & (pp > 0)).any(-1)
+        checks.add(live & ~inq, "draft_topk_ids: each node's token must be in its parent's q ids with probability > 0")
+        checks.run()
+    seeds = request_seeds(B, seed, generator, dev) if sample_mode else torch.zeros(B, dtype=torch.int64, device=dev)
+    triton_path = _use_triton(logits, force_triton)
+    used = (i[None, :] < nn[:, None]) & (has_child | bonus_t[:, None])
+    if triton_path:
+        child_node = child_tok = None
+    else:
+        child_node = _ref.tree_children(torch.where(i[None, :] < nn[:, None], par, -1), nn)
+        child_tok = tok.long().gather(1, child_node.clamp(min=0).flatten(1)).view_as(child_node)
+    path, tokens_out, acc, ntok = _run_nodes(
+        logits, is_tree=True, sample_mode=sample_mode, tok=tok, par=par, lengths=nn,
+        child_node=child_node, child_tok=child_tok, node_tok=tok, used=used, q_ids=q_ids, q_probs=q_probs,
+        temps=temps, top_k=tk, top_p=tp, min_p=mp, bonus_t=bonus_t, seeds=seeds, triton_path=triton_path)
+    return TreeVerdict(acc, path, tokens_out, ntok, "triton" if triton_path else "torch")
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: PerRequest = 1.0,
+    top_k: PerRequest = 0,
+    top_p: PerRequest = 1.0,
+    min_p: PerRequest = 0.0,
+    seed: Union[int, torch.Tensor, None] = None,
+    *,
+    generator: Optional[torch.Generator] = None,
+    force_triton: Optional[bool] = None,
+) -> torch.Tensor:
+    """One token per row of ``logits [B, V]`` from ``filtered_probs(logits, ...)`` (parameters
+    scalars or ``[B]``; ``temperature == 0`` = argmax, lowest index on ties). Returns int64 ``[B]``.
+    The draw is inverse CDF with ``u = philox(seed[b], 0, 1)``: reproducible, batch-independent
+    with ``[B]`` seeds."""
+    logits = _logits(logits, "logits", 2)
+    B, V = logits.shape
+    dev = logits.device
+    checks = _Checks()
+    temps, tk, tp, mp = _params(B, dev, True, temperature, top_k, top_p, min_p, checks)
+    checks.run()
+    seeds = request_seeds(B, seed, generator, dev)
+    if _use_triton(logits, force_triton):
+        from pipesd.kernels.sampling import sample_triton
+
+        out, bad = sample_triton(logits, temps, tk.clamp(max=2**31 - 1).to(torch.int32), tp, mp, seeds)
+        _raise_bad((bad != 0)[:, None], "row")
+        return out
+    _raise_bad(_ref.bad_rows(logits, temps)[:, None], "row")
+    return _ref.sample_ref(logits, temps, tk, tp, mp, seeds)
