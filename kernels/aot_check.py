@@ -82,8 +82,29 @@ def _resource_usage(cubin) -> dict:
     return {} if m is None else {"regs": int(m[1]), "stack": int(m[2]), "shared": int(m[3]), "local": int(m[4])}
 
 
-if __name__ == "__main__":  # pragma: no cover
-    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
-    for dt in ("bf16", "fp32"):
-        for r in compile_all(arch, dtype=dt):
+def main(argv=None) -> int:
+    """``python -m pipesd.kernels.aot_check [--arch 90] [--dtype bf16,fp32] [--json]`` (needs
+    TRITON_INTERPRET unset: interpreted kernels cannot be compiled)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--dtype", default="bf16,fp32")
+    ap.add_argument("--vocab", type=int, default=152064)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
+        print("aot_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
+        return 2
+    rows = [r for dt in a.dtype.split(",") for r in compile_all(a.arch, V=a.vocab, dtype=dt)]
+    if a.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
             print(r)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -219,11 +219,11 @@ def _check_q_rows(ids, probs, used_row: torch.Tensor, V: int, checks: _Checks) -
                "draft_topk_ids: ids in a q row must be distinct")
 
 
-def _raise_bad(bad: torch.Tensor, what: str) -> None:
+def _raise_bad(bad: torch.Tensor, what: str, arg: str = "target_logits") -> None:
     """``bad [B, N]`` flags from either path -> ValueError naming the first bad row."""
     if bool(bad.any()):
         b, n = (int(i) for i in bad.nonzero()[0].tolist())
-        raise ValueError(f"target_logits: {what} (b={b}, row={n}) has NaN, +inf (after temperature "
+        raise ValueError(f"{arg}: {what} (b={b}, row={n}) has NaN, +inf (after temperature "
                          f"scaling) or no finite logit")
 
 
@@ -442,7 +442,7 @@ def sample(
         from pipesd.kernels.sampling import sample_triton
 
         out, bad = sample_triton(logits, temps, tk.clamp(max=2**31 - 1).to(torch.int32), tp, mp, seeds)
-        _raise_bad((bad != 0)[:, None], "row")
+        _raise_bad((bad != 0)[:, None], "row", "logits")
         return out
-    _raise_bad(_ref.bad_rows(logits, temps)[:, None], "row")
+    _raise_bad(_ref.bad_rows(logits, temps)[:, None], "row", "logits")
     return _ref.sample_ref(logits, temps, tk, tp, mp, seeds)
