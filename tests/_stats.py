@@ -125,3 +125,16 @@ def tree_case(B: int, N: int, V: int, kq: int, seed: int, dtype=torch.float32, s
     T, k, p, mp = rand_params(B, V, g)
     return dict(target_logits=x.to(dtype), tokens=tok, parents=par, num_nodes=nn, draft_topk_ids=ids,
                 draft_topk_probs=probs, temperature=T, top_k=k, top_p=p, min_p=mp, bonus=bonus)
+
+
+def single_thread():
+    """Fixture body: run a test with one intra-op thread and restore the setting afterwards.
+
+    The statistical tests are many small tensor ops; with OpenMP spinning on a 2-core machine
+    shared with other processes they run 10-20x slower with 2 threads than with 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -22,6 +22,11 @@ from pipesd.kernels.rowops import philox_uniform as tl_philox
 assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets TRITON_INTERPRET=1 before imports"
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    yield from st.single_thread()
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Force several vocabulary blocks on small test vocabularies (multi-block code paths)."""

@@ -10,6 +10,11 @@ from pipesd.sampling import SamplingParams, draft_distribution, filtered_probs
 import _stats as st
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    yield from st.single_thread()
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
     monkeypatch.setenv("PIPESD_TRITON_BLOCK", "32")

@@ -326,12 +326,14 @@ def verify_chain(
     checks.run()
     seeds = request_seeds(B, seed, generator, dev) if sample_mode else torch.zeros(B, dtype=torch.int64, device=dev)
     triton_path = _use_triton(logits, force_triton)
-    child_node, child_tok, node_tok = _ref.chain_nodes(draft, nd, N)
-    jn = torch.arange(N, device=dev)
-    used = (jn[None, :] < nd[:, None]) | ((jn[None, :] == nd[:, None]) & bonus_t[:, None])
-    if sample_mode and not triton_path:  # q rows padded to one per node (the last row has no child)
-        q_ids = torch.cat([q_ids, q_ids.new_full((B, 1, q_ids.shape[-1]), -1)], 1)
-        q_probs = torch.cat([q_probs, q_probs.new_zeros((B, 1, q_probs.shape[-1]))], 1)
+    child_node = child_tok = node_tok = used = None
+    if not triton_path:  # the reference's per-node view of the chain
+        child_node, child_tok, node_tok = _ref.chain_nodes(draft, nd, N)
+        jn = torch.arange(N, device=dev)
+        used = (jn[None, :] < nd[:, None]) | ((jn[None, :] == nd[:, None]) & bonus_t[:, None])
+        if sample_mode:  # q rows padded to one per node (the last row has no child)
+            q_ids = torch.cat([q_ids, q_ids.new_full((B, 1, q_ids.shape[-1]), -1)], 1)
+            q_probs = torch.cat([q_probs, q_probs.new_zeros((B, 1, q_probs.shape[-1]))], 1)
     path, tokens, acc, ntok = _run_nodes(
         logits, is_tree=False, sample_mode=sample_mode, tok=draft, par=None, lengths=nd,
         child_node=child_node, child_tok=child_tok, node_tok=node_tok, used=used, q_ids=q_ids, q_probs=q_probs,
@@ -403,10 +405,9 @@ def verify_tree(
         checks.run()
     seeds = request_seeds(B, seed, generator, dev) if sample_mode else torch.zeros(B, dtype=torch.int64, device=dev)
     triton_path = _use_triton(logits, force_triton)
-    used = (i[None, :] < nn[:, None]) & (has_child | bonus_t[:, None])
-    if triton_path:
-        child_node = child_tok = None
-    else:
+    child_node = child_tok = used = None
+    if not triton_path:
+        used = (i[None, :] < nn[:, None]) & (has_child | bonus_t[:, None])
         child_node = _ref.tree_children(torch.where(i[None, :] < nn[:, None], par, -1), nn)
         child_tok = tok.long().gather(1, child_node.clamp(min=0).flatten(1)).view_as(child_node)
     path, tokens_out, acc, ntok = _run_nodes(
