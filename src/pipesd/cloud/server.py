@@ -94,6 +94,7 @@ class _Session:
     bonus: bool = False
     echo_sent_at: float = 0.0
     busy: bool = False  # in the verifier right now
+    queued: bool = False  # in the ready queue (at most once)
     finished: bool = False
     closed: bool = False
 
@@ -274,7 +275,13 @@ class CloudServer:
         self._n_sessions -= 1
         self.stats.sessions_open = self._n_sessions
         if not s.busy:
+            self._release(s)
+
+    def _release(self, s: _Session) -> None:
+        try:
             self._executor.submit(s.tsession.close)
+        except RuntimeError:  # shutting down: the cache goes with the process
+            s.tsession.close()
 
     def _on_draft(self, client: _Client, b: M.DraftBatch) -> None:
         s = client.sessions.get(b.session_id)
@@ -313,10 +320,14 @@ class CloudServer:
             s.verify_upto = len(s.pending)
             s.bonus = bool(b.bonus)
             s.echo_sent_at = b.sent_at
-            if not s.verify_requested:
-                s.verify_requested = True
-                if not s.busy:
-                    self._ready.put_nowait(s)
+            s.verify_requested = True
+            self._schedule(s)
+
+    def _schedule(self, s: _Session) -> None:
+        """Queue a session for verification: once, and never while it is being verified."""
+        if s.verify_requested and not s.busy and not s.queued and not s.closed:
+            s.queued = True
+            self._ready.put_nowait(s)
 
     # ------------------------------------------------------------------ verification
     async def _verifier(self) -> None:
@@ -326,6 +337,8 @@ class CloudServer:
             batch = [first]
             while not self._ready.empty() and len(batch) < self.config.max_batch_sessions:
                 batch.append(self._ready.get_nowait())
+            for s in batch:
+                s.queued = False
             batch = [s for s in batch if not s.closed and s.verify_requested]
             if not batch:
                 continue
@@ -347,12 +360,11 @@ class CloudServer:
             for (s, *_), (verdict, new) in zip(jobs, results):
                 s.busy = False
                 if s.closed:
-                    self._executor.submit(s.tsession.close)
+                    self._release(s)
                     continue
                 self._apply(s, verdict, new)
+                self._schedule(s)
                 await self._send(s.client, verdict)
-                if s.verify_requested and not s.closed:
-                    self._ready.put_nowait(s)
 
     def _verify_jobs(self, jobs) -> list[tuple[M.Verdict, list[int]]]:
         """Verifier thread: one batched target forward + one verify_chain launch."""

@@ -401,33 +401,31 @@ class EdgeClient:
         draft_s = 0.0
         loop_t0 = perf()
         while not run.done.is_set():
-            # Apply whatever verdicts have arrived.
-            block = False
+            # Apply whatever verdicts have arrived; wait for one when drafting must pause.
             pos = len(run.seq)
-            if pos >= stop_at or pos - run.committed >= cfg.lookahead or (awaiting and not cfg.pipeline):
-                block = True
+            block = pos >= stop_at or pos - run.committed >= cfg.lookahead or (awaiting and not cfg.pipeline)
             try:
                 v = run.verdicts.get(timeout=cfg.verdict_timeout_s) if block else run.verdicts.get_nowait()
             except queue.Empty:
                 if block:
                     raise TimeoutError(f"no verdict from the cloud within {cfg.verdict_timeout_s} s") from None
                 v = None
-            while v is not None:
-                if isinstance(v, BaseException):
-                    raise v
-                if self._apply_verdict(run, ring, trig, v, eos):
-                    stop_at, awaiting = run.max_new, False
-                    trig.reset()
-                else:
-                    awaiting = False if v.end_pos >= len(run.seq) else awaiting
-                if run.done.is_set():
-                    break
-                try:
-                    v = run.verdicts.get_nowait()
-                except queue.Empty:
-                    v = None
-            if run.done.is_set() or block:
-                continue
+            if v is not None:
+                while v is not None:
+                    if isinstance(v, BaseException):
+                        raise v
+                    if self._apply_verdict(run, ring, trig, v, eos):
+                        stop_at, awaiting = run.max_new, False
+                        trig.reset()
+                    elif v.end_pos >= len(run.seq):
+                        awaiting = False
+                    if run.done.is_set():
+                        break
+                    try:
+                        v = run.verdicts.get_nowait()
+                    except queue.Empty:
+                        v = None
+                continue  # re-evaluate position and pausing with the new state
             # Draft one token.
             t_step = perf()
             st = d.step(run.params, gen)

@@ -27,7 +27,9 @@ __all__ = ["DraftModel", "TargetModel", "TargetSession", "DraftStep", "check_sam
 def load_local(path: str | Path, dtype: Optional[torch.dtype] = None):
     """(model, tokenizer) from a local directory; never reaches a hub."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"model directory not found: {p} (models load from local paths only)")
