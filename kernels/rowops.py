@@ -51,36 +51,45 @@ def philox_uniform(seed, c0, STREAM: tl.constexpr):
 
 
 @triton.jit
-def row_pass_a(row_ptr, V, T, BLOCK: tl.constexpr, NBLK: tl.constexpr, STATS: tl.constexpr):
-    """One read of the row: max and argmax of ``y = x / T`` (lowest index on ties), a bad-row
-    flag (NaN, ``+inf`` in ``y``, or all ``-inf``) and, if ``STATS``, per-block max / sum-exp.
+def row_pass_a(row_ptr, V, T, greedy, BLOCK: tl.constexpr, NBLK: tl.constexpr, STATS: tl.constexpr):
+    """One read of the row: max and argmax of ``y`` (lowest index on ties), a bad-row flag (NaN,
+    ``+inf`` in ``y``, or all ``-inf``) and, if ``STATS``, per-block max / sum-exp of ``y``.
 
+    ``y = x`` for greedy rows (never divided: the argmax is exact), else ``x / T``. The argmax
+    is kept per lane across blocks (no reduction per block); ``STATS`` adds two per block.
     Returns ``(m, argmax, bad, bmax[NBLK], bsum[NBLK])``.
     """
     offs = tl.arange(0, BLOCK)
     bidx = tl.arange(0, NBLK)
     bmax = tl.full([NBLK], float("-inf"), tl.float32)
     bsum = tl.zeros([NBLK], dtype=tl.float32)
-    best_v = tl.max(bmax, 0)
-    best_i = tl.argmax(bmax, 0).to(tl.int32) * 0
-    bad = best_i
+    acc_v = tl.full([BLOCK], float("-inf"), tl.float32)
+    acc_i = tl.zeros([BLOCK], dtype=tl.int32)
+    badv = tl.zeros([BLOCK], dtype=tl.int32)
     for blk in range(0, tl.cdiv(V, BLOCK)):
         idx = blk * BLOCK + offs
         msk = idx < V
         x = tl.load(row_ptr + idx, mask=msk, other=float("-inf")).to(tl.float32)
-        y = x / T
-        bad = tl.maximum(bad, tl.max(((x != x) | (y == float("inf"))).to(tl.int32), 0))
-        v, i = tl.max(y, 0, return_indices=True, return_indices_tie_break_left=True)
-        upd = v > best_v
-        best_i = tl.where(upd, blk * BLOCK + i.to(tl.int32), best_i)
-        best_v = tl.where(upd, v, best_v)
         if STATS:
+            y = tl.where(greedy, x, x / T)
+        else:
+            y = x
+        badv = badv | ((x != x) | (y == float("inf"))).to(tl.int32)
+        upd = y > acc_v  # strict: an earlier block keeps a tie on the same lane
+        acc_i = tl.where(upd, idx, acc_i)
+        acc_v = tl.where(upd, y, acc_v)
+        if STATS:
+            v = tl.max(y, 0)
             vs = tl.where(v == float("-inf"), 0.0, v)
             s = tl.sum(tl.where(msk, tl.exp(y - vs), 0.0), 0)
             bmax = tl.where(bidx == blk, v, bmax)
             bsum = tl.where(bidx == blk, s, bsum)
-    bad = tl.where(best_v == float("-inf"), 1, bad)
-    return best_v, best_i, bad, bmax, bsum
+    m = tl.max(acc_v, 0)
+    amax = tl.min(tl.where(acc_v == m, acc_i, 2147483647), 0)  # lowest index among the lanes' maxima
+    bad = tl.max(badv, 0)
+    bad = tl.where(m == float("-inf"), 1, bad)
+    amax = tl.where(m == float("-inf"), 0, amax)
+    return m, amax, bad, bmax, bsum
 
 
 @triton.jit

@@ -25,7 +25,7 @@ def _sample_kernel(logits_ptr, stride_lb, temp_ptr, topk_ptr, topp_ptr, minp_ptr
     T = tl.load(temp_ptr + b).to(tl.float32)
     greedy = T <= 0.0
     Ts = tl.where(greedy, 1.0, T)
-    m, amax, bad, bmax, bsum = row_pass_a(row, V, Ts, BLOCK, NBLK, True)
+    m, amax, bad, bmax, bsum = row_pass_a(row, V, Ts, greedy, BLOCK, NBLK, True)
     tok = amax
     if not greedy:
         k = tl.load(topk_ptr + b).to(tl.int32)
@@ -53,7 +53,7 @@ def _probs_kernel(logits_ptr, stride_lb, temp_ptr, topk_ptr, topp_ptr, minp_ptr,
     T = tl.load(temp_ptr + b).to(tl.float32)
     greedy = T <= 0.0
     Ts = tl.where(greedy, 1.0, T)
-    m, amax, bad, bmax, bsum = row_pass_a(row, V, Ts, BLOCK, NBLK, True)
+    m, amax, bad, bmax, bsum = row_pass_a(row, V, Ts, greedy, BLOCK, NBLK, True)
     k = tl.load(topk_ptr + b).to(tl.int32)
     tp = tl.load(topp_ptr + b).to(tl.float32)
     mp = tl.load(minp_ptr + b).to(tl.float32)

@@ -85,7 +85,7 @@ def _verify_nodes_kernel(
         T = tl.load(temp_ptr + b).to(tl.float32)
         greedy = T <= 0.0
         Ts = tl.where(greedy, 1.0, T)
-        m, amax, bad, bmax, bsum = row_pass_a(row, V, Ts, BLOCK, NBLK, SAMPLE)
+        m, amax, bad, bmax, bsum = row_pass_a(row, V, Ts, greedy, BLOCK, NBLK, SAMPLE)
         if greedy:
             if IS_TREE:
                 for j in range(n + 1, nn):
@@ -208,7 +208,7 @@ def verify_nodes_triton(logits, tok, par, lengths, q_ids, q_probs, temps, top_k,
         acc, cand, bad, N, V,
         IS_TREE=is_tree, SAMPLE=sample,
         BLOCK=cfg["BLOCK"], NBLK=cfg["NBLK"], PBLOCK=cfg["PBLOCK"], NPIV=cfg["NPIV"],
-        KQP=_pow2(KQ), NP=_pow2(N), num_warps=cfg["num_warps"], **_launch_opts(dev))
+        KQP=_pow2(KQ), NP=_pow2(N) if is_tree else 2, num_warps=cfg["num_warps"], **_launch_opts(dev))
     return acc, cand, bad
 
 
