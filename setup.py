@@ -52,7 +52,7 @@ setup(
         "pipesd.kernels",
     ],
     package_dir={"": "src", "pipesd.kernels": "kernels"},
-    package_data={"pipesd.zoo": ["pairs/**/*"]},
+    package_data={"pipesd.zoo": ["pairs/*/*", "pairs/*/*/*"], "pipesd.transport": ["traces/*.csv"]},
     include_package_data=True,
     ext_modules=[ext],
     cmdclass={"build_ext": _BuildExt},

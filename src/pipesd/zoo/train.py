@@ -178,6 +178,11 @@ def evaluate(draft, target, data: np.ndarray, seq_len: int = 256, n_windows: int
             "eval_positions": int(lab.numel())}
 
 
+def heldout_sample(held_texts: list[str], chars: int = 8000) -> str:
+    """A fixed slice of held-out text shipped with the pair, for the agreement test."""
+    return "\n".join(held_texts)[:chars]
+
+
 def n_params(m) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -239,6 +244,7 @@ def main(argv=None) -> int:
     for sub in ("target", "draft"):
         tok.save_pretrained(out / sub)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out / "HELDOUT_SAMPLE.py").write_text(heldout_sample(held_texts))
     print(json.dumps(metrics, indent=1), flush=True)
     return 0
 
