@@ -1,18 +1,42 @@
 // Lock-free single-producer single-consumer ring of draft-token records.
 //
-// The producer (edge compute thread) pushes; the consumer (send thread) pops. Head and tail
-// live on separate cache lines; the producer publishes a slot with a release store of tail,
-// the consumer frees it with a release store of head. No locks, no allocation after
-// construction. Rollback: the producer bumps `epoch`; records are stamped with the epoch in
-// force when pushed, and the consumer drops records of older epochs.
+// The producer (edge compute thread) pushes; the consumer (edge send thread) pops. The
+// producer publishes a slot with a release store of `tail`, the consumer frees slots with a
+// release store of `head`; each side keeps a private cached copy of the other's index on its
+// own cache line and refreshes it (acquire) only when the cache says full/empty, so in steady
+// state the two cores share no written cache line except through the indices themselves.
+// All storage is allocated in the constructor; push and pop neither lock nor allocate.
+//
+// Rollback: `bump_epoch()` advances an atomic epoch (any one thread may call it; in PipeSD it
+// is the thread applying a verdict). Each record is stamped with the epoch in force when it
+// was pushed, and the consumer drops records whose epoch is older than the current one.
+// Because the consumer reads the epoch *after* acquiring `tail`, every record it can see has
+// an epoch <= the one it compares against, so "stale" is exactly "pushed before the bump"
+// (modulo the unavoidable race of a push that reads the epoch just before a bump).
+//
+// Close: `close()` makes later pushes return false and wakes a waiting consumer, which drains
+// what is left and then reports -1 (closed and drained). A push racing with close() may land
+// after the consumer has reported -1; call close() from the producer after its last push
+// when every record must be delivered.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define PIPESD_CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define PIPESD_CPU_RELAX() asm volatile("yield" ::: "memory")
+#else
+#define PIPESD_CPU_RELAX() ((void)0)
+#endif
 
 namespace pipesd {
 
@@ -23,15 +47,34 @@ struct TokenRecord {
     uint32_t epoch;
     int32_t topk_count;
 };
+static_assert(sizeof(TokenRecord) == 24, "TokenRecord layout");
+
+constexpr std::size_t kMaxRingCapacity = std::size_t(1) << 24;
+constexpr int kMaxTopk = 256;
+constexpr std::size_t kCacheLine = 64;
+
+// Wrap-safe "a is older than b" for 32-bit epochs.
+inline bool epoch_before(uint32_t a, uint32_t b) { return static_cast<int32_t>(a - b) < 0; }
 
 class TokenRing {
    public:
     TokenRing(std::size_t capacity, int topk_max)
-        : cap_(capacity), mask_(capacity - 1), topk_max_(topk_max), recs_(capacity),
-          ids_(capacity * static_cast<std::size_t>(topk_max)), probs_(capacity * static_cast<std::size_t>(topk_max)) {
-        if (capacity < 2 || (capacity & (capacity - 1)) != 0)
-            throw std::invalid_argument("capacity must be a power of two >= 2");
-        if (topk_max < 0 || topk_max > 256) throw std::invalid_argument("topk_max must be in [0, 256]");
+        : cap_(checked_capacity(capacity)), mask_(cap_ - 1), topk_max_(checked_topk(topk_max)), recs_(cap_),
+          ids_(cap_ * static_cast<std::size_t>(topk_max_)), probs_(cap_ * static_cast<std::size_t>(topk_max_)) {}
+    TokenRing(const TokenRing&) = delete;
+    TokenRing& operator=(const TokenRing&) = delete;
+
+    static std::size_t checked_capacity(std::size_t capacity) {
+        if (capacity < 2 || (capacity & (capacity - 1)) != 0 || capacity > kMaxRingCapacity)
+            throw std::invalid_argument("capacity must be a power of two in [2, " + std::to_string(kMaxRingCapacity) +
+                                        "], got " + std::to_string(capacity));
+        return capacity;
+    }
+    static int checked_topk(int topk_max) {
+        if (topk_max < 0 || topk_max > kMaxTopk)
+            throw std::invalid_argument("topk_max must be in [0, " + std::to_string(kMaxTopk) + "], got " +
+                                        std::to_string(topk_max));
+        return topk_max;
     }
 
     std::size_t capacity() const { return cap_; }
@@ -40,21 +83,31 @@ class TokenRing {
     uint32_t bump_epoch() { return epoch_.fetch_add(1, std::memory_order_acq_rel) + 1; }
     bool closed() const { return closed_.load(std::memory_order_acquire); }
     void close() { closed_.store(true, std::memory_order_release); }
+    // Records in the ring (stale ones included). Exact when called by producer or consumer
+    // while the other is idle; a snapshot otherwise.
     std::size_t size() const {
-        return static_cast<std::size_t>(tail_.load(std::memory_order_acquire) - head_.load(std::memory_order_acquire));
+        const uint64_t h = head_.load(std::memory_order_acquire);  // head first: then tail >= h
+        const uint64_t t = tail_.load(std::memory_order_acquire);
+        return static_cast<std::size_t>(std::min<uint64_t>(t - h, cap_));
     }
+    // Stale records the consumer has dropped so far.
+    uint64_t stale_dropped() const { return stale_.load(std::memory_order_relaxed); }
 
-    // Producer only. False when full or closed; never blocks.
+    // Producer only. False when full or closed; never blocks. `count` <= topk_max.
     bool push(int64_t position, int32_t token, float prob, const int32_t* ids, const float* probs, int count) {
-        if (closed()) return false;
+        if (count < 0 || count > topk_max_) throw std::invalid_argument("topk count out of range");
+        if (closed_.load(std::memory_order_acquire)) return false;
         const uint64_t t = tail_.load(std::memory_order_relaxed);
-        if (t - head_.load(std::memory_order_acquire) >= cap_) return false;
+        if (t - head_cache_ >= cap_) {
+            head_cache_ = head_.load(std::memory_order_acquire);
+            if (t - head_cache_ >= cap_) return false;
+        }
         const std::size_t slot = static_cast<std::size_t>(t & mask_);
         TokenRecord& r = recs_[slot];
         r.position = position;
         r.token = token;
         r.prob = prob;
-        r.epoch = epoch_.load(std::memory_order_relaxed);
+        r.epoch = epoch_.load(std::memory_order_acquire);
         r.topk_count = count;
         if (count > 0) {
             std::memcpy(&ids_[slot * topk_max_], ids, sizeof(int32_t) * count);
@@ -64,52 +117,66 @@ class TokenRing {
         return true;
     }
 
-    // Consumer only. Copies up to max_n current-epoch records into the output buffers (topk rows
-    // of width topk_max, zero padded); stale records are consumed and dropped. Returns the count.
+    // Consumer only. Copies up to max_n current-epoch records into `out` and, when topk_max >
+    // 0, their top-k rows (width topk_max, zero padded past topk_count) into out_ids /
+    // out_probs. Stale records are consumed and dropped. Returns the number copied.
     std::size_t pop_into(std::size_t max_n, TokenRecord* out, int32_t* out_ids, float* out_probs) {
         const uint64_t h = head_.load(std::memory_order_relaxed);
-        const uint64_t t = tail_.load(std::memory_order_acquire);
-        const uint64_t avail = t - h;
+        uint64_t avail = tail_cache_ - h;
+        if (avail < max_n) {
+            tail_cache_ = tail_.load(std::memory_order_acquire);
+            avail = tail_cache_ - h;
+            if (avail == 0) return 0;
+        }
+        // Read after acquiring tail: no visible record is newer than `cur`.
         const uint32_t cur = epoch_.load(std::memory_order_acquire);
+        const std::size_t k = static_cast<std::size_t>(topk_max_);
         std::size_t taken = 0;
         uint64_t i = 0;
         for (; i < avail && taken < max_n; ++i) {
             const std::size_t slot = static_cast<std::size_t>((h + i) & mask_);
             const TokenRecord& r = recs_[slot];
-            if (r.epoch != cur) continue;  // stale: dropped
+            if (epoch_before(r.epoch, cur)) continue;  // stale: dropped
             out[taken] = r;
-            if (topk_max_ > 0) {
-                int32_t* di = out_ids + taken * topk_max_;
-                float* dp = out_probs + taken * topk_max_;
-                std::memcpy(di, &ids_[slot * topk_max_], sizeof(int32_t) * r.topk_count);
-                std::memcpy(dp, &probs_[slot * topk_max_], sizeof(float) * r.topk_count);
-                std::memset(di + r.topk_count, 0, sizeof(int32_t) * (topk_max_ - r.topk_count));
-                std::memset(dp + r.topk_count, 0, sizeof(float) * (topk_max_ - r.topk_count));
+            if (k > 0) {
+                const std::size_t cnt = static_cast<std::size_t>(r.topk_count);
+                int32_t* di = out_ids + taken * k;
+                float* dp = out_probs + taken * k;
+                std::memcpy(di, &ids_[slot * k], sizeof(int32_t) * cnt);
+                std::memcpy(dp, &probs_[slot * k], sizeof(float) * cnt);
+                std::memset(di + cnt, 0, sizeof(int32_t) * (k - cnt));
+                std::memset(dp + cnt, 0, sizeof(float) * (k - cnt));
             }
             ++taken;
         }
+        if (i > taken) stale_.fetch_add(i - taken, std::memory_order_relaxed);
         head_.store(h + i, std::memory_order_release);
         return taken;
     }
 
-    // Consumer only: wait (spin, then sleep with backoff) until a record arrives, the ring is
-    // closed, or the timeout passes. Returns the count popped; -1 when closed and drained.
+    // Consumer only: like pop_into, but waits up to timeout_s for a first record: a short
+    // spin, then yields, then sleeps with exponential backoff (2 us .. 200 us), so a blocked
+    // consumer costs little CPU and still sees a push or close() within ~0.2 ms. Returns the
+    // count popped (0 on timeout) or -1 once the ring is closed and drained.
     long pop_wait(std::size_t max_n, double timeout_s, TokenRecord* out, int32_t* out_ids, float* out_probs) {
         using clock = std::chrono::steady_clock;
-        const auto deadline = clock::now() + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(timeout_s));
-        int spins = 0;
+        if (!(timeout_s >= 0.0)) timeout_s = 0.0;
+        const double capped = std::min(timeout_s, 1e7);  // ~115 days; keeps the duration cast finite
+        const auto deadline = clock::now() + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(capped));
         auto nap = std::chrono::microseconds(2);
-        for (;;) {
-            const bool was_closed = closed();
+        for (int round = 0;; ++round) {
+            const bool was_closed = closed();  // read before popping: a drained closed ring is final
             const std::size_t n = pop_into(max_n, out, out_ids, out_probs);
             if (n > 0) return static_cast<long>(n);
-            if (was_closed && size() == 0) return -1;
+            if (was_closed && tail_.load(std::memory_order_acquire) == head_.load(std::memory_order_relaxed)) return -1;
             if (clock::now() >= deadline) return 0;
-            if (++spins < 64) {
+            if (round < 256) {
+                PIPESD_CPU_RELAX();
+            } else if (round < 256 + 16) {
                 std::this_thread::yield();
             } else {
                 std::this_thread::sleep_for(nap);
-                if (nap < std::chrono::microseconds(200)) nap *= 2;
+                if (nap < std::chrono::microseconds(200)) nap = std::min(nap * 2, std::chrono::microseconds(200));
             }
         }
     }
@@ -121,10 +188,17 @@ class TokenRing {
     std::vector<TokenRecord> recs_;
     std::vector<int32_t> ids_;
     std::vector<float> probs_;
-    alignas(64) std::atomic<uint64_t> head_{0};
-    alignas(64) std::atomic<uint64_t> tail_{0};
-    alignas(64) std::atomic<uint32_t> epoch_{0};
+    // Producer line: its index and its cached view of the consumer's.
+    alignas(kCacheLine) std::atomic<uint64_t> tail_{0};
+    uint64_t head_cache_ = 0;
+    // Consumer line.
+    alignas(kCacheLine) std::atomic<uint64_t> head_{0};
+    uint64_t tail_cache_ = 0;
+    std::atomic<uint64_t> stale_{0};
+    // Rarely written, read by both.
+    alignas(kCacheLine) std::atomic<uint32_t> epoch_{0};
     std::atomic<bool> closed_{false};
+    char pad_[kCacheLine - sizeof(std::atomic<uint32_t>) - sizeof(std::atomic<bool>)];
 };
 
 }  // namespace pipesd

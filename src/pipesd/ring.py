@@ -1,74 +1,122 @@
 """The lock-free ring between the edge's compute thread (producer) and send thread (consumer).
 
-A thin face over the C++ SPSC ring in ``pipesd._native``: fixed-layout records (position,
-token, draft probability, epoch, top-k q), no locks and no allocation on push/pop, and a
-blocking ``pop_batch`` that waits without holding the GIL. One producer and one consumer
-only. Rollback: the producer calls :meth:`TokenRing.bump_epoch`; records pushed before are
-stale and the consumer never sees them.
+Why: the compute thread must never wait for the wire. It pushes each draft token into this
+ring (a few hundred nanoseconds, no lock, no allocation, never blocks) and the send thread
+drains it in batches, blocking in :meth:`TokenRing.pop_batch` *without the GIL*, so the
+drafting thread keeps the interpreter while the sender waits.
+
+A thin face over the C++ SPSC ring in ``pipesd._native`` (``csrc/ring.hpp``): fixed-layout
+records (position int64, token int32, draft probability float32, rollback epoch uint32, and
+up to ``topk_max`` (id, prob) pairs of the draft's top-k distribution q with their count).
+Exactly one producer thread and one consumer thread; a second concurrent consumer gets a
+``RuntimeError`` instead of corrupted data.
+
+Rollback without locks: :meth:`TokenRing.bump_epoch` advances the ring's epoch (one thread,
+e.g. the one applying a verdict); records are stamped with the epoch in force when pushed
+and the consumer drops every record older than the current epoch (counted in
+``stale_dropped``).
+
+Close: after :meth:`TokenRing.close`, ``push`` returns ``False``; a consumer blocked in
+``pop_batch`` wakes within ~0.2 ms, drains what is left, then gets ``None``. A push racing
+with ``close()`` from another thread may be dropped; to deliver everything, close from the
+producer after its last push.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
 from pipesd import _native
 
-__all__ = ["TokenRing", "TokenBatch"]
+__all__ = ["TokenRing", "TokenBatch", "TokenRecord", "MAX_RING_CAPACITY", "MAX_TOPK"]
+
+MAX_RING_CAPACITY: int = int(_native.MAX_RING_CAPACITY)
+MAX_TOPK: int = int(_native.MAX_TOPK)
+
+ArrayLike = Union[np.ndarray, Sequence[float], Sequence[int]]
 
 
 @dataclass
 class TokenBatch:
-    """Records popped together; every field a numpy array of the same length."""
+    """Records popped together; every field is a numpy array with one row per record."""
 
     position: np.ndarray  # int64 [n]
     token: np.ndarray  # int32 [n]
     prob: np.ndarray  # float32 [n]
     epoch: np.ndarray  # uint32 [n]
-    topk_ids: np.ndarray  # int32 [n, topk_max], zero padded past topk_count
-    topk_probs: np.ndarray  # float32 [n, topk_max]
+    topk_ids: np.ndarray  # int32 [n, topk_max], zero past topk_count
+    topk_probs: np.ndarray  # float32 [n, topk_max], zero past topk_count
     topk_count: np.ndarray  # int32 [n]
 
     def __len__(self) -> int:
         return len(self.position)
 
 
+class TokenRecord(NamedTuple):
+    """One record (:meth:`TokenRing.try_pop`); top-k arrays have exactly ``topk_count`` entries."""
+
+    position: int
+    token: int
+    prob: float
+    epoch: int
+    topk_ids: np.ndarray  # int32 [count]
+    topk_probs: np.ndarray  # float32 [count]
+
+
 class TokenRing:
-    """SPSC ring of draft-token records. ``capacity`` must be a power of two >= 2."""
+    """SPSC ring of draft-token records (see the module docstring).
+
+    ``capacity``: a power of two in [2, ``MAX_RING_CAPACITY``]; ``topk_max``: in [0, 256].
+    Storage for ``capacity`` records with ``topk_max`` pairs each is allocated here, once.
+    """
+
+    __slots__ = ("_r", "_push")
 
     def __init__(self, capacity: int, topk_max: int = 0) -> None:
-        if not isinstance(capacity, int) or capacity < 2 or capacity & (capacity - 1):
-            raise ValueError(f"capacity must be a power of two >= 2, got {capacity!r}")
-        if not isinstance(topk_max, int) or not (0 <= topk_max <= 256):
-            raise ValueError(f"topk_max must be an int in [0, 256], got {topk_max!r}")
-        self._r = _native.TokenRing(capacity, topk_max)
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)):
+            raise ValueError(f"capacity must be an int (a power of two >= 2), got {capacity!r}")
+        if isinstance(topk_max, bool) or not isinstance(topk_max, (int, np.integer)):
+            raise ValueError(f"topk_max must be an int in [0, {MAX_TOPK}], got {topk_max!r}")
+        if not 0 <= topk_max <= MAX_TOPK:
+            raise ValueError(f"topk_max must be in [0, {MAX_TOPK}], got {topk_max}")
+        if capacity < 2 or capacity > MAX_RING_CAPACITY or capacity & (capacity - 1):
+            raise ValueError(f"capacity must be a power of two in [2, {MAX_RING_CAPACITY}], got {capacity}")
+        self._r = _native.TokenRing(int(capacity), int(topk_max))
+        self._push = self._r.push
 
-    def push(self, position: int, token: int, prob: float, topk_ids=None, topk_probs=None) -> bool:
-        """Producer: add a record stamped with the current epoch. False when full or closed."""
-        return self._r.push(position, token, prob, topk_ids, topk_probs)
+    def push(self, position: int, token: int, prob: float, topk_ids: Optional[ArrayLike] = None,
+             topk_probs: Optional[ArrayLike] = None) -> bool:
+        """Producer: append a record stamped with the current epoch. Returns ``False`` when the
+        ring is full or closed (never blocks). ``topk_ids``/``topk_probs``: both or neither, 1-D,
+        at most ``topk_max`` long (``ValueError`` otherwise)."""
+        return self._push(position, token, prob, topk_ids, topk_probs)
 
-    def try_pop(self) -> Optional[TokenBatch]:
-        """Consumer: one current-epoch record as a batch of one, or None."""
+    def try_pop(self) -> Optional[TokenRecord]:
+        """Consumer: the next current-epoch record, or ``None`` if there is none (never blocks)."""
         t = self._r.try_pop()
-        return None if t is None else TokenBatch(*t)
+        return None if t is None else TokenRecord(*t)
 
     def pop_batch(self, max_n: int, timeout_s: float) -> Optional[TokenBatch]:
-        """Consumer: wait up to ``timeout_s`` for records; returns up to ``max_n`` of them, an
-        empty batch on timeout, or None once the ring is closed and drained."""
+        """Consumer: wait up to ``timeout_s`` (GIL released) until at least one record is
+        available and return up to ``max_n`` of them; an empty batch on timeout; ``None`` once
+        the ring is closed and drained. ``timeout_s=0`` polls; ``math.inf`` waits for data or
+        close."""
         t = self._r.pop_batch(max_n, timeout_s)
         return None if t is None else TokenBatch(*t)
 
     def close(self) -> None:
-        """Wake a blocked consumer; later pushes return False."""
+        """Refuse further pushes and wake a blocked consumer (it drains, then gets ``None``)."""
         self._r.close()
 
     def bump_epoch(self) -> int:
-        """Producer: make every record pushed so far stale; returns the new epoch."""
+        """Make every record pushed so far stale (rollback); returns the new epoch."""
         return self._r.bump_epoch()
 
     @property
     def epoch(self) -> int:
+        """The epoch new records are stamped with."""
         return self._r.epoch
 
     @property
@@ -83,5 +131,15 @@ class TokenRing:
     def topk_max(self) -> int:
         return self._r.topk_max
 
+    @property
+    def stale_dropped(self) -> int:
+        """Records the consumer has dropped as stale so far."""
+        return self._r.stale_dropped
+
     def __len__(self) -> int:
+        """Records in the ring now (stale ones included; a snapshot under concurrency)."""
         return len(self._r)
+
+    def __repr__(self) -> str:
+        return (f"TokenRing(capacity={self.capacity}, topk_max={self.topk_max}, len={len(self)}, "
+                f"epoch={self.epoch}, closed={self.closed})")
