@@ -68,6 +68,9 @@ class CloudStats:
     target_forwards: int = 0
     wasted_forwards: int = 0  # scored draft tokens that were rejected (or followed a rejection)
     busy_s: float = 0.0
+    forward_s: float = 0.0  # target forwards
+    kernel_s: float = 0.0  # verification launches
+    overhead_s: float = 0.0  # everything else in the verifier (packing, bookkeeping)
     stale_batches: int = 0
     duplicate_batches: int = 0
     sessions_opened: int = 0
@@ -377,6 +380,7 @@ class CloudServer:
         else:
             logits_list = self.target.score_batch([s.tsession for s in sessions], drafts)
         forwards = self.target.forwards - f0
+        t_fwd = time.perf_counter()
         B = len(jobs)
         K = max(len(d) for d in drafts)
         V = logits_list[0].shape[-1]
@@ -390,6 +394,7 @@ class CloudServer:
         greedy = all(s.params.greedy for s in sessions)
         bonus = torch.tensor([j[4] for j in jobs], dtype=torch.bool)
         if greedy:
+            t_kern0 = time.perf_counter()
             v = verify_chain(logits, draft_t, num, mode="greedy", bonus=bonus)
         else:
             kq = max((q.shape[-1] for j in jobs for q in j[2]), default=1)
@@ -402,11 +407,14 @@ class CloudServer:
             p = [s.params for s in sessions]
             temp = torch.tensor([x.temperature for x in p], dtype=torch.float32)
             gen = sessions[0].generator if B == 1 else self._batch_generator(sessions)
+            t_kern0 = time.perf_counter()
             v = verify_chain(logits, draft_t, num, mode="sample", draft_topk_ids=q_ids, draft_topk_probs=q_probs,
                              temperature=temp, top_k=torch.tensor([x.top_k for x in p]),
                              top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32),
                              min_p=torch.tensor([x.min_p for x in p], dtype=torch.float32),
                              generator=gen, bonus=bonus)
+        _ = v.accepted.tolist()  # make sure the launch has finished (CUDA)
+        t_kern = time.perf_counter()
         out = []
         for i, (s, d, _, _, _, echo) in enumerate(jobs):
             acc = int(v.accepted[i])
@@ -431,6 +439,9 @@ class CloudServer:
                                   forwards if B == 1 else len(d) + 1, 0.0, echo), new))
             self.stats.wasted_forwards += wasted
         busy = time.perf_counter() - t0
+        self.stats.forward_s += t_fwd - t0
+        self.stats.kernel_s += t_kern - t_kern0
+        self.stats.overhead_s += busy - (t_fwd - t0) - (t_kern - t_kern0)
         if self.config.verify_pad_s > busy:
             time.sleep(self.config.verify_pad_s - busy)
             busy = self.config.verify_pad_s

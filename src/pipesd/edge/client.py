@@ -66,7 +66,11 @@ class GenerationStats:
     cost_g_s: float = 0.0
     cost_s_s: float = 0.0
     cost_c_s: float = 0.0
-    edge_overhead_s: float = 0.0  # edge time outside the draft forward and the wire (bookkeeping)
+    edge_overhead_s: float = 0.0  # compute + send threads' time outside the draft forward, padding, waits and the wire
+
+    @property
+    def edge_overhead_per_draft_s(self) -> float:
+        return self.edge_overhead_s / self.drafted if self.drafted else 0.0
     timeline: list = field(default_factory=list)  # (lane, t0, t1, info) relative to the start
 
     @property
@@ -81,6 +85,7 @@ class GenerationStats:
         d = {k: v for k, v in self.__dict__.items() if k != "timeline"}
         d["acceptance_rate"] = self.acceptance_rate
         d["mean_accepted"] = self.mean_accepted
+        d["edge_overhead_per_draft_s"] = self.edge_overhead_per_draft_s
         return d
 
 
@@ -115,6 +120,8 @@ class _Run:
         self.on_commit: Optional[Callable[[list[int]], None]] = None
         self.t0 = time.perf_counter()
         self.full_q: dict[tuple[int, int], np.ndarray] = {}
+        self.wire_s = 0.0  # send thread: time blocked in the (emulated) link
+        self.send_overhead_s = 0.0  # send thread: time outside pops and the link
 
     def fail(self, e: BaseException) -> None:
         if self.error is None:
@@ -374,6 +381,7 @@ class EdgeClient:
             for t in threads:
                 t.join(timeout=cfg.verdict_timeout_s)
         run.stats.wall_s = time.perf_counter() - run.t0
+        run.stats.edge_overhead_s += run.send_overhead_s
         self._wire_stats(run)
         if run.error is not None:
             raise run.error
@@ -398,9 +406,9 @@ class EdgeClient:
         awaiting = False
         timeline = run.stats.timeline if cfg.record_timeline else None
         perf = time.perf_counter
-        draft_s = 0.0
-        loop_t0 = perf()
+        overhead = 0.0  # time in this loop outside the draft forward, the padding and verdict waits
         while not run.done.is_set():
+            t_iter = perf()
             # Apply whatever verdicts have arrived; wait for one when drafting must pause.
             pos = len(run.seq)
             block = pos >= stop_at or pos - run.committed >= cfg.lookahead or (awaiting and not cfg.pipeline)
@@ -411,6 +419,7 @@ class EdgeClient:
                     raise TimeoutError(f"no verdict from the cloud within {cfg.verdict_timeout_s} s") from None
                 v = None
             if v is not None:
+                t_iter = perf()  # waiting for the verdict is not overhead
                 while v is not None:
                     if isinstance(v, BaseException):
                         raise v
@@ -425,14 +434,15 @@ class EdgeClient:
                         v = run.verdicts.get_nowait()
                     except queue.Empty:
                         v = None
+                overhead += perf() - t_iter
                 continue  # re-evaluate position and pausing with the new state
             # Draft one token.
             t_step = perf()
             st = d.step(run.params, gen)
             t_fwd = perf()
-            draft_s += t_fwd - t_step
             self._pad(t_step, cfg.draft_step_s)
             t_end = perf()
+            overhead += t_step - t_iter
             self.cost.observe_draft(t_end - t_step)
             reason = trig.update(st.prob)
             if st.token == eos:
@@ -461,7 +471,8 @@ class EdgeClient:
             run.stats.drafted += 1
             if timeline is not None:
                 timeline.append(("draft", t_step - run.t0, t_end - run.t0, pos))
-        run.stats.edge_overhead_s += 0.0  # accounted per thread by the overhead bench
+            overhead += perf() - t_end
+        run.stats.edge_overhead_s += overhead
 
     def _apply_verdict(self, run: _Run, ring: TokenRing, trig: DualThresholdTrigger, v: M.Verdict, eos) -> bool:
         """Commit / roll back; returns True when the epoch moved (drafting restarts)."""
@@ -519,6 +530,8 @@ class EdgeClient:
                 return
             if run.done.is_set():
                 return
+            t_pop = perf()
+            wire0 = run.wire_s
             epoch = ring.epoch
             if epoch != cur_epoch:
                 pending.clear()
@@ -546,6 +559,7 @@ class EdgeClient:
             if cut and pending:
                 self._ship(run, pending, cur_epoch, False, False, timeline)
                 pending = []
+            run.send_overhead_s += perf() - t_pop - (run.wire_s - wire0)
 
     def _ship(self, run: _Run, recs: list[tuple], epoch: int, verify: bool, bonus: bool, timeline) -> None:
         n = len(recs)
@@ -562,8 +576,10 @@ class EdgeClient:
             q_probs = np.stack([r[4][:k] for r in recs]).astype(np.float32, copy=False)
         t0 = time.perf_counter()
         msg = M.DraftBatch(run.sid, epoch, recs[0][0], tokens, probs, verify, bonus, q_ids, q_probs, t0)
+        t_send = time.perf_counter()
         self.conn.send(msg)
         t1 = time.perf_counter()
+        run.wire_s += t1 - t_send
         self.cost.observe_send(n, t1 - t0)
         run.stats.batch_sizes.append(n)
         if timeline is not None:

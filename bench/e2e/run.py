@@ -1,0 +1,332 @@
+"""End-to-end benchmark: PipeSD against its baselines on emulated edges and links.
+
+    python bench/e2e/run.py --quick          # < 10 min on a 2-core CPU box
+    python bench/e2e/run.py                  # the full grid
+
+The cloud (`pipesd serve`, its own process, one thread) verifies with the bundled target,
+each verification padded to ``--verify-ms`` (a 7B-class target on a GPU); the edge (this
+process, one thread) drafts with the bundled draft, each step padded to the scenario's
+per-token time; the link is emulated in the edge's connection. Every method runs on the
+same prompts in the same run; speedups are ratios within the run. Vanilla SD is reported at
+its best K per scenario (K swept). Output: a Markdown table, JSON (``rows`` + a header with
+machine, commit, settings) and PNG plots under ``bench/results/``.
+
+The ideal-pipeline bound of a run is the TPT it would have if drafting, the wire and
+verification never idled: ``max(edge, wire, cloud)`` seconds per generated token, with
+edge = draft time x drafts per token, wire = (s x messages + c x tokens sent) / tokens from
+the fitted link costs, cloud = verification busy time / tokens. Energy is modelled (busy time
+x ``--cloud-power-w``), labelled as such; cloud token-forwards are counted exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PROMPTS = [
+    "def read_config(path):\n",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "class Stack:\n    def __init__(self):\n",
+    "    def __repr__(self):\n        return",
+    "for key, value in sorted(items.items()):\n",
+    "try:\n    import threading\nexcept ImportError:\n",
+]
+
+
+@dataclass
+class Scenario:
+    name: str
+    draft_ms: float
+    link: str  # preset name, or "UPmbps/DELAYms"
+    note: str = ""
+
+
+QUICK = [
+    Scenario("S1-laptop", 20, "paper", "default edge, 20/200 Mbit/s"),
+    Scenario("S2-phone", 40, "paper", "edge slowed to a phone"),
+    Scenario("S3-iot", 80, "paper", "edge slowed to an IoT device"),
+    Scenario("S4-dynamic", 20, "paper-s4", "uplink 10-80 Mbit/s, downlink 150-280, every 20 s"),
+]
+FULL = QUICK + [
+    Scenario(f"edge{ms}-{mb}M-{d}ms", ms, f"{mb}/{d}", "grid")
+    for ms in (10, 30, 60) for mb, d in ((2, 40), (10, 25), (50, 10))
+]
+
+METHODS = ["target-only", "edge-only", "vanilla-sd", "fixed-batch", "single-threshold", "seq-threshold",
+           "fixed-k-pipeline", "pipesd", "pipesd-tuned"]
+QUICK_METHODS = ["target-only", "vanilla-sd", "fixed-batch", "single-threshold", "seq-threshold", "pipesd",
+                 "pipesd-tuned"]
+
+
+def make_link(spec: str):
+    from pipesd.transport.link import LinkEmulator, LinkProfile, link_preset
+
+    if "/" in spec:
+        mb, d = spec.split("/")
+        up = LinkProfile(float(mb) * 1e6, float(d) / 1e3, 0.0005)
+        return LinkEmulator(up, LinkProfile(float(mb) * 10e6, float(d) / 1e3))
+    return LinkEmulator(*link_preset(spec))
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine()}
+
+
+def run_method(client, method, prompts, n_new, sc, args, **cfg_kw):
+    from pipesd.edge import EdgeConfig
+
+    cfg = EdgeConfig.for_method(method, draft_step_s=sc.draft_ms / 1e3, wire_q=args.wire_q, **cfg_kw)
+    gens = []
+    for p in prompts:
+        g = client.generate(p, n_new, config=cfg)
+        gens.append(g)
+    return gens
+
+
+def tuned_thresholds(client, prompts, n_new, sc, args):
+    """pipesd-tuned: the Bayesian tuner when pipesd.tuning is present, over short windows."""
+    try:
+        from pipesd.tuning import BayesTuner  # noqa: F401
+    except Exception:
+        return None
+    from pipesd.edge import EdgeConfig, TriggerConfig
+    from pipesd.tuning import BayesTuner
+
+    tuner = BayesTuner(seed=0, max_evals=args.tuner_evals)
+    history = []
+    for i in range(args.tuner_evals):
+        ts, tt = tuner.ask()
+        cfg = EdgeConfig.for_method("pipesd", draft_step_s=sc.draft_ms / 1e3, wire_q=args.wire_q,
+                                    trigger=TriggerConfig(ts, tt, 16))
+        g = client.generate(prompts[i % len(prompts)], max(16, n_new // 2), config=cfg)
+        tuner.tell((ts, tt), g.stats.tpt_s)
+        history.append({"tau_seq": ts, "tau_tok": tt, "tpt_s": g.stats.tpt_s})
+    (ts, tt), _ = tuner.best
+    return TriggerConfig(ts, tt, 16), history
+
+
+def summarise(scenario, method, gens, args, extra=None) -> dict:
+    tpts = [g.stats.tpt_s for g in gens]
+    tokens = sum(g.stats.new_tokens for g in gens)
+    st = [g.stats for g in gens]
+    drafted = sum(s.drafted for s in st)
+    busy = sum(s.cloud_busy_s for s in st)
+    msgs = sum(s.messages_sent for s in st)
+    sent_tokens = sum(sum(s.batch_sizes) for s in st)
+    g_s = statistics.median([s.cost_g_s for s in st]) if method not in ("target-only",) else 0.0
+    s_s = statistics.median([s.cost_s_s for s in st])
+    c_s = statistics.median([s.cost_c_s for s in st])
+    edge = g_s * drafted / max(1, tokens) if method != "target-only" else 0.0
+    wire = (s_s * msgs + c_s * sent_tokens) / max(1, tokens)
+    cloud = busy / max(1, tokens)
+    bound = max(edge, wire, cloud) if method not in ("edge-only",) else g_s
+    row = {
+        "scenario": scenario.name, "method": method,
+        "tpt_s": statistics.median(tpts), "tpt_min_s": min(tpts), "tpt_max_s": max(tpts),
+        "accepted_mean": statistics.mean([s.mean_accepted for s in st]),
+        "acceptance_rate": statistics.mean([s.acceptance_rate for s in st]),
+        "verifications_per_100": 100 * sum(s.verifications for s in st) / max(1, tokens),
+        "rollbacks": sum(s.rollbacks for s in st),
+        "cloud_forwards_per_token": sum(s.cloud_forwards for s in st) / max(1, tokens),
+        "wasted_forwards_per_token": sum(s.wasted_forwards for s in st) / max(1, tokens),
+        "energy_j_per_token": (busy * args.cloud_power_w / max(1, tokens)) if method != "edge-only" else None,
+        "energy_source": "model: cloud busy time x %.0f W" % args.cloud_power_w,
+        "bytes_per_token": sum(s.bytes_sent for s in st) / max(1, tokens),
+        "bound_tpt_s": bound,
+        "edge_overhead_us_per_draft": 1e6 * sum(s.edge_overhead_s for s in st) / max(1, drafted),
+        "tokens": tokens,
+    }
+    if extra:
+        row.update(extra)
+    return row
+
+
+def start_server(args):
+    from pipesd.cli import start_server_subprocess
+
+    return start_server_subprocess(None, threads=1, verify_pad_ms=args.verify_ms, auth_token="bench")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="4 scenarios, fewer methods and tokens (< 10 min)")
+    ap.add_argument("--prompts", type=int, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--verify-ms", type=float, default=25.0, help="pad each verification (emulated GPU target)")
+    ap.add_argument("--wire-q", default="auto", choices=["auto", "topk", "full"],
+                    help="full = the paper's full-vocabulary q on the wire")
+    ap.add_argument("--k-sweep", default="2,4,6,8", help="vanilla SD draft lengths; the best is reported")
+    ap.add_argument("--tuner-evals", type=int, default=16)
+    ap.add_argument("--cloud-power-w", type=float, default=400.0)
+    ap.add_argument("--scenarios", default=None, help="comma-separated scenario names to run")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    from pipesd import zoo
+    from pipesd.edge import EdgeClient
+
+    scenarios = QUICK if args.quick else FULL
+    if args.scenarios:
+        keep = set(args.scenarios.split(","))
+        scenarios = [s for s in scenarios if s.name in keep]
+    methods = QUICK_METHODS if args.quick else METHODS
+    n_prompts = args.prompts or (2 if args.quick else 4)
+    n_new = args.max_new_tokens or (40 if args.quick else 64)
+    ks = [int(k) for k in args.k_sweep.split(",")] if not args.quick else [2, 4, 6]
+    prompts = PROMPTS[:n_prompts]
+    draft = zoo.load_pair().draft
+    t_start = time.time()
+    proc, port = start_server(args)
+    rows, timelines = [], {}
+    try:
+        for sc in scenarios:
+            print(f"== {sc.name}: draft {sc.draft_ms:.0f} ms/token, link {sc.link} ({sc.note})", flush=True)
+            with EdgeClient(f"127.0.0.1:{port}", draft, auth_token="bench", link=make_link(sc.link)) as client:
+                client.generate(prompts[0], 8)  # warm-up
+                sc_rows = {}
+                for method in methods:
+                    t0 = time.time()
+                    if method == "vanilla-sd":
+                        best = None
+                        for k in ks:
+                            r = summarise(sc, method, run_method(client, method, prompts, n_new, sc, args, k=k), args,
+                                          {"k": k})
+                            if best is None or r["tpt_s"] < best["tpt_s"]:
+                                best = r
+                        row = best
+                    elif method == "pipesd-tuned":
+                        res = tuned_thresholds(client, prompts, n_new, sc, args)
+                        if res is None:
+                            print("   pipesd-tuned: skipped (pipesd.tuning not available)", flush=True)
+                            continue
+                        trig, hist = res
+                        row = summarise(sc, method, run_method(client, "pipesd", prompts, n_new, sc, args, trigger=trig),
+                                        args, {"tau_seq": trig.tau_seq, "tau_tok": trig.tau_tok, "tuner_history": hist})
+                    else:
+                        kw = {"record_timeline": True} if method == "pipesd" else {}
+                        gens = run_method(client, method, prompts, n_new, sc, args, **kw)
+                        row = summarise(sc, method, gens, args)
+                        if method == "pipesd":
+                            timelines[sc.name] = gens[0].stats.timeline
+                    sc_rows[method] = row
+                    print(f"   {method:18s} TPT {row['tpt_s'] * 1e3:7.1f} ms  (bound {row['bound_tpt_s'] * 1e3:6.1f}, "
+                          f"acc {row['accepted_mean']:.2f}, {time.time() - t0:.0f} s)", flush=True)
+                van = sc_rows.get("vanilla-sd", {}).get("tpt_s")
+                tgt = sc_rows.get("target-only", {}).get("tpt_s")
+                for r in sc_rows.values():
+                    r["speedup_vs_vanilla"] = van / r["tpt_s"] if van else None
+                    r["speedup_vs_target"] = tgt / r["tpt_s"] if tgt else None
+                    r["efficiency_vs_bound"] = r["bound_tpt_s"] / r["tpt_s"] if r["tpt_s"] else None
+                    rows.append(r)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    header = {"machine": machine(), "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "settings": {"quick": args.quick, "prompts": n_prompts, "max_new_tokens": n_new,
+                           "verify_pad_ms": args.verify_ms, "wire_q": args.wire_q, "k_sweep": ks,
+                           "pair": "stdlib-code (bundled)", "edge_threads": 1, "cloud_threads": 1,
+                           "cloud_power_w_model": args.cloud_power_w},
+              "wall_s": time.time() - t_start}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = ("quick" if args.quick else "full") + ("-fullq" if args.wire_q == "full" else "")
+    (out / f"e2e-{tag}.json").write_text(json.dumps({"header": header, "rows": rows, "timelines": timelines},
+                                                    indent=1, default=float))
+    md = markdown(header, rows)
+    (out / f"e2e-{tag}.md").write_text(md)
+    print(md)
+    try:
+        plots(rows, timelines, out, tag)
+    except Exception as e:  # matplotlib missing: say so, the table stands
+        print(f"(plots skipped: {e})")
+    return 0
+
+
+def markdown(header, rows) -> str:
+    s = header["settings"]
+    lines = [f"# PipeSD end-to-end benchmark ({'quick' if s['quick'] else 'full'})", "",
+             f"machine: {header['machine']['processor']}, {header['machine']['cpus']} CPUs, "
+             f"{header['machine']['platform']}; commit {header['commit']}; {header['date']}",
+             f"settings: {json.dumps(s)}", "",
+             "| scenario | method | TPT ms (min-max) | vs vanilla | vs target | bound ms | eff. | acc. len | verif/100 | "
+             "fwd/tok | J/tok (model) | B/tok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(x, fmt):
+        return "-" if x is None else fmt.format(x)
+
+    for r in rows:
+        name = r["method"] + (f" (K={r['k']})" if "k" in r else "")
+        lines.append(f"| {r['scenario']} | {name} | {r['tpt_s'] * 1e3:.1f} ({r['tpt_min_s'] * 1e3:.0f}-"
+                     f"{r['tpt_max_s'] * 1e3:.0f}) | {f(r['speedup_vs_vanilla'], '{:.2f}x')} | "
+                     f"{f(r['speedup_vs_target'], '{:.2f}x')} | {r['bound_tpt_s'] * 1e3:.1f} | "
+                     f"{f(r['efficiency_vs_bound'], '{:.2f}')} | {r['accepted_mean']:.2f} | "
+                     f"{r['verifications_per_100']:.1f} | {r['cloud_forwards_per_token']:.2f} | "
+                     f"{f(r['energy_j_per_token'], '{:.2f}')} | {r['bytes_per_token']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows, timelines, out: Path, tag: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scen = list(dict.fromkeys(r["scenario"] for r in rows))
+    meths = [m for m in METHODS if any(r["method"] == m for r in rows) and m not in ("vanilla-sd",)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(scen)), 4))
+    w = 0.8 / max(1, len(meths))
+    for i, m in enumerate(meths):
+        ys = [next((r["speedup_vs_vanilla"] or 0 for r in rows if r["scenario"] == s and r["method"] == m), 0)
+              for s in scen]
+        ax.bar([j + i * w for j in range(len(scen))], ys, w, label=m)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(scen))])
+    ax.set_xticklabels(scen, rotation=20)
+    ax.set_ylabel("speedup over vanilla SD (TPT ratio)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"e2e-{tag}-speedup.png", dpi=120)
+    if timelines:
+        name, tl = next(iter(timelines.items()))
+        fig, ax = plt.subplots(figsize=(10, 2.6))
+        lanes = {"draft": 3, "send": 2, "verify": 1, "verdict": 0}
+        colors = {"draft": "tab:blue", "send": "tab:orange", "verify": "tab:green", "verdict": "tab:red"}
+        for lane, t0, t1, _ in tl:
+            if lane == "verdict":
+                ax.plot([t0 * 1e3], [lanes[lane]], "|", color=colors[lane], ms=12)
+            else:
+                ax.broken_barh([(t0 * 1e3, max(0.2, (t1 - t0) * 1e3))], (lanes[lane] - 0.35, 0.7), color=colors[lane])
+        ax.set_yticks(list(lanes.values()))
+        ax.set_yticklabels(["verdict", "cloud verify", "edge send", "edge draft"])
+        ax.set_xlabel("ms since session open")
+        ax.set_title(f"PipeSD timeline, {name}, first prompt")
+        fig.tight_layout()
+        fig.savefig(out / f"e2e-{tag}-timeline.png", dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
