@@ -311,6 +311,23 @@ def test_edge_cases(ft):
 
 
 @pytest.mark.parametrize("ft", [False, True])
+def test_zero_probability_entries_are_padding(ft, small_blocks):
+    """q rows padded with any id at probability 0 (e.g. 0, as a zero-filled buffer) == padded with -1."""
+    c = st.chain_case(4, 3, 40, 5, seed=14)
+    probs = c["draft_topk_probs"].clone()
+    probs[..., 3:] = 0
+    probs = probs / probs.sum(-1, keepdim=True)
+    g = torch.Generator().manual_seed(1)
+    c.update(draft_topk_probs=probs, draft_tokens=st.draw_from_q(c["draft_topk_ids"], probs, g))
+    out = []
+    for pad in (-1, 0, 39):
+        ids = c["draft_topk_ids"].clone()
+        ids[..., 3:] = pad
+        out.append(pv.verify_chain(**dict(c, draft_topk_ids=ids), mode="sample", seed=4, force_triton=ft))
+    assert _same(out[0], out[1]) and _same(out[0], out[2])
+
+
+@pytest.mark.parametrize("ft", [False, True])
 def test_batch_of_one_and_of_hundreds(ft):
     for B, modes in ((1, ("greedy", "sample")), (200, ("greedy", "sample") if not ft else ("greedy",))):
         c = st.chain_case(B, 1, 16, 3, seed=B)

@@ -15,6 +15,7 @@ reference even on CUDA.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -165,12 +166,13 @@ def _per_request(v: PerRequest, B: int, name: str, default: Scalar, kind: str, d
                 raise ValueError(f"{name}: expected integers, got {v.dtype}")
             dtype = {"float": torch.float32, "int": torch.int64, "bool": torch.bool}[kind]
             return v.to(device=device, dtype=dtype)
-    if kind == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+    if kind == "int" and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
         raise ValueError(f"{name}: expected an int, got {v!r}")
-    if kind == "bool" and not isinstance(v, (bool, int)):
+    if kind == "bool" and not isinstance(v, (bool, numbers.Integral)):
         raise ValueError(f"{name}: expected a bool, got {v!r}")
-    if kind == "float" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+    if kind == "float" and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
         raise ValueError(f"{name}: expected a number, got {v!r}")
+    v = {"int": int, "bool": bool, "float": float}[kind](v)
     dtype = {"float": torch.float32, "int": torch.int64, "bool": torch.bool}[kind]
     return torch.full((B,), v, dtype=dtype, device=device)
 
@@ -204,19 +206,22 @@ def _check_q(q_ids, q_probs, lead: tuple, V: int, device, checks: _Checks):
         raise ValueError(f"draft_topk_ids: expected an integer tensor, got {q_ids.dtype}")
     if not q_probs.dtype.is_floating_point:
         raise ValueError(f"draft_topk_probs: expected a float tensor, got {q_probs.dtype}")
-    return q_ids.to(device=device, dtype=torch.int64), q_probs.to(device=device, dtype=torch.float32)
+    q_ids = q_ids.to(device=device, dtype=torch.int64)
+    q_probs = q_probs.to(device=device, dtype=torch.float32)
+    # entries of probability 0 carry no mass: whatever their id, they are padding (-1)
+    return torch.where(q_probs > 0, q_ids, -1), q_probs
 
 
 def _check_q_rows(ids, probs, used_row: torch.Tensor, V: int, checks: _Checks) -> None:
     """Checks on the q rows that are used (``used_row`` bool ``[*lead]``)."""
     u = used_row[..., None]
-    checks.add(u & ((ids < -1) | (ids >= V)), f"draft_topk_ids: ids must be in [0, {V}) (or -1 for padding)")
+    checks.add(u & (probs > 0) & ((ids < 0) | (ids >= V)),
+               f"draft_topk_ids: ids with probability > 0 must be in [0, {V})")
     checks.add(u & (~torch.isfinite(probs) | (probs < 0)), "draft_topk_probs: must be finite and >= 0")
-    checks.add(u & (ids < 0) & (probs != 0), "draft_topk_probs: padding entries (id -1) must have probability 0")
     checks.add(used_row & ((probs.sum(-1) - 1).abs() > 1e-3), "draft_topk_probs: each used q row must sum to 1 (+-1e-3)")
     s = torch.sort(torch.where(ids >= 0, ids, -1 - torch.arange(ids.shape[-1], device=ids.device)), -1).values
     checks.add(used_row & (s[..., 1:] == s[..., :-1]).any(-1) if ids.shape[-1] > 1 else used_row & False,
-               "draft_topk_ids: ids in a q row must be distinct")
+               "draft_topk_ids: ids with probability > 0 must be distinct within a q row")
 
 
 def _raise_bad(bad: torch.Tensor, what: str, arg: str = "target_logits") -> None:
@@ -296,7 +301,7 @@ def verify_chain(
     ``mode="sample"``: lossless rejection sampling against ``p`` = ``filtered_probs`` of the
     row with the request's ``temperature`` (default 1; 0 = greedy) / ``top_k`` / ``top_p`` /
     ``min_p`` (scalars or ``[B]``); ``draft_topk_ids/probs [B, K, k]`` is the exact top-k q each
-    draft was sampled from (ids -1 / prob 0 pad). ``bonus`` (bool or ``[B]``): emit a token
+    draft was sampled from (entries of probability 0 are padding, whatever their id). ``bonus`` (bool or ``[B]``): emit a token
     after full acceptance. Randomness: ``seed`` (int, or ``[B]`` per-request seeds) or
     ``generator``; see ``docs/verify.md``.
     """
