@@ -16,6 +16,10 @@ e.g. the one applying a verdict); records are stamped with the epoch in force wh
 and the consumer drops every record older than the current epoch (counted in
 ``stale_dropped``).
 
+Full ring: ``push`` returns ``False``; back off with ``time.sleep(0)`` or a short sleep before
+retrying. A bare Python retry loop holds the GIL, and the consumer needs the GIL to hand its
+batch back, so the two threads would convoy on the interpreter's 5 ms switch interval.
+
 Close: after :meth:`TokenRing.close`, ``push`` returns ``False``; a consumer blocked in
 ``pop_batch`` wakes within ~0.2 ms, drains what is left, then gets ``None``. A push racing
 with ``close()`` from another thread may be dropped; to deliver everything, close from the

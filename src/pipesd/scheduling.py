@@ -158,11 +158,11 @@ def _checked_probs(length_probs) -> list[float]:
 def plan_batches(n_tokens: int, gen_s: float, startup_s: float, per_token_s: float) -> BatchPlan:
     """Optimal batch sizes for the next ``n_tokens`` drafts and the time the cloud holds them
     all (C++, microseconds): the send thread cuts the token stream where the plan says."""
-    try:
-        sizes, fin = _native.plan_batches(_as_n(n_tokens), _as_cost("gen_s", gen_s),
-                                          _as_cost("startup_s", startup_s), _as_cost("per_token_s", per_token_s))
-    except OverflowError:
-        raise ValueError(f"n_tokens must be in [0, {MAX_PLAN_TOKENS}], got {n_tokens!r}") from None
+    n = _as_n(n_tokens)
+    if not 0 <= n <= MAX_PLAN_TOKENS:
+        raise ValueError(f"n_tokens must be in [0, {MAX_PLAN_TOKENS}], got {n}")
+    sizes, fin = _native.plan_batches(n, _as_cost("gen_s", gen_s), _as_cost("startup_s", startup_s),
+                                      _as_cost("per_token_s", per_token_s))
     return BatchPlan(sizes, fin)
 
 
