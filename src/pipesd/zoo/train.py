@@ -178,6 +178,36 @@ def evaluate(draft, target, data: np.ndarray, seq_len: int = 256, n_windows: int
             "eval_positions": int(lab.numel())}
 
 
+def model_card(m: dict) -> str:
+    ok = lambda b: "yes" if b else "NO"  # noqa: E731
+    return f"""# stdlib-code: the bundled PipeSD draft/target pair
+
+Trained from scratch by `python -m pipesd.zoo.train` (seed {m['seed']}, Python {m['python']} stdlib, one CPU
+thread, {m['train_minutes']:.1f} min). License: Apache-2.0 (weights); training data: the Python standard
+library source (PSF license). Code-completion toy models: useful to exercise and measure speculative
+decoding offline, not for real use.
+
+| | target | draft |
+|---|---|---|
+| shape | {TARGET_SHAPE} | {DRAFT_SHAPE} |
+| parameters | {m['target_params']:,} | {m['draft_params']:,} |
+| held-out perplexity | {m['target_ppl']:.2f} | {m['draft_ppl']:.2f} |
+
+Tokenizer: byte-level BPE, {m['vocab']} tokens, EOS `{EOS}`. Training tokens: {m['train_tokens']:,};
+held-out tokens: {m['held_out_tokens']:,} (files whose path hash is 0 mod 20).
+Target steps {m['target_steps']}, draft steps {m['draft_steps']} (distilled: KL to the target + 0.2 CE),
+batch {m['batch']} x {m['seq_len']} tokens, AdamW, warmup + cosine decay.
+
+Held-out measurements ({m['eval_positions']:,} positions):
+- greedy agreement (draft argmax == target argmax): **{m['greedy_agreement']:.3f}**
+- expected acceptance of a sampled draft at T=1 (sum min(p, q)): {m['sampled_acceptance_t1']:.3f}
+
+Quality bars: target >= 5x draft parameters: {ok(m['param_ratio'] >= 5)} ({m['param_ratio']:.2f}x); agreement >= 0.5:
+{ok(m['greedy_agreement'] >= 0.5)}; target perplexity below the draft's: {ok(m['target_ppl'] < m['draft_ppl'])}.
+Weights are stored as fp16 safetensors and load as fp32.
+"""
+
+
 def heldout_sample(held_texts: list[str], chars: int = 8000) -> str:
     """A fixed slice of held-out text shipped with the pair, for the agreement test."""
     return "\n".join(held_texts)[:chars]
@@ -245,6 +275,7 @@ def main(argv=None) -> int:
         tok.save_pretrained(out / sub)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (out / "HELDOUT_SAMPLE.py").write_text(heldout_sample(held_texts))
+    (out / "MODEL_CARD.md").write_text(model_card(metrics))
     print(json.dumps(metrics, indent=1), flush=True)
     return 0
 
