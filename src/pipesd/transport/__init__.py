@@ -1,9 +1,18 @@
-"""The wire between edge and cloud: messages, binary codec, connections, link emulation."""
-from pipesd.transport import codec, conn, link, messages
-from pipesd.transport.codec import FrameReader, ProtocolError, decode_frame, encode, encoded_size
-from pipesd.transport.conn import ConnectionClosed, EdgeConnection
-from pipesd.transport.link import BandwidthTrace, LinkEmulator, LinkProfile, link_preset
+"""The wire between edge and cloud: messages, binary codec, connections, link emulation.
 
-__all__ = ["codec", "conn", "link", "messages", "FrameReader", "ProtocolError", "decode_frame", "encode",
-           "encoded_size", "ConnectionClosed", "EdgeConnection", "BandwidthTrace", "LinkEmulator", "LinkProfile",
-           "link_preset"]
+Layouts, validation rules, the link model and the presets: ``docs/wire.md``.
+"""
+from pipesd.transport import codec, conn, link, messages
+from pipesd.transport.codec import (FrameReader, ProtocolError, decode, decode_frame, decode_payload, encode,
+                                    encoded_size, validate_tokens)
+from pipesd.transport.conn import (ConnectionClosed, EdgeConnection, HandshakeError, ServerConnection, read_message,
+                                   serve_handshake, write_message)
+from pipesd.transport.link import (BandwidthTrace, LinkEmulator, LinkProfile, bundled_trace, link_preset,
+                                   preset_names)
+
+__all__ = ["codec", "conn", "link", "messages",
+           "FrameReader", "ProtocolError", "decode", "decode_frame", "decode_payload", "encode", "encoded_size",
+           "validate_tokens",
+           "ConnectionClosed", "EdgeConnection", "HandshakeError", "ServerConnection", "read_message",
+           "serve_handshake", "write_message",
+           "BandwidthTrace", "LinkEmulator", "LinkProfile", "bundled_trace", "link_preset", "preset_names"]

@@ -1,14 +1,16 @@
 """Connections: blocking sockets + threads on the edge, asyncio streams on the cloud.
 
 One persistent TCP connection per edge carries every session both ways. The edge side does
-all link emulation (see :mod:`pipesd.transport.link`): ``send`` blocks for the uplink
-transmission time and a pacer thread writes the frame when it would arrive; a reader thread
-stamps incoming frames with their emulated delivery time and ``recv`` hands them out then.
+all link emulation (:mod:`pipesd.transport.link`): ``send`` blocks for the uplink
+transmission time and a pacer thread writes the frame to the socket when it would arrive;
+a reader thread stamps each incoming frame with its emulated delivery time and ``recv``
+hands it out then. The cloud sees a plain socket, in emulation and in production alike.
 """
 from __future__ import annotations
 
 import asyncio
-import heapq
+import collections
+import hashlib
 import hmac
 import queue
 import socket
@@ -19,148 +21,233 @@ from typing import Optional
 from pipesd.transport import codec
 from pipesd.transport import messages as M
 from pipesd.transport.codec import HEADER, ProtocolError
+from pipesd.transport.link import LinkEmulator
 
-__all__ = ["EdgeConnection", "ConnectionClosed", "read_message", "write_message", "serve_handshake"]
+__all__ = ["EdgeConnection", "ConnectionClosed", "HandshakeError", "ServerConnection", "read_message",
+           "write_message", "serve_handshake", "HELLO_MAX_BYTES"]
+
+HELLO_MAX_BYTES = 4096
+"""Frame limit while waiting for a Hello (before the peer is authenticated)."""
 
 
 class ConnectionClosed(ConnectionError):
-    """The peer closed the connection (or it broke)."""
+    """The peer closed the connection, it broke, or it was closed locally."""
+
+
+class HandshakeError(ConnectionError):
+    """The cloud refused the connection (``code``: ``messages.E_*``) or did not complete the handshake."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Eof:
+    """Queued after the last frame: why the stream ended."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class EdgeConnection:
-    """The edge's end of the wire. ``send`` is thread-safe; ``recv`` is for one thread at a time."""
+    """The edge's end of the wire.
 
-    def __init__(self, sock: socket.socket, link=None, max_frame_bytes: int = codec.MAX_FRAME_BYTES) -> None:
+    ``send`` is thread-safe (a send thread plus the occasional Open/Close from another
+    thread); ``recv`` is for one receiving thread. Counters: ``bytes_sent``,
+    ``bytes_received`` (whole frames), ``messages_sent``, ``messages_received``.
+    """
+
+    def __init__(self, sock: socket.socket, link: Optional[LinkEmulator] = None,
+                 max_frame_bytes: int = codec.MAX_FRAME_BYTES) -> None:
         self.sock = sock
         self.link = link
         self.max_frame_bytes = max_frame_bytes
         self.bytes_sent = 0
         self.bytes_received = 0
         self.messages_sent = 0
+        self.messages_received = 0
         self.hello_ack: Optional[M.HelloAck] = None
         self._send_lock = threading.Lock()
         self._inbox: "queue.Queue" = queue.Queue()
-        self._held: Optional[tuple] = None  # (deliver_at, msg) not yet due
+        self._held: Optional[tuple] = None  # (deliver_at, msg) taken from the inbox, not yet due
+        self._eof: Optional[_Eof] = None
         self._closed = threading.Event()
-        self._pacer_q: list = []
-        self._pacer_cv = threading.Condition()
-        self._seq = 0
+        self._out: collections.deque = collections.deque()  # (deliver_at, frame) on the emulated uplink
+        self._out_cv = threading.Condition()
+        self._draining = False
         self._reader = threading.Thread(target=self._read_loop, name="pipesd-edge-reader", daemon=True)
         self._reader.start()
-        self._pacer = None
+        self._pacer: Optional[threading.Thread] = None
         if link is not None:
             self._pacer = threading.Thread(target=self._pace_loop, name="pipesd-edge-pacer", daemon=True)
             self._pacer.start()
 
     @classmethod
-    def connect(cls, host: str, port: int, *, auth_token: str = "", client_name: str = "", link=None,
-                timeout_s: float = 10.0) -> "EdgeConnection":
-        """Connect and handshake; raises ConnectionError with the cloud's reason on refusal."""
+    def connect(cls, host: str, port: int, *, auth_token: str = "", client_name: str = "",
+                link: Optional[LinkEmulator] = None, timeout_s: float = 10.0,
+                max_frame_bytes: int = codec.MAX_FRAME_BYTES) -> "EdgeConnection":
+        """Connect to the cloud and do the Hello/HelloAck handshake.
+
+        Raises ``ConnectionError`` when the cloud cannot be reached, :class:`HandshakeError`
+        (a ``ConnectionError`` with ``.code``) when it refuses (bad token, wrong version: its
+        Error frame's text is in the message) or does not answer within ``timeout_s``.
+        """
         try:
             sock = socket.create_connection((host, port), timeout=timeout_s)
         except OSError as e:
             raise ConnectionError(f"cannot reach the cloud at {host}:{port}: {e}") from None
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        c = cls(sock, link)
-        c.send(M.Hello(M.PROTOCOL_VERSION, auth_token, client_name))
+        c = cls(sock, link, max_frame_bytes)
         try:
+            c.send(M.Hello(M.PROTOCOL_VERSION, auth_token, client_name))
             msg = c.recv(timeout_s)
+        except ProtocolError as e:
+            c.close()
+            raise HandshakeError(e.code, f"bad answer from the cloud at {host}:{port}: {e}") from None
         except ConnectionClosed:
             msg = None
-        if isinstance(msg, M.HelloAck):
+        except BaseException:
+            c.close()
+            raise
+        if isinstance(msg, M.HelloAck) and msg.version == M.PROTOCOL_VERSION:
             c.hello_ack = msg
             return c
         c.close()
         if isinstance(msg, M.Error):
-            raise ConnectionError(f"the cloud refused the connection: {msg.message}")
-        raise ConnectionError("the cloud did not complete the handshake")
+            raise HandshakeError(msg.code, f"the cloud at {host}:{port} refused the connection: {msg.message} "
+                                           f"(code {msg.code})")
+        if isinstance(msg, M.HelloAck):
+            raise HandshakeError(M.E_VERSION, f"the cloud at {host}:{port} speaks protocol version {msg.version}, "
+                                              f"this edge {M.PROTOCOL_VERSION}")
+        if msg is None:
+            raise HandshakeError(M.E_BAD_FRAME, f"the cloud at {host}:{port} did not complete the handshake "
+                                                f"within {timeout_s} s")
+        raise HandshakeError(M.E_BAD_FRAME, f"the cloud at {host}:{port} answered the hello with "
+                                            f"{type(msg).__name__}")
+
+    def __enter__(self) -> "EdgeConnection":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed (locally or by the peer)."""
+        return self._closed.is_set()
 
     # -- sending ----------------------------------------------------------------------
-    def send(self, msg) -> None:
+    def send(self, msg: M.Message) -> None:
+        """Send ``msg``. With a link emulator, blocks for its uplink transmission time.
+
+        Raises ``ValueError``/``TypeError`` for an unencodable message and
+        :class:`ConnectionClosed` when the connection is closed.
+        """
         data = codec.encode(msg)
-        if self._closed.is_set():
-            raise ConnectionClosed("connection closed")
         with self._send_lock:
+            if self._closed.is_set():
+                raise ConnectionClosed("the connection to the cloud is closed")
             if self.link is None:
                 try:
                     self.sock.sendall(data)
                 except OSError as e:
                     self._closed.set()
-                    raise ConnectionClosed(str(e)) from None
+                    raise ConnectionClosed(f"sending to the cloud failed: {e}") from None
             else:
                 tx_end, deliver_at = self.link.uplink_schedule(len(data), self.link.clock())
                 self.link.sleep_until(tx_end)
-                with self._pacer_cv:
-                    self._seq += 1
-                    heapq.heappush(self._pacer_q, (deliver_at, self._seq, data))
-                    self._pacer_cv.notify()
+                with self._out_cv:
+                    self._out.append((deliver_at, data))
+                    self._out_cv.notify()
             self.bytes_sent += len(data)
             self.messages_sent += 1
 
     def _pace_loop(self) -> None:
-        link = self.link
-        while not self._closed.is_set():
-            with self._pacer_cv:
-                while not self._pacer_q and not self._closed.is_set():
-                    self._pacer_cv.wait(0.1)
+        """Write emulated-uplink frames to the socket at their delivery times, in order."""
+        clock = self.link.clock
+        while True:
+            with self._out_cv:
+                while not self._out:
+                    if self._draining or self._closed.is_set():
+                        return
+                    self._out_cv.wait()
                 if self._closed.is_set():
                     return
-                deliver_at, _, data = self._pacer_q[0]
-                wait = deliver_at - link.clock()
+                deliver_at, data = self._out[0]
+                wait = deliver_at - clock()
                 if wait > 0:
-                    self._pacer_cv.wait(min(wait, 0.05))
+                    self._out_cv.wait(wait)
                     continue
-                heapq.heappop(self._pacer_q)
+                self._out.popleft()
             try:
                 self.sock.sendall(data)
             except OSError:
                 self._closed.set()
-                self._inbox.put(None)
                 return
 
     # -- receiving --------------------------------------------------------------------
-    def _read_exact(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
+    def _read_exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if k == 0:
                 raise ConnectionClosed("the cloud closed the connection")
-            buf += chunk
-        return bytes(buf)
+            got += k
+        return buf
 
     def _read_loop(self) -> None:
+        link = self.link
+        end: BaseException = ConnectionClosed("the connection to the cloud is closed")
         try:
-            while not self._closed.is_set():
+            while True:
                 (n,) = HEADER.unpack(self._read_exact(HEADER.size))
-                codec.check_length(n, self.max_frame_bytes)
-                body = self._read_exact(n)
-                msg = codec.decode(body[0], memoryview(body)[1:])
+                codec.check_length(n, self.max_frame_bytes)  # before allocating n bytes
+                payload = self._read_exact(n)
+                arrival = link.clock() if link is not None else 0.0
+                msg = codec.decode_payload(payload)
                 self.bytes_received += HEADER.size + n
-                due = 0.0
-                if self.link is not None:
-                    due = self.link.downlink_schedule(HEADER.size + n, self.link.clock())
+                self.messages_received += 1
+                due = link.downlink_schedule(HEADER.size + n, arrival) if link is not None else 0.0
                 self._inbox.put((due, msg))
-        except (ConnectionClosed, OSError, ProtocolError) as e:
-            self._inbox.put(e if isinstance(e, ProtocolError) else None)
+        except ProtocolError as e:
+            end = e
+        except ConnectionClosed as e:
+            end = e
+        except OSError as e:
+            if not self._closed.is_set():
+                end = ConnectionClosed(f"the connection to the cloud broke: {e}")
         finally:
             self._closed.set()
+            with self._out_cv:
+                self._out_cv.notify_all()
+            self._inbox.put(_Eof(end))
 
-    def recv(self, timeout_s: float) -> Optional[object]:
-        """The next message, or None after ``timeout_s``; raises ConnectionClosed when closed."""
+    def recv(self, timeout_s: float) -> Optional[M.Message]:
+        """The next message, or None after ``timeout_s``.
+
+        Messages that arrived before the connection ended are still handed out; then it raises
+        :class:`ProtocolError` once if the cloud sent a malformed frame, and
+        :class:`ConnectionClosed` from then on.
+        """
         deadline = time.monotonic() + max(0.0, timeout_s)
         while True:
             if self._held is None:
+                if self._eof is not None:
+                    raise ConnectionClosed(f"the connection to the cloud is closed ({self._eof.error})")
                 try:
                     item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     return None
-                if item is None:
-                    self._inbox.put(None)  # keep reporting the closure
-                    raise ConnectionClosed("the connection to the cloud is closed")
-                if isinstance(item, ProtocolError):
-                    self._inbox.put(None)
-                    raise ConnectionClosed(f"protocol error from the cloud: {item}")
+                if isinstance(item, _Eof):
+                    self._eof = item
+                    if isinstance(item.error, ProtocolError):
+                        raise ProtocolError(item.error.code, f"malformed frame from the cloud: {item.error}")
+                    raise ConnectionClosed(str(item.error))
                 self._held = item
             due, msg = self._held
             if self.link is not None:
@@ -174,60 +261,125 @@ class EdgeConnection:
             self._held = None
             return msg
 
-    def close(self) -> None:
+    def close(self, flush_timeout_s: float = 5.0) -> None:
+        """Close. Frames still on the emulated uplink are delivered first (up to ``flush_timeout_s``)."""
         if self._pacer is not None:
-            # let frames already on the emulated wire arrive (bounded)
-            end = time.monotonic() + 2.0
-            while self._pacer_q and time.monotonic() < end and not self._closed.is_set():
-                time.sleep(0.005)
+            with self._out_cv:
+                self._draining = True
+                self._out_cv.notify_all()
+            self._pacer.join(flush_timeout_s)
         self._closed.set()
-        with self._pacer_cv:
-            self._pacer_cv.notify_all()
+        with self._out_cv:
+            self._out_cv.notify_all()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self.sock.close()
+        if threading.current_thread() is not self._reader:
+            self._reader.join(1.0)
 
 
 # ----------------------------------------------------------------------------- cloud side
-async def read_message(reader: asyncio.StreamReader, max_frame_bytes: int = codec.MAX_FRAME_BYTES):
-    """One message; ProtocolError on a bad frame, IncompleteReadError when the peer left."""
+async def _read_payload(reader: asyncio.StreamReader, max_frame_bytes: int) -> bytes:
     head = await reader.readexactly(HEADER.size)
     (n,) = HEADER.unpack(head)
     codec.check_length(n, max_frame_bytes)
-    body = await reader.readexactly(n)
-    return codec.decode(body[0], memoryview(body)[1:])
+    return await reader.readexactly(n)
 
 
-async def write_message(writer: asyncio.StreamWriter, msg) -> None:
-    writer.write(codec.encode(msg))
+async def read_message(reader: asyncio.StreamReader, max_frame_bytes: int = codec.MAX_FRAME_BYTES) -> M.Message:
+    """Read one message. Raises :class:`ProtocolError` on a bad frame (the stream is then out of
+    sync: answer with an Error and close) and ``asyncio.IncompleteReadError`` when the peer left."""
+    return codec.decode_payload(await _read_payload(reader, max_frame_bytes))
+
+
+async def write_message(writer: asyncio.StreamWriter, msg: M.Message) -> int:
+    """Write one message and drain; returns the bytes written."""
+    data = codec.encode(msg)
+    writer.write(data)
     await writer.drain()
+    return len(data)
+
+
+class ServerConnection:
+    """Cloud-side wrapper of one stream pair with byte/message counters and a write lock."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 max_frame_bytes: int = codec.MAX_FRAME_BYTES) -> None:
+        self.reader, self.writer = reader, writer
+        self.max_frame_bytes = max_frame_bytes
+        self.peer = writer.get_extra_info("peername")
+        self.bytes_sent = self.bytes_received = 0
+        self.messages_sent = self.messages_received = 0
+        self._write_lock = asyncio.Lock()
+
+    async def read(self) -> M.Message:
+        """Next message (see :func:`read_message` for the errors)."""
+        payload = await _read_payload(self.reader, self.max_frame_bytes)
+        msg = codec.decode_payload(payload)
+        self.bytes_received += HEADER.size + len(payload)
+        self.messages_received += 1
+        return msg
+
+    async def write(self, msg: M.Message) -> None:
+        """Send one message; concurrent writers are serialised."""
+        data = codec.encode(msg)
+        async with self._write_lock:
+            self.writer.write(data)
+            await self.writer.drain()
+        self.bytes_sent += len(data)
+        self.messages_sent += 1
+
+    async def close(self, timeout_s: float = 2.0) -> None:
+        """Close the stream (bounded wait)."""
+        await _close(self.writer, timeout_s)
+
+
+async def _close(writer: asyncio.StreamWriter, timeout_s: float = 2.0) -> None:
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), timeout_s)
+    except Exception:  # already broken or reset: nothing left to close
+        pass
+
+
+def _token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
 
 
 async def serve_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, expected_token: str,
                           server_info: M.HelloAck, timeout_s: float = 10.0) -> M.Hello:
-    """Expect Hello; check version and token (constant-time); answer HelloAck or Error."""
+    """Cloud side of the handshake: expect a Hello, check version and token, answer HelloAck.
+
+    The token comparison is constant-time (``hmac.compare_digest`` of SHA-256 digests, so the
+    length does not leak either). On failure it sends an Error frame, closes the stream and
+    raises :class:`ProtocolError` (code ``E_VERSION``, ``E_AUTH``, ``E_BAD_FRAME``, ...) or
+    :class:`ConnectionClosed` when the peer left without a Hello.
+    """
     try:
-        hello = await asyncio.wait_for(read_message(reader, 64 << 10), timeout_s)
+        hello = await asyncio.wait_for(read_message(reader, HELLO_MAX_BYTES), timeout_s)
     except asyncio.TimeoutError:
-        raise ProtocolError(M.E_BAD_FRAME, "no hello within the handshake timeout") from None
-    if not isinstance(hello, M.Hello):
-        await _refuse(writer, M.E_BAD_FRAME, "the first frame must be a hello")
-        raise ProtocolError(M.E_BAD_FRAME, "the first frame was not a hello")
-    if hello.version != M.PROTOCOL_VERSION:
-        await _refuse(writer, M.E_VERSION, f"protocol version {hello.version} not supported "
-                                           f"(server speaks {M.PROTOCOL_VERSION})")
-        raise ProtocolError(M.E_VERSION, "wrong protocol version")
-    if not hmac.compare_digest(hello.auth_token.encode(), expected_token.encode()):
-        await _refuse(writer, M.E_AUTH, "authentication failed")
-        raise ProtocolError(M.E_AUTH, "bad auth token")
-    await write_message(writer, server_info)
-    return hello
-
-
-async def _refuse(writer: asyncio.StreamWriter, code: int, message: str) -> None:
+        err = ProtocolError(M.E_BAD_FRAME, f"no hello within {timeout_s} s")
+    except ProtocolError as e:
+        err = e
+    except (asyncio.IncompleteReadError, ConnectionError) as e:
+        await _close(writer)
+        raise ConnectionClosed(f"the edge left during the handshake: {e}") from None
+    else:
+        if not isinstance(hello, M.Hello):
+            err = ProtocolError(M.E_BAD_FRAME, f"the first frame must be a Hello, got {type(hello).__name__}")
+        elif hello.version != M.PROTOCOL_VERSION:
+            err = ProtocolError(M.E_VERSION, f"protocol version {hello.version} is not supported "
+                                             f"(this cloud speaks {M.PROTOCOL_VERSION})")
+        elif not hmac.compare_digest(_token_digest(hello.auth_token), _token_digest(expected_token)):
+            err = ProtocolError(M.E_AUTH, "authentication failed: wrong auth token")
+        else:
+            await write_message(writer, server_info)
+            return hello
     try:
-        await asyncio.wait_for(write_message(writer, M.Error(code, message)), 2.0)
-    except Exception:
+        await asyncio.wait_for(write_message(writer, M.Error(err.code, str(err))), 2.0)
+    except Exception:  # the peer may already be gone; the refusal stands
         pass
+    await _close(writer)
+    raise err
