@@ -327,6 +327,17 @@ def test_zero_probability_entries_are_padding(ft, small_blocks):
     assert _same(out[0], out[1]) and _same(out[0], out[2])
 
 
+def test_full_vocabulary_q_takes_the_reference_path(monkeypatch):
+    """A dense q (k = V, the paper's wire format) is verified by the reference even when Triton is forced."""
+    monkeypatch.setattr(pv, "TRITON_MAX_Q_ENTRIES", 16)
+    c = st.chain_case(3, 2, 20, 20, seed=15)  # k = V = 20 > 16
+    a = pv.verify_chain(**c, mode="sample", seed=2, force_triton=True)
+    b = pv.verify_chain(**c, mode="sample", seed=2, force_triton=False)
+    assert a.backend == "torch" and _same(a, b)
+    assert pv.verify_chain(**dict(c, num_draft=torch.zeros(3, dtype=torch.long)), mode="greedy",
+                           force_triton=True).backend == "triton"
+
+
 @pytest.mark.parametrize("ft", [False, True])
 def test_batch_of_one_and_of_hundreds(ft):
     for B, modes in ((1, ("greedy", "sample")), (200, ("greedy", "sample") if not ft else ("greedy",))):

@@ -9,7 +9,9 @@ and identical random draws for the same seeds:
   multi-candidate rejection sampling);
 * :func:`sample` — temperature / top-k / top-p / min-p sampling from logits, no sort.
 
-``backend(tensor)`` says which path runs; ``force_triton=True`` (or ``PIPESD_FORCE_TRITON=1``)
+``backend(tensor)`` says which path runs (q rows wider than ``TRITON_MAX_Q_ENTRIES``, e.g. a
+full-vocabulary q, always take the reference; ``verdict.backend`` records the path taken);
+``force_triton=True`` (or ``PIPESD_FORCE_TRITON=1``)
 runs the kernels on CPU tensors under ``TRITON_INTERPRET=1``; ``force_triton=False`` runs the
 reference even on CUDA.
 """
@@ -26,7 +28,11 @@ from . import reference as _ref
 from ._rng import philox_uniform, request_seeds
 
 __all__ = ["ChainVerdict", "TreeVerdict", "verify_chain", "verify_tree", "sample", "backend",
-           "philox_uniform", "request_seeds"]
+           "philox_uniform", "request_seeds", "TRITON_MAX_Q_ENTRIES"]
+
+#: the Triton kernels keep a node's q entries in registers: q rows wider than this (e.g. a
+#: full-vocabulary q) are verified by the PyTorch reference on the same device instead.
+TRITON_MAX_Q_ENTRIES = 256
 
 Scalar = Union[int, float, bool]
 PerRequest = Union[Scalar, torch.Tensor, None]
@@ -330,7 +336,7 @@ def verify_chain(
         checks.add(live & ~inq, "draft_topk_ids: each draft token must be in its q ids with probability > 0")
     checks.run()
     seeds = request_seeds(B, seed, generator, dev) if sample_mode else torch.zeros(B, dtype=torch.int64, device=dev)
-    triton_path = _use_triton(logits, force_triton)
+    triton_path = _use_triton(logits, force_triton) and not (sample_mode and q_ids.shape[-1] > TRITON_MAX_Q_ENTRIES)
     child_node = child_tok = node_tok = used = None
     if not triton_path:  # the reference's per-node view of the chain
         child_node, child_tok, node_tok = _ref.chain_nodes(draft, nd, N)
@@ -409,7 +415,7 @@ def verify_tree(
         checks.add(live & ~inq, "draft_topk_ids: each node's token must be in its parent's q ids with probability > 0")
         checks.run()
     seeds = request_seeds(B, seed, generator, dev) if sample_mode else torch.zeros(B, dtype=torch.int64, device=dev)
-    triton_path = _use_triton(logits, force_triton)
+    triton_path = _use_triton(logits, force_triton) and not (sample_mode and q_ids.shape[-1] > TRITON_MAX_Q_ENTRIES)
     child_node = child_tok = used = None
     if not triton_path:
         used = (i[None, :] < nn[:, None]) & (has_child | bonus_t[:, None])
