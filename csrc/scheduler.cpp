@@ -16,6 +16,7 @@
 #include <emmintrin.h>
 #endif
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -143,6 +144,8 @@ BatchPlan plan_batches(int n, double g, double s, double c) {
 // labels can never be on a strictly better plan, so keeping the Pareto front (a staircase:
 // t ascending, acc strictly descending) is exact. Ties: a new label that equals an existing
 // one in both coordinates is dropped (first come wins); fronts are processed in t order.
+// Prefixes whose acc already reaches the best complete plan found so far are pruned (they
+// cannot be strictly better, and ancestors of the strict winner always have acc < best).
 namespace {
 struct Label {
     double acc;
@@ -179,6 +182,31 @@ BatchPlan plan_batches_expected(const double* probs, std::size_t n_sz, double g,
     check_cost("per_token_s", c);
     const int n = static_cast<int>(n_sz);
     BatchPlan plan;
+    // Lower bound on what a prefix (cut j, time t) still has to pay. For every L > j:
+    //   fin(L) >= t + s + (L-j)*c   (tokens j+1..L all cross the wire after t), and
+    //   fin(L) >= L*g + s + c       (the last batch starts after token L and holds it),
+    // so fin(L) >= max(A(L), B(L)) + s with A(L) = (t - j*c) + L*c, B(L) = c + L*g, both linear
+    // in L: A wins up to m = floor((t - j*c - c) / (g - c)) (everywhere when g <= c). With
+    // prefix sums of P(L) and L*P(L) the sum over L > j is O(1). Any m gives a valid bound (on
+    // the wrong side of the crossing it uses the smaller of two lower bounds). A prefix with
+    // acc + bound > best*(1+1e-9) cannot win (the margin dwarfs the rounding of the bound),
+    // so skipping it changes no result, only the work.
+    std::vector<double> PS(n + 1, 0.0), LS(n + 1, 0.0);
+    for (int L = 1; L <= n; ++L) {
+        PS[L] = PS[L - 1] + probs[L - 1];
+        LS[L] = LS[L - 1] + L * probs[L - 1];
+    }
+    auto bound = [&](int j, double t) {
+        const double a0 = t - j * c;
+        int m = n;
+        if (g > c) {
+            const double q = std::floor((a0 - c) / (g - c));
+            m = q >= n ? n : (q <= j ? j : static_cast<int>(q));
+        }
+        return a0 * (PS[m] - PS[j]) + c * (LS[m] - LS[j]) + c * (PS[n] - PS[m]) + g * (LS[n] - LS[m]) +
+               s * (PS[n] - PS[j]);
+    };
+    constexpr double kBoundMargin = 1e-9;
     std::vector<std::vector<Label>> front(n);
     front[0].push_back({0.0, g, -1, -1});  // t = max(T(0)=0, 1*g)
     double best = std::numeric_limits<double>::infinity();
@@ -191,6 +219,7 @@ BatchPlan plan_batches_expected(const double* probs, std::size_t n_sz, double g,
         for (std::size_t k = 0; k < fj.size(); ++k) {
             double acc = fj[k].acc;
             const double t = fj[k].t;
+            if (acc + bound(j, t) > best * (1.0 + kBoundMargin)) continue;
             for (int i = j + 1; i <= n; ++i) {
                 // Trigger at L = i: the last batch is (j, i].
                 const double fin = std::max(t, i * g) + s + (i - j) * c;
@@ -203,6 +232,10 @@ BatchPlan plan_batches_expected(const double* probs, std::size_t n_sz, double g,
                     }
                     break;
                 }
+                // acc only grows along a plan: this prefix (and every extension) can no longer
+                // beat the best complete plan strictly, so it cannot be chosen. Pruning it
+                // changes no result, only the work.
+                if (acc >= best) break;
                 // Or cut at i and go on.
                 insert_label(front[i], {acc, std::max(fin, (i + 1) * g), j, static_cast<int>(k)});
             }

@@ -90,7 +90,10 @@ def plan_batches_expected(probs: Sequence[float], g: float, s: float, c: float) 
     Label at cut ``j``: ``(acc, t, prev_j, prev_k)``, ``acc`` = sum of ``P(L)*fin(L)`` for
     ``L <= j``, ``t = max(T(j), (j+1)*g)``. A new label is dropped when some label at the
     same cut has ``acc' <= acc and t' <= t``; otherwise it evicts the labels it dominates.
-    Fronts are visited in ``t`` order (as the C++ staircase keeps them).
+    Fronts are visited in ``t`` order (as the C++ staircase keeps them). A prefix whose
+    ``acc`` reaches the best complete plan so far is pruned (it cannot win strictly). The C++
+    version also skips prefixes whose ``acc`` plus a lower bound on the rest exceeds the best
+    plan by a margin; that changes its work, never its result (the tests compare the two).
     """
     n = len(probs)
     front: list[list[tuple[float, float, int, int]]] = [[] for _ in range(n)]
@@ -105,6 +108,8 @@ def plan_batches_expected(probs: Sequence[float], g: float, s: float, c: float) 
                 if i == n:
                     if acc < best:
                         best, best_j, best_k = acc, j, k
+                    break
+                if acc >= best:  # cannot beat the best complete plan strictly: prune
                     break
                 te = max(fin, (i + 1) * g)
                 f = front[i]
