@@ -42,6 +42,8 @@ def _variants(V: int = 152064, dtype: str = "bf16"):
         for samp in (False, True):
             name = f"{'tree' if is_tree else 'chain'}_{'sample' if samp else 'greedy'}"
             yield name, verify._verify_nodes_kernel, node_sig, dict(row, IS_TREE=is_tree, SAMPLE=samp, KQP=32, NP=16), cfg["num_warps"]
+    # the widest q the kernels take (pipesd.verify.TRITON_MAX_Q_ENTRIES)
+    yield "tree_sample_q128", verify._verify_nodes_kernel, node_sig, dict(row, IS_TREE=True, SAMPLE=True, KQP=128, NP=64), cfg["num_warps"]
     walk_sig = {"acc_ptr": "*i32", "cand_ptr": "*i32", "tok_ptr": "*i64", "stride_tb": "i32", "path_ptr": "*i64",
                 "tokens_ptr": "*i64", "nacc_ptr": "*i64", "ntok_ptr": "*i64", "N": "i32"}
     for is_tree in (False, True):

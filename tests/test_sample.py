@@ -284,5 +284,5 @@ def test_kernels_compile_for_sm90():
                         "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(rows) == 16 and all(row["has_cubin"] for row in rows), rows
+    assert len(rows) == 18 and all(row["has_cubin"] for row in rows), rows
     assert all(row.get("stack", 0) == 0 and row.get("local", 0) == 0 for row in rows), rows

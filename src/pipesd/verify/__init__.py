@@ -32,7 +32,7 @@ __all__ = ["ChainVerdict", "TreeVerdict", "verify_chain", "verify_tree", "sample
 
 #: the Triton kernels keep a node's q entries in registers: q rows wider than this (e.g. a
 #: full-vocabulary q) are verified by the PyTorch reference on the same device instead.
-TRITON_MAX_Q_ENTRIES = 256
+TRITON_MAX_Q_ENTRIES = 128
 
 Scalar = Union[int, float, bool]
 PerRequest = Union[Scalar, torch.Tensor, None]
