@@ -441,3 +441,22 @@ def test_cost_model_one_writer_per_kind_and_readers():
         t.join()
     assert not errors
     assert cm.n_sends == 3000 and cm.n_drafts == 5000
+
+
+@pytest.mark.parametrize("g,s,c", [(0.0, 0.004, 0.001), (0.01, 0.0, 0.001), (0.01, 0.004, 0.0), (0.0, 0.0, 0.0),
+                                   (0.002, 0.004, 0.002), (0.001, 0.05, 0.004), (0.02, 0.001, 1e-5)])
+def test_expected_plan_in_edge_cost_regimes(g, s, c):
+    # The C++ DP's pruning bound splits on g > c vs g <= c and divides by g - c: cover the
+    # edges (zero costs, g == c, link-bound, compute-bound) against brute force and reference.
+    rng = random.Random(hash((g, s, c)) & 0xFFFF)
+    N = 8
+    cut_sets = [[i + 1 for i, b in enumerate(bits) if b] for bits in itertools.product([0, 1], repeat=N - 1)]
+    for _ in range(6):
+        probs = _random_probs(rng, N)
+        plan = plan_batches_expected(probs, g, s, c)
+        best = min(ref.expected_finish(cuts, probs, g, s, c) for cuts in cut_sets)
+        assert plan.finish_s == pytest.approx(best, rel=1e-12, abs=1e-15)
+    for N in (30, 60):
+        probs = _random_probs(rng, N)
+        a, b = plan_batches_expected(probs, g, s, c), plan_batches_expected_reference(probs, g, s, c)
+        assert a.sizes == b.sizes and a.finish_s == pytest.approx(b.finish_s, rel=1e-9, abs=1e-300)
