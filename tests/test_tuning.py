@@ -333,9 +333,10 @@ def test_online_observe_never_blocks_on_a_slow_tuner():
         assert not gate.is_set() and core.tells == []  # the fit was still in progress throughout
         assert set(seen) == {(0.1, 0.2)}
         assert threading.current_thread() not in core.tell_threads
+        v0 = ot.version
         gate.set()
         assert ot.sync()
-        assert ot.current() == (0.3, 0.4)
+        assert ot.current() == (0.3, 0.4) and ot.published() == (v0 + 1, (0.3, 0.4))
         assert core.tell_threads[0].name == "pipesd-tuner"
         assert ot.stats()["unattributed_tokens"] == 100  # committed between hand-off and swap
     finally:

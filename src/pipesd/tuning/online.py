@@ -3,8 +3,8 @@ GP fits on a worker thread, thresholds published by a single reference swap.
 
 Threads:
 
-- **hot path** (the edge's compute thread): :meth:`OnlineTuner.current` (one attribute read) per
-  draft step, :meth:`OnlineTuner.observe` per commit, :meth:`begin_run` / :meth:`end_run` around
+- **hot path** (the edge's compute thread): :meth:`OnlineTuner.current` or
+  :meth:`OnlineTuner.published` (one attribute read) per draft step, :meth:`OnlineTuner.observe` per commit, :meth:`begin_run` / :meth:`end_run` around
   each generation. All O(1), no locks shared with the worker, never wait on a fit.
 - **any thread** (e.g. the send thread, after a cost-model update): :meth:`observe_costs`, O(1).
 - **worker** (``pipesd-tuner``): ``tell`` + ``ask`` of the core tuner, restarts after drift,
@@ -111,6 +111,12 @@ class OnlineTuner:
     def version(self) -> int:
         """Bumped at every swap (a new point, or the same point re-published)."""
         return self._pub.version
+
+    def published(self) -> tuple:
+        """``(version, (tau_seq, tau_tok))`` read together (one attribute read): lets the compute
+        thread rebuild its ``TriggerConfig`` only when the version moved."""
+        pub = self._pub
+        return pub.version, pub.point
 
     def begin_run(self) -> None:
         """A generation starts (session open): the window clock runs from now."""
