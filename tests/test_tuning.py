@@ -117,7 +117,7 @@ def test_bayes_deterministic_for_a_seed_and_seed_matters():
     f = bowl()
 
     def history(seed):
-        t = BayesTuner(seed=seed, max_evals=8, n_initial=4)
+        t = BayesTuner(seed=seed, max_evals=7, n_initial=4)
         run_tuner(t, f, noise=0.05, noise_seed=7)
         return [(h["tau_seq"], h["tau_tok"], h["objective"]) for h in t.history], t.best
 
@@ -253,9 +253,9 @@ def test_simulator_shows_the_tpt_energy_tradeoff():
 
 SCENARIOS = {
     # name: (config, energy weight s/J at 400 W busy power)
-    "pipelined-tpt": (SimConfig(segments=1500), 0.0),
-    "pipelined-tpt+energy": (SimConfig(segments=1500), 2e-3),
-    "serial-slow-edge": (SimConfig(segments=1500, pipeline=False, gen_s=0.08), 0.0),
+    "pipelined-tpt": (SimConfig(segments=1000), 0.0),
+    "pipelined-tpt+energy": (SimConfig(segments=1000), 2e-3),
+    "serial-slow-edge": (SimConfig(segments=1000, pipeline=False, gen_s=0.08), 0.0),
 }
 
 
@@ -271,7 +271,7 @@ def grid_refs():
     refs = {}
     for name, (cfg, w) in SCENARIOS.items():
         f = _objective(cfg, w)
-        refs[name] = min(grid_search(f, box=DEFAULT_BOX, n=15)[1], nines_grid(f, DEFAULT_BOX, 15)[1])
+        refs[name] = min(grid_search(f, box=DEFAULT_BOX, n=13)[1], nines_grid(f, DEFAULT_BOX, 13)[1])
     return refs
 
 

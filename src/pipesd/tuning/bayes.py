@@ -6,12 +6,12 @@ Both are synchronous, single-threaded and deterministic for a seed; :class:`Onli
 from __future__ import annotations
 
 import math
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence, Tuple
 
 __all__ = ["Point", "Box", "DEFAULT_BOX", "TunerCore", "BayesTuner", "FixedTuner", "check_box"]
 
-Point = tuple  # (tau_seq, tau_tok)
-Box = tuple  # ((tau_seq_lo, tau_seq_hi), (tau_tok_lo, tau_tok_hi))
+Point = Tuple[float, float]  # (tau_seq, tau_tok)
+Box = Tuple[Tuple[float, float], Tuple[float, float]]  # ((tau_seq lo, hi), (tau_tok lo, hi))
 
 #: Default search box, ``((tau_seq lo, hi), (tau_tok lo, hi))``. It reaches 0.995 because with a
 #: pipelined edge the best thresholds sit high (0.95-0.995: verify often, the pipeline hides the
@@ -68,7 +68,7 @@ class TunerCore(Protocol):
     def restart(self, keep_best_as_seed: bool = True) -> None: ...
 
     @property
-    def best(self) -> Optional[tuple]: ...
+    def best(self) -> Optional[Tuple[Point, float]]: ...
 
 
 class BayesTuner:
@@ -135,7 +135,7 @@ class BayesTuner:
         self._x0 = x0
         self._pending: Optional[Point] = None
         self._evals = 0
-        self._best: Optional[tuple] = None
+        self._best: Optional[Tuple[Point, float]] = None
         self.converged = False
 
     def restart(self, keep_best_as_seed: bool = True) -> None:
@@ -188,14 +188,14 @@ class BayesTuner:
         return self._evals
 
     @property
-    def best(self) -> Optional[tuple]:
+    def best(self) -> Optional[Tuple[Point, float]]:
         """``((tau_seq, tau_tok), value)``: the evaluated point of lowest GP posterior mean and that
         mean (objective units); the lowest observation before the GP is fitted; None before any."""
         if self._best is not None:
             return self._best
         return self._compute_best()
 
-    def _compute_best(self) -> Optional[tuple]:
+    def _compute_best(self) -> Optional[Tuple[Point, float]]:
         xs, ys = self._opt.Xi, self._opt.yi
         if not xs:
             return None
@@ -248,6 +248,6 @@ class FixedTuner:
         return 0
 
     @property
-    def best(self) -> Optional[tuple]:
+    def best(self) -> Optional[Tuple[Point, float]]:
         ys = [h["objective"] for h in self.history]
         return (self.point, sum(ys) / len(ys) if ys else math.nan)

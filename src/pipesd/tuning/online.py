@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 from pipesd.tuning.bayes import DEFAULT_BOX, BayesTuner, FixedTuner, Point, TunerCore, check_box
 
@@ -112,7 +112,7 @@ class OnlineTuner:
         """Bumped at every swap (a new point, or the same point re-published)."""
         return self._pub.version
 
-    def published(self) -> tuple:
+    def published(self) -> Tuple[int, Point]:
         """``(version, (tau_seq, tau_tok))`` read together (one attribute read): lets the compute
         thread rebuild its ``TriggerConfig`` only when the version moved."""
         pub = self._pub
@@ -206,8 +206,8 @@ class OnlineTuner:
         snap = {k: float(snapshot[k]) for k in COST_KEYS if k in snapshot}
         self._last_costs = snap
         pub = self._pub
-        if pub.tuning or self._restart_pending or self._closed:
-            return
+        if pub.tuning or self._restart_pending or self._closed or isinstance(self.tuner, FixedTuner):
+            return  # tuning (a restart would never let it converge), or nothing to re-tune
         ref = self._ref_costs
         if ref is None:
             self._ref_costs = snap
