@@ -387,7 +387,9 @@ def test_changed_since():
     snap = cm.snapshot()
     assert cm.changed_since(None)
     assert not cm.changed_since(snap)
-    assert not cm.changed_since(snap._asdict())  # a plain mapping works too
+    assert not cm.changed_since(dict(snap))  # a plain mapping works too
+    assert set(snap) == {"gen_s", "startup_s", "per_token_s"} and "gen_s" in snap  # dict semantics
+    assert snap.gen_s == snap["gen_s"] == 0.01 and snap.astuple() == (0.01, 0.002, 0.0005)
     for _ in range(8):
         cm.observe_draft(0.012)  # +20%: below rel=0.3
     assert not cm.changed_since(snap, rel=0.3)
@@ -398,6 +400,13 @@ def test_changed_since():
     for _ in range(20):
         z.observe_send(1, 0.0005 + 1e-8)
     assert not z.changed_since(zs)
+
+
+def test_snapshot_feeds_the_online_tuner_contract():
+    # pipesd.tuning.online reads snapshots as {gen_s, startup_s, per_token_s} dicts.
+    snap = CostModel(0.02, 0.003, 0.0004).snapshot()
+    got = {k: float(snap[k]) for k in ("gen_s", "startup_s", "per_token_s") if k in snap}
+    assert got == {"gen_s": 0.02, "startup_s": 0.003, "per_token_s": 0.0004}
 
 
 def test_cost_model_constructor_validation():
@@ -418,7 +427,7 @@ def test_cost_model_one_writer_per_kind_and_readers():
         try:
             while not stop.is_set():
                 snap = cm.snapshot()
-                assert all(math.isfinite(v) and v >= 0 for v in snap)
+                assert all(math.isfinite(v) and v >= 0 for v in snap.values())
                 assert sum(cm.plan(16).sizes) == 16
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)

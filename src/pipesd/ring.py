@@ -125,14 +125,17 @@ class TokenRing:
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close` (pushes are refused)."""
         return self._r.closed
 
     @property
     def capacity(self) -> int:
+        """Records the ring holds at most (a power of two)."""
         return self._r.capacity
 
     @property
     def topk_max(self) -> int:
+        """Width of each record's top-k (id, prob) storage."""
         return self._r.topk_max
 
     @property

@@ -72,7 +72,7 @@ import operator
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -208,12 +208,30 @@ def expected_plan_stats() -> dict:
 
 
 # ----------------------------------------------------------------------------- cost model
-class CostSnapshot(NamedTuple):
-    """The three costs at one moment (seconds)."""
+class CostSnapshot(dict):
+    """The three costs at one moment (seconds): a plain dict ``{gen_s, startup_s,
+    per_token_s}`` (what other modules store and compare) that also reads as attributes."""
 
-    gen_s: float
-    startup_s: float
-    per_token_s: float
+    __slots__ = ()
+    KEYS = ("gen_s", "startup_s", "per_token_s")
+
+    def __init__(self, gen_s: float, startup_s: float, per_token_s: float) -> None:
+        super().__init__(gen_s=gen_s, startup_s=startup_s, per_token_s=per_token_s)
+
+    @property
+    def gen_s(self) -> float:
+        return self["gen_s"]
+
+    @property
+    def startup_s(self) -> float:
+        return self["startup_s"]
+
+    @property
+    def per_token_s(self) -> float:
+        return self["per_token_s"]
+
+    def astuple(self) -> tuple[float, float, float]:
+        return self["gen_s"], self["startup_s"], self["per_token_s"]
 
 
 class CostModel:
@@ -257,11 +275,17 @@ class CostModel:
         self._off_run = 0  # consecutive sends far off the model, same direction (signed)
         self.n_drafts = 0
         self.n_sends = 0
-        self.rejected = 0
+        self._rejected_drafts = 0  # one counter per writer kind: each is updated under its lock
+        self._rejected_sends = 0
         self.fits = 0
         self.drift_resets = 0
 
     # ------------------------------------------------------------------ estimates
+    @property
+    def rejected(self) -> int:
+        """Observations ignored as invalid (negative, NaN, inf)."""
+        return self._rejected_drafts + self._rejected_sends
+
     @property
     def gen_s(self) -> float:
         """Draft seconds per token (g)."""
@@ -282,15 +306,15 @@ class CostModel:
         s, c = self._sc
         return CostSnapshot(self._g, s, c)
 
-    def changed_since(self, snapshot: Optional[Union[CostSnapshot, Mapping[str, float]]], rel: float = 0.3,
+    def changed_since(self, snapshot: Optional[Mapping[str, float]], rel: float = 0.3,
                       abs_tol_s: float = 1e-6) -> bool:
         """True when any cost moved by more than ``rel`` relative to ``snapshot`` (changes
         below ``abs_tol_s`` seconds never count): re-plan or re-tune only then."""
         if snapshot is None:
             return True
-        if isinstance(snapshot, Mapping):
-            snapshot = CostSnapshot(snapshot["gen_s"], snapshot["startup_s"], snapshot["per_token_s"])
-        for old, new in zip(snapshot, self.snapshot()):
+        now = self.snapshot()
+        for key in CostSnapshot.KEYS:
+            old, new = float(snapshot[key]), now[key]
             diff = abs(new - old)
             if diff > abs_tol_s and diff > rel * abs(old):
                 return True
@@ -300,7 +324,8 @@ class CostModel:
     def observe_draft(self, seconds: float) -> None:
         """One draft step took ``seconds`` (compute thread)."""
         if not (seconds >= 0.0 and math.isfinite(seconds)):
-            self.rejected += 1
+            with self._draft_lock:
+                self._rejected_drafts += 1
             return
         with self._draft_lock:
             d = self._drafts
@@ -315,7 +340,8 @@ class CostModel:
         """A message of ``n_tokens`` draft tokens took ``seconds`` to send (send thread).
         Empty messages (``n_tokens = 0``) are valid observations of the startup cost."""
         if not (seconds >= 0.0 and math.isfinite(seconds)) or not (n_tokens >= 0):
-            self.rejected += 1
+            with self._send_lock:
+                self._rejected_sends += 1
             return
         with self._send_lock:
             x, y = float(n_tokens), float(seconds)
