@@ -564,3 +564,53 @@ def test_make_online_tuner_kinds():
         OnlineTuner(FixedTuner((0.1, 0.1)), window_tokens=0)
     with pytest.raises(ValueError):
         OnlineTuner(FixedTuner((0.1, 0.1)), energy_weight=-1.0)
+
+
+def test_online_drift_restart_drops_the_open_held_window():
+    # Holding after convergence; a drift restart re-publishes while a held window is half full.
+    # Those tokens were measured as "held", not as the new round's evaluation: the new round's
+    # first window starts at the restart's swap.
+    core = ScriptedTuner([(0.1, 0.1), (0.2, 0.2)], converge_after=1)
+    clock = FakeClock()
+    ot = OnlineTuner(core, window_tokens=4, clock=clock)
+    costs = {"gen_s": 0.03, "startup_s": 0.004, "per_token_s": 0.0005}
+    try:
+        ot.begin_run()
+        ot.observe_costs(costs)
+        clock.t = 1.0
+        ot.observe(4)
+        assert ot.sync() and ot.stats()["converged"] and len(core.tells) == 1  # held from t = 1
+        clock.t = 2.0
+        ot.observe(2)  # half a held window
+        ot.observe_costs({**costs, "gen_s": 0.09})  # drift: the worker restarts and swaps at t = 2
+        assert ot.sync() and core.restarts == 1 and not ot.stats()["converged"]
+        clock.t = 3.0
+        ot.observe(2)
+        clock.t = 7.0
+        ot.observe(4)  # the new round's window: 6 tokens from t = 2 to t = 7
+        assert ot.sync()
+        assert core.tells[1] == ((0.2, 0.2), pytest.approx(5.0 / 6.0))
+        assert ot.stats()["history"][1]["tokens"] == 6
+    finally:
+        ot.close()
+
+
+def test_online_settling_across_a_run_gap_adds_no_time():
+    core = ScriptedTuner([(0.1, 0.1), (0.2, 0.2)])
+    clock = FakeClock()
+    ot = OnlineTuner(core, window_tokens=4, clock=clock, settle_tokens=4)
+    try:
+        ot.begin_run()
+        clock.t = 1.0
+        ot.observe(2)  # settling
+        ot.end_run()
+        clock.t = 10.0
+        ot.begin_run()
+        clock.t = 11.0
+        ot.observe(2)  # settling ends: the window clock starts at t = 11
+        clock.t = 13.0
+        ot.observe(4)
+        assert ot.sync()
+        assert core.tells == [((0.1, 0.1), pytest.approx(0.5))]
+    finally:
+        ot.close()

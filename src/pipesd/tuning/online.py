@@ -76,6 +76,8 @@ class OnlineTuner:
         self._pub = _Published(0, (float(first[0]), float(first[1])), clock(), not self.tuner.converged)
         # Window state: touched by the hot-path thread only.
         self._win_version = -1
+        self._win_point: Point = self._pub.point
+        self._win_tuning = self._pub.tuning
         self._win_tokens = 0
         self._win_wall = 0.0  # closed time of earlier runs in this window
         self._win_energy = 0.0
@@ -155,6 +157,7 @@ class OnlineTuner:
             self.unattributed_tokens += new_tokens
             if self._settle_left == 0:
                 self._seg_start = now
+                self._win_wall = 0.0
             self._last_obs = now
             return
         self._win_tokens += new_tokens
@@ -169,6 +172,8 @@ class OnlineTuner:
             return
         # A new point is in force: its window starts at the swap (or at this run's start).
         self._win_version = pub.version
+        self._win_point = pub.point
+        self._win_tuning = pub.tuning
         self._win_tokens = 0
         self._win_wall = 0.0
         self._win_energy = 0.0
@@ -182,15 +187,15 @@ class OnlineTuner:
     def _close_window(self, now: float) -> None:
         wall = self._win_wall + (now - self._seg_start if self._seg_start is not None else 0.0)
         tokens = self._win_tokens
-        pub = self._pub
+        point = self._win_point  # the window's own point: a swap since then makes it stale, not another's
         tpt = wall / tokens
         obj = tpt + self.energy_weight * self._win_energy / tokens
-        rec = {"tau_seq": pub.point[0], "tau_tok": pub.point[1], "tokens": tokens, "wall_s": wall,
+        rec = {"tau_seq": point[0], "tau_tok": point[1], "tokens": tokens, "wall_s": wall,
                "energy_j": self._win_energy, "tpt_s": tpt, "objective": obj}
         self.windows += 1
-        if pub.tuning and obj > 0:
+        if self._win_tuning and obj > 0:
             self._handed = True
-            self._q.put(("eval", pub.version, pub.point, obj, rec))
+            self._q.put(("eval", self._win_version, point, obj, rec))
         else:  # holding (or a degenerate zero-time window): record, start the next window now
             self._held.append(rec)
             self._win_tokens = 0
