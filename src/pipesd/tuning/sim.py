@@ -2,7 +2,7 @@
 dual-threshold trigger ``(tau_seq, tau_tok)``.
 
 **A model, not a measurement.** It exists to test the tuner against a landscape with the right
-shape (interior optimum, plateaus, cliffs at the box edges) and to let benchmarks and docs
+shape (optima inside the box or on its edge, plateaus, window noise) and to let benchmarks and docs
 reason about *when* thresholds and pipelining matter. Numbers from it are never results.
 
 What is modelled
@@ -21,6 +21,8 @@ What is modelled
   run goes up as one message after it is drafted. ``delay_s`` one-way propagation each way.
 - Cloud: one verification of a run of ``L`` tokens takes ``verify_base_s + verify_per_token_s*L``
   (a memory-bound forward: the weights are read once per forward), one at a time, FIFO.
+  Requests that queue up at a busy cloud coalesce: the cloud verifies every run that has
+  arrived when it becomes free in one forward (as ``pipesd.cloud`` does per session).
 - Pipelined (``pipeline=True``, our runtime's protocol): the edge keeps drafting while verdicts
   are outstanding, up to ``lookahead`` unverified tokens; an all-accepted run commits its ``L``
   tokens (no bonus token); a run with its first rejection at ``A`` commits ``A`` tokens plus the
@@ -29,12 +31,10 @@ What is modelled
 - Serial (``pipeline=False``, vanilla SD): draft the run, send it, wait for the verdict, which
   commits ``A`` plus a correction or bonus token.
 
-- Requests that queue up at a busy cloud coalesce: the cloud verifies every run that has
-  arrived when it becomes free in one forward (as ``pipesd.cloud`` does per session).
-
 Not modelled: the DP's intermediate batch boundaries (each run pays one message startup),
 several clients sharing the cloud, correlated confidences (real drafts have easy and hard
 stretches), bandwidth traces.
+
 Common random numbers (one draw per ``seed``) make the landscape a deterministic, nearly
 smooth function of the thresholds, so a grid search over it is well defined. With
 ``max_tokens`` a run stops at the first verdict that brings the total to at least that many
