@@ -101,14 +101,18 @@ class EdgeConnection:
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c = cls(sock, link, max_frame_bytes)
+        closed: Optional[ConnectionClosed] = None
         try:
-            c.send(M.Hello(M.PROTOCOL_VERSION, auth_token, client_name))
+            try:
+                c.send(M.Hello(M.PROTOCOL_VERSION, auth_token, client_name))
+            except ConnectionClosed:
+                pass  # the cloud spoke or left first: recv says why
             msg = c.recv(timeout_s)
         except ProtocolError as e:
             c.close()
             raise HandshakeError(e.code, f"bad answer from the cloud at {host}:{port}: {e}") from None
-        except ConnectionClosed:
-            msg = None
+        except ConnectionClosed as e:
+            msg, closed = None, e
         except BaseException:
             c.close()
             raise
@@ -122,6 +126,9 @@ class EdgeConnection:
         if isinstance(msg, M.HelloAck):
             raise HandshakeError(M.E_VERSION, f"the cloud at {host}:{port} speaks protocol version {msg.version}, "
                                               f"this edge {M.PROTOCOL_VERSION}")
+        if closed is not None:
+            raise HandshakeError(M.E_BAD_FRAME, f"the cloud at {host}:{port} closed the connection during the "
+                                                f"handshake ({closed})")
         if msg is None:
             raise HandshakeError(M.E_BAD_FRAME, f"the cloud at {host}:{port} did not complete the handshake "
                                                 f"within {timeout_s} s")
