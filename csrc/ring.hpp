@@ -160,6 +160,7 @@ class TokenRing {
     // count popped (0 on timeout) or -1 once the ring is closed and drained.
     long pop_wait(std::size_t max_n, double timeout_s, TokenRecord* out, int32_t* out_ids, float* out_probs) {
         using clock = std::chrono::steady_clock;
+        if (max_n == 0) return 0;
         if (!(timeout_s >= 0.0)) timeout_s = 0.0;
         const double capped = std::min(timeout_s, 1e7);  // ~115 days; keeps the duration cast finite
         const auto deadline = clock::now() + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(capped));
