@@ -119,6 +119,9 @@ class CloudServer:
         self.config = config or CloudConfig()
         self.fingerprint = tokenizer_fingerprint
         self.stats = CloudStats()
+        from pipesd.energy import EnergyMeter
+
+        self.energy = EnergyMeter()  # NVML's counter on a GPU, else the documented power model
         tok = getattr(target, "tokenizer", None)
         self.eos_id = getattr(tok, "eos_token_id", None) if tok is not None else None
         self.vocab_size = int(target.vocab_size)
@@ -157,6 +160,7 @@ class CloudServer:
             except Exception:  # pragma: no cover
                 pass
             self._executor.shutdown(wait=True)
+            self.energy.close()
 
     def start_in_thread(self) -> tuple[str, int]:
         """Serve from a background thread (tests, demo); returns ``(host, port)``."""
@@ -371,6 +375,10 @@ class CloudServer:
 
     def _verify_jobs(self, jobs) -> list[tuple[M.Verdict, list[int]]]:
         """Verifier thread: one batched target forward + one verify_chain launch."""
+        with self.energy.measure():
+            return self._verify_jobs_measured(jobs)
+
+    def _verify_jobs_measured(self, jobs) -> list[tuple[M.Verdict, list[int]]]:
         t0 = time.perf_counter()
         sessions = [j[0] for j in jobs]
         drafts = [j[1] for j in jobs]
@@ -402,20 +410,24 @@ class CloudServer:
             q_probs = torch.zeros(B, K, kq, dtype=torch.float32)
             for i, j in enumerate(jobs):
                 for t, (qi, qp) in enumerate(zip(j[2], j[3])):
-                    q_ids[i, t, : len(qi)] = torch.from_numpy(np.asarray(qi, dtype=np.int64))
-                    q_probs[i, t, : len(qp)] = torch.from_numpy(np.asarray(qp, dtype=np.float32))
+                    q_ids[i, t, : len(qi)] = torch.as_tensor(np.array(qi, dtype=np.int64))
+                    q_probs[i, t, : len(qp)] = torch.as_tensor(np.array(qp, dtype=np.float32))
             p = [s.params for s in sessions]
             temp = torch.tensor([x.temperature for x in p], dtype=torch.float32)
-            gen = sessions[0].generator if B == 1 else self._batch_generator(sessions)
+            # One seed per session, drawn from the session's own generator: a session's draws do
+            # not depend on which other sessions share the launch.
+            seeds = torch.tensor([int(torch.randint(0, 2**62, (1,), generator=s.generator)) for s in sessions],
+                                 dtype=torch.int64)
             t_kern0 = time.perf_counter()
             v = verify_chain(logits, draft_t, num, mode="sample", draft_topk_ids=q_ids, draft_topk_probs=q_probs,
                              temperature=temp, top_k=torch.tensor([x.top_k for x in p]),
                              top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32),
                              min_p=torch.tensor([x.min_p for x in p], dtype=torch.float32),
-                             generator=gen, bonus=bonus)
+                             seed=seeds, bonus=bonus)
         _ = v.accepted.tolist()  # make sure the launch has finished (CUDA)
         t_kern = time.perf_counter()
         out = []
+        wasted_sum = 0
         for i, (s, d, _, _, _, echo) in enumerate(jobs):
             acc = int(v.accepted[i])
             ntok = int(v.num_tokens[i])
@@ -438,6 +450,7 @@ class CloudServer:
                                   rejected, start + len(new), finished,
                                   forwards if B == 1 else len(d) + 1, 0.0, echo), new))
             self.stats.wasted_forwards += wasted
+            wasted_sum += wasted
         busy = time.perf_counter() - t0
         self.stats.forward_s += t_fwd - t0
         self.stats.kernel_s += t_kern - t_kern0
@@ -447,6 +460,7 @@ class CloudServer:
             busy = self.config.verify_pad_s
         for vd, _ in out:
             vd.verify_s = busy
+        self.energy.add_forwards(useful=max(0, forwards - wasted_sum), wasted=min(wasted_sum, forwards))
         self.stats.verifications += B
         self.stats.batched_launches += 1
         self.stats.max_batch = max(self.stats.max_batch, B)
@@ -454,14 +468,10 @@ class CloudServer:
         self.stats.busy_s += busy
         return out
 
-    def _batch_generator(self, sessions) -> torch.Generator:
-        # One stream for a mixed batch: each session's generator advances by one draw.
-        seed = int(torch.randint(0, 2**62, (1,), generator=sessions[0].generator))
-        for s in sessions[1:]:
-            seed ^= int(torch.randint(0, 2**62, (1,), generator=s.generator))
-        g = torch.Generator()
-        g.manual_seed(seed)
-        return g
+    def energy_report(self) -> dict:
+        """Cloud energy so far: joules (NVML or model, labelled), forwards useful and wasted."""
+        generated = sum(len(s.generated) for c in self._clients for s in c.sessions.values())
+        return self.energy.report(max(1, generated)).to_dict()
 
     def _apply(self, s: _Session, v: M.Verdict, new: list[int]) -> None:
         """Event loop: move the session past the verdict."""

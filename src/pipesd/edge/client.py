@@ -25,7 +25,7 @@ import torch
 
 from pipesd.edge.batching import DPBatcher, FixedBatcher, TriggerOnlyBatcher
 from pipesd.edge.config import EdgeConfig
-from pipesd.edge.trigger import DualThresholdTrigger
+from pipesd.edge.trigger import DualThresholdTrigger, TriggerConfig
 from pipesd.fingerprint import tokenizer_fingerprint
 from pipesd.ring import TokenRing
 from pipesd.sampling import SamplingParams
@@ -61,6 +61,7 @@ class GenerationStats:
     wasted_forwards: int = 0  # scored drafts that were rejected
     cloud_busy_s: float = 0.0
     trigger_reasons: dict = field(default_factory=dict)
+    tuner: Optional[dict] = None  # the tuner's state and history, when one runs
     tau_seq: float = 0.0
     tau_tok: float = 0.0
     cost_g_s: float = 0.0
@@ -120,6 +121,7 @@ class _Run:
         self.on_commit: Optional[Callable[[list[int]], None]] = None
         self.t0 = time.perf_counter()
         self.full_q: dict[tuple[int, int], np.ndarray] = {}
+        self.tuner_on = False  # this run feeds the edge's threshold tuner
         self.wire_s = 0.0  # send thread: time blocked in the (emulated) link
         self.send_overhead_s = 0.0  # send thread: time outside pops and the link
 
@@ -138,7 +140,8 @@ class EdgeClient:
     """
 
     def __init__(self, cloud_url: str, draft=None, config: Optional[EdgeConfig] = None, *,
-                 auth_token: str = "", link=None, connect_timeout_s: float = 10.0, client_name: str = "pipesd-edge") -> None:
+                 auth_token: str = "", link=None, connect_timeout_s: float = 10.0, client_name: str = "pipesd-edge",
+                 tuner: Optional[str] = None, tuner_seed: int = 0, tuner_window_tokens: int = 64) -> None:
         host, _, port = cloud_url.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"cloud_url must look like HOST:PORT, got {cloud_url!r}")
@@ -163,9 +166,20 @@ class EdgeClient:
         self.cost = CostModel()
         self._next_sid = 1
         self._lock = threading.Lock()
+        # Online threshold tuner (PipeSD mechanism 3): "bayes", "fixed" or None. It tunes the
+        # methods that use both thresholds; the others keep their configured trigger.
+        self.tuner = None
+        if tuner is not None:
+            from pipesd.tuning import make_online_tuner
+
+            t = self.config.trigger
+            self.tuner = make_online_tuner(tuner, (t.tau_seq, t.tau_tok), seed=tuner_seed,
+                                           window_tokens=tuner_window_tokens)
 
     # ------------------------------------------------------------------ public API
     def close(self) -> None:
+        if self.tuner is not None:
+            self.tuner.close()
         self.conn.close()
 
     def __enter__(self) -> "EdgeClient":
@@ -263,6 +277,9 @@ class EdgeClient:
         st.tpt_s = st.wall_s / max(1, run.committed)
         st.trigger_reasons = dict(run.reasons)
         st.cost_g_s, st.cost_s_s, st.cost_c_s = self.cost.gen_s, self.cost.startup_s, self.cost.per_token_s
+        if self._tuned(cfg):
+            st.tau_seq, st.tau_tok = self.tuner.current()
+            st.tuner = self.tuner.stats()
         tokens = run.seq[: run.committed]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
         return Generation(text, tokens, st, ids, run.finish_reason)
@@ -354,8 +371,14 @@ class EdgeClient:
                 time.sleep(left)
 
     # -- the pipeline ------------------------------------------------------------------
+    def _tuned(self, cfg: EdgeConfig) -> bool:
+        return self.tuner is not None and cfg.method in ("pipesd", "fixed-batch")
+
     def _pipelined(self, run: _Run) -> None:
         cfg = run.cfg
+        tuned = run.tuner_on = self._tuned(cfg)
+        if tuned:
+            self.tuner.begin_run()
         run._b0 = (self.conn.bytes_sent, self.conn.bytes_received, self.conn.messages_sent)
         topk_max = self.draft.wire_topk
         ring = TokenRing(cfg.ring_capacity, topk_max)
@@ -380,6 +403,8 @@ class EdgeClient:
             ring.close()
             for t in threads:
                 t.join(timeout=cfg.verdict_timeout_s)
+            if tuned:
+                self.tuner.end_run()
         run.stats.wall_s = time.perf_counter() - run.t0
         run.stats.edge_overhead_s += run.send_overhead_s
         self._wire_stats(run)
@@ -407,8 +432,15 @@ class EdgeClient:
         timeline = run.stats.timeline if cfg.record_timeline else None
         perf = time.perf_counter
         overhead = 0.0  # time in this loop outside the draft forward, the padding and verdict waits
+        tuner = self.tuner if self._tuned(cfg) else None
+        tuner_ver = -1
         while not run.done.is_set():
             t_iter = perf()
+            if tuner is not None:
+                ver, (ts, tt) = tuner.published()
+                if ver != tuner_ver:
+                    trig.config = TriggerConfig(ts, tt, cfg.trigger.max_draft)
+                    tuner_ver = ver
             # Apply whatever verdicts have arrived; wait for one when drafting must pause.
             pos = len(run.seq)
             block = pos >= stop_at or pos - run.committed >= cfg.lookahead or (awaiting and not cfg.pipeline)
@@ -510,6 +542,8 @@ class EdgeClient:
         if len(run.seq) > run.committed and v.finished:
             del run.seq[run.committed:]
         self._commit(run, new)
+        if run.tuner_on:
+            self.tuner.observe(len(new))
         if v.finished or run.committed >= run.max_new or (eos is not None and eos in new):
             if eos is not None and eos in new:
                 run.finish_reason = "eos"
@@ -581,6 +615,8 @@ class EdgeClient:
         t1 = time.perf_counter()
         run.wire_s += t1 - t_send
         self.cost.observe_send(n, t1 - t0)
+        if run.tuner_on:
+            self.tuner.observe_costs(self.cost.snapshot())
         run.stats.batch_sizes.append(n)
         if timeline is not None:
             timeline.append(("send", t0 - run.t0, t1 - run.t0, (recs[0][0], n, verify)))
