@@ -178,3 +178,16 @@ def test_sampling_seeds_matter_and_reproduce(method):
             a = [client.generate([1, 2], 10, SamplingParams(1.0, seed=s)).token_ids for s in (1, 1, 2, 3, 4)]
     assert a[0] == a[1]
     assert len({tuple(x) for x in a[1:]}) > 1
+
+
+def test_online_tuner_moves_thresholds_and_stays_lossless(pair, refs, server):
+    srv, url = server
+    with EdgeClient(url, pair[0], EdgeConfig.for_method("pipesd"), tuner="bayes", tuner_window_tokens=8) as client:
+        seen = set()
+        for p in PROMPTS * 2:
+            g = client.generate(p, N_NEW)
+            assert g.token_ids == refs[tuple(p)]
+            seen.add((round(g.stats.tau_seq, 6), round(g.stats.tau_tok, 6)))
+        stats = g.stats.tuner
+    assert stats is not None and stats["evaluations"] >= 3
+    assert len(seen) > 1  # the tuner tried other thresholds, and output stayed exact

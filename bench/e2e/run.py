@@ -101,26 +101,25 @@ def run_method(client, method, prompts, n_new, sc, args, **cfg_kw):
     return gens
 
 
-def tuned_thresholds(client, prompts, n_new, sc, args):
-    """pipesd-tuned: the Bayesian tuner when pipesd.tuning is present, over short windows."""
-    try:
-        from pipesd.tuning import BayesTuner  # noqa: F401
-    except Exception:
-        return None
-    from pipesd.edge import EdgeConfig, TriggerConfig
-    from pipesd.tuning import BayesTuner
+def tuned_run(port, draft, sc, prompts, n_new, args):
+    """pipesd-tuned: an edge with the online Bayesian tuner; tuned on warm-up generations
+    (``--tuner-evals`` windows of ``--tuner-window`` tokens), then measured on the prompts."""
+    from pipesd.edge import EdgeClient, EdgeConfig
 
-    tuner = BayesTuner(seed=0, max_evals=args.tuner_evals)
-    history = []
-    for i in range(args.tuner_evals):
-        ts, tt = tuner.ask()
-        cfg = EdgeConfig.for_method("pipesd", draft_step_s=sc.draft_ms / 1e3, wire_q=args.wire_q,
-                                    trigger=TriggerConfig(ts, tt, 16))
-        g = client.generate(prompts[i % len(prompts)], max(16, n_new // 2), config=cfg)
-        tuner.tell((ts, tt), g.stats.tpt_s)
-        history.append({"tau_seq": ts, "tau_tok": tt, "tpt_s": g.stats.tpt_s})
-    (ts, tt), _ = tuner.best
-    return TriggerConfig(ts, tt, 16), history
+    cfg = EdgeConfig.for_method("pipesd", draft_step_s=sc.draft_ms / 1e3, wire_q=args.wire_q)
+    with EdgeClient(f"127.0.0.1:{port}", draft, cfg, auth_token="bench", link=make_link(sc.link), tuner="bayes",
+                    tuner_window_tokens=args.tuner_window) as client:
+        budget = args.tuner_evals * args.tuner_window * 1.5
+        done, i = 0, 0
+        while done < budget and not client.tuner.stats().get("converged", False):
+            g = client.generate(PROMPTS[i % len(PROMPTS)], 48)
+            done += g.stats.new_tokens
+            i += 1
+        gens = [client.generate(p, n_new) for p in prompts]
+        st = client.tuner.stats()
+    hist = [{k: h[k] for k in h if k in ("point", "objective")} for h in st.get("history", [])]
+    return gens, {"tau_seq": gens[-1].stats.tau_seq, "tau_tok": gens[-1].stats.tau_tok,
+                  "tuner_evaluations": st.get("evaluations"), "tuner_history": hist, "tuning_tokens": done}
 
 
 def summarise(scenario, method, gens, args, extra=None) -> dict:
@@ -175,6 +174,7 @@ def main(argv=None) -> int:
                     help="full = the paper's full-vocabulary q on the wire")
     ap.add_argument("--k-sweep", default="2,4,6,8", help="vanilla SD draft lengths; the best is reported")
     ap.add_argument("--tuner-evals", type=int, default=16)
+    ap.add_argument("--tuner-window", type=int, default=32, help="tokens per tuner evaluation")
     ap.add_argument("--cloud-power-w", type=float, default=400.0)
     ap.add_argument("--scenarios", default=None, help="comma-separated scenario names to run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -215,13 +215,8 @@ def main(argv=None) -> int:
                                 best = r
                         row = best
                     elif method == "pipesd-tuned":
-                        res = tuned_thresholds(client, prompts, n_new, sc, args)
-                        if res is None:
-                            print("   pipesd-tuned: skipped (pipesd.tuning not available)", flush=True)
-                            continue
-                        trig, hist = res
-                        row = summarise(sc, method, run_method(client, "pipesd", prompts, n_new, sc, args, trigger=trig),
-                                        args, {"tau_seq": trig.tau_seq, "tau_tok": trig.tau_tok, "tuner_history": hist})
+                        gens, extra = tuned_run(port, draft, sc, prompts, n_new, args)
+                        row = summarise(sc, method, gens, args, extra)
                     else:
                         kw = {"record_timeline": True} if method == "pipesd" else {}
                         gens = run_method(client, method, prompts, n_new, sc, args, **kw)
