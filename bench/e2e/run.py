@@ -117,7 +117,7 @@ def tuned_run(port, draft, sc, prompts, n_new, args):
             i += 1
         gens = [client.generate(p, n_new) for p in prompts]
         st = client.tuner.stats()
-    hist = [{k: h[k] for k in h if k in ("point", "objective")} for h in st.get("history", [])]
+    hist = st.get("history", [])
     return gens, {"tau_seq": gens[-1].stats.tau_seq, "tau_tok": gens[-1].stats.tau_tok,
                   "tuner_evaluations": st.get("evaluations"), "tuner_history": hist, "tuning_tokens": done}
 
