@@ -1,4 +1,5 @@
 """Draft and target runners over local Hugging Face causal LMs (see docs/models.md)."""
-from pipesd.models.runners import DraftModel, DraftStep, TargetModel, TargetSession, check_same_vocab, load_local
+from pipesd.models.runners import (DraftModel, DraftStep, DraftTree, TargetModel, TargetSession, check_same_vocab,
+                                   load_local)
 
-__all__ = ["DraftModel", "DraftStep", "TargetModel", "TargetSession", "check_same_vocab", "load_local"]
+__all__ = ["DraftModel", "DraftStep", "DraftTree", "TargetModel", "TargetSession", "check_same_vocab", "load_local"]
