@@ -16,6 +16,15 @@ from runtime_helpers import tiny_llama
 ATOL = 1e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and a busy 2-core machine makes 2 OpenMP threads crawl."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(vocab=40, seed=3)
