@@ -2,13 +2,14 @@
 
 Sizes (draft / target):
 
-- ``tiny``:  2 x 64 / 6 x 256 (CPU tests);
-- ``small``: 4 x 256 / 12 x 1024 (about 1.4 M / 0.16 B parameters with a 4096 vocabulary; CPU timing);
+- ``tiny``:  2 x 64 / 6 x 256 (0.34 M / 5.4 M parameters with the bundled 4096-token vocabulary; CPU tests);
+- ``small``: 4 x 256 / 12 x 1024 (4.0 M / 146 M; CPU timing);
 - ``1b-8b``: Llama-3.2-1B-like 16 x 2048 / Llama-3.1-8B-like 32 x 4096 (GPU; built directly on the
-  device in bf16 unless ``dtype`` says otherwise).
+  device in bf16 unless ``dtype`` says otherwise). With ``vocab_size=128256`` (Llama 3's) they have
+  exactly 1.24 B / 8.03 B parameters; with the default 4096-token vocabulary the embeddings shrink.
 
-The bundled tokenizer is attached (so text prompts work) when the vocabulary covers it. Use
-these to time compute, never to judge acceptance.
+The bundled tokenizer is attached (so text prompts work) whenever ``vocab_size`` covers it (extra
+logit rows are padding that no prompt uses). Use these to time compute, never to judge acceptance.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ Recipe (every step seeded; same Python stdlib + same thread count => same weight
    with where the target ended. Its own warmup + cosine schedule.
 5. Held-out metrics (perplexities, greedy agreement, expected sampled acceptance, CPU timings of
    the runners) are measured on the *saved* fp16 weights and go to ``metrics.json`` and
-   ``MODEL_CARD.md``; ``HELDOUT_SAMPLE.py`` (held-out text) ships for the agreement test.
+   ``MODEL_CARD.md``; ``heldout_sample.txt`` (held-out text) ships for the agreement test.
 
 Batches are a pure function of (seed, step), and a checkpoint is written every
 ``--ckpt-every`` steps to ``<out>/_ckpt.pt`` (removed on success): ``--resume`` continues an
@@ -431,7 +431,6 @@ def main(argv=None) -> int:
     save_model(draft, out / "draft")
     for sub in ("target", "draft"):
         tok.save_pretrained(out / sub)
-    (out / "HELDOUT_SAMPLE.py").write_text(heldout_sample(held_texts))
     info = dict(train_tokens=int(len(train_ids)), python=sys.version.split()[0], torch=torch.__version__,
                 seed=args.seed, threads=args.threads, joint_steps=args.joint_steps, draft_steps=args.draft_steps,
                 batch=args.batch, seq_len=args.seq_len, ce_weight=args.ce_weight, target_lr=args.target_lr,
@@ -449,6 +448,7 @@ def measure(out: Path, held_texts: list[str], info: dict, args) -> dict:
     t_saved, tok = load_local(out / "target")
     d_saved, _ = load_local(out / "draft")
     held_ids = encode(tok, held_texts)
+    (out / "heldout_sample.txt").write_text(heldout_sample(held_texts))
     metrics = evaluate(d_saved, t_saved, held_ids, n_windows=args.eval_windows)
     metrics.update(time_runners(out, [int(v) for v in held_ids[:256]], reps=args.timing_reps))
     metrics.update(target_params=n_params(t_saved), draft_params=n_params(d_saved),
