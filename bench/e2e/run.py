@@ -344,13 +344,24 @@ def plots(rows, timelines, out: Path, tag: str) -> None:
                 ax.plot([t0 * 1e3], [lanes[lane]], "|", color=colors[lane], ms=12)
             else:
                 ax.broken_barh([(t0 * 1e3, max(0.2, (t1 - t0) * 1e3))], (lanes[lane] - 0.35, 0.7), color=colors[lane])
-        ax.set_yticks(list(lanes.values()))
-        ax.set_yticklabels(["verdict", "cloud verify", "edge send", "edge draft"])
+        names = {"draft": "edge draft", "send": "edge send", "verify": "cloud verify", "verdict": "verdict"}
+        ax.set_yticks([lanes[k] for k in names])
+        ax.set_yticklabels(list(names.values()))
         ax.set_xlabel("ms since session open")
         ax.set_title(f"PipeSD timeline, {name}, first prompt")
         fig.tight_layout()
         fig.savefig(out / f"e2e-{tag}-timeline.png", dpi=120)
 
 
+def replot(json_path: str) -> None:
+    """Redraw the plots of a results JSON (``python bench/e2e/run.py --replot FILE``)."""
+    p = Path(json_path)
+    d = json.loads(p.read_text())
+    plots(d["rows"], d.get("timelines", {}), p.parent, p.stem[len("e2e-"):])
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":
+        replot(sys.argv[2])
+        sys.exit(0)
     sys.exit(main())
