@@ -152,7 +152,7 @@ def cmd_generate(args) -> int:
 DEMO_PROMPTS = [
     "def read_config(path):\n",
     "import os\nimport sys\n\n\ndef main():\n",
-    "class Stack:\n    def __init__(self):\n",
+    "for key, value in sorted(items.items()):\n",
 ]
 
 
