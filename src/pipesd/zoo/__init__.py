@@ -1,7 +1,7 @@
 """Model pairs that work offline.
 
 - Bundled, trained pairs live in ``pipesd/zoo/pairs/<name>/`` (``draft/``, ``target/``,
-  ``tokenizer/``, ``metrics.json``, ``MODEL_CARD.md``, ``HELDOUT_SAMPLE.py``);
+  ``tokenizer/``, ``metrics.json``, ``MODEL_CARD.md``, ``heldout_sample.txt``);
   ``python -m pipesd.zoo.train`` rebuilds them. :func:`load_pair` loads one as runners.
 - :func:`timing_pair` (``pipesd.zoo.timing``) builds Llama-shaped pairs with random weights
   from a config: realistic compute cost where acceptance is not the point.
