@@ -335,22 +335,10 @@ def plots(rows, timelines, out: Path, tag: str) -> None:
     fig.tight_layout()
     fig.savefig(out / f"e2e-{tag}-speedup.png", dpi=120)
     if timelines:
+        from pipesd.timeline import plot_timeline  # the same plot as `pipesd timeline RUN.json`
+
         name, tl = next(iter(timelines.items()))
-        fig, ax = plt.subplots(figsize=(10, 2.6))
-        lanes = {"draft": 3, "send": 2, "verify": 1, "verdict": 0}
-        colors = {"draft": "tab:blue", "send": "tab:orange", "verify": "tab:green", "verdict": "tab:red"}
-        for lane, t0, t1, _ in tl:
-            if lane == "verdict":
-                ax.plot([t0 * 1e3], [lanes[lane]], "|", color=colors[lane], ms=12)
-            else:
-                ax.broken_barh([(t0 * 1e3, max(0.2, (t1 - t0) * 1e3))], (lanes[lane] - 0.35, 0.7), color=colors[lane])
-        names = {"draft": "edge draft", "send": "edge send", "verify": "cloud verify", "verdict": "verdict"}
-        ax.set_yticks([lanes[k] for k in names])
-        ax.set_yticklabels(list(names.values()))
-        ax.set_xlabel("ms since session open")
-        ax.set_title(f"PipeSD timeline, {name}, first prompt")
-        fig.tight_layout()
-        fig.savefig(out / f"e2e-{tag}-timeline.png", dpi=120)
+        plot_timeline(tl, out / f"e2e-{tag}-timeline.png", f"PipeSD timeline, {name}, first prompt")
 
 
 def replot(json_path: str) -> None:
