@@ -6,6 +6,11 @@ Concurrency: the event loop owns the sockets and the session bookkeeping; all mo
 loop keeps reading frames while the target computes. Sessions whose triggers coincide are
 verified together: one batched target forward and one batched ``verify_chain`` launch.
 
+Hardening (docs/security.md): replies never block the loop (a client that stops reading is
+dropped past ``max_send_buffer_bytes`` / ``write_timeout_s``), per-client limits on
+connections, sessions, draft bytes in flight and tokens per second (a throttling bucket),
+optional TLS, and a failed batched launch is retried session by session.
+
 Session state machine (positions count generated tokens, prompt excluded)::
 
     verified [0, v)  |  pending drafts [v, v + len(pending))
@@ -30,12 +35,17 @@ import torch
 
 from pipesd.sampling import SamplingParams
 from pipesd.transport import codec, conn
+from pipesd.transport.conn import server_ssl_context
 from pipesd.transport import messages as M
 from pipesd.verify import verify_chain
 
 log = logging.getLogger("pipesd.cloud")
 
-__all__ = ["CloudConfig", "CloudServer", "CloudStats"]
+__all__ = ["CloudConfig", "CloudServer", "CloudStats", "MIN_TEMPERATURE"]
+
+MIN_TEMPERATURE = 1e-6
+"""Smallest non-zero sampling temperature a session may ask for: logits / 1e-38 overflow float32
+to inf and NaN probabilities. Use 0 for greedy."""
 
 
 @dataclass
@@ -54,6 +64,17 @@ class CloudConfig:
     max_batch_sessions: int = 32
     handshake_timeout_s: float = 10.0
     write_timeout_s: float = 30.0
+    # Hardening (docs/security.md). A client whose unsent replies exceed max_send_buffer_bytes,
+    # or whose socket does not drain within write_timeout_s, is dropped with a logged reason.
+    max_clients: int = 256  # connections at once (handshaking included); more get E_LIMIT
+    max_send_buffer_bytes: int = 4 << 20  # replies queued for one client that is not reading
+    max_inflight_bytes_per_client: int = 64 << 20  # draft bytes (tokens, probs, q) awaiting verification
+    # Token bucket per client over prompt + draft tokens: over the rate the server stops reading
+    # from that client (TCP backpressure) until the bucket refills; nothing is refused. 0 = off.
+    max_tokens_per_s: float = 0.0
+    tokens_burst: int = 8192
+    tls_cert: Optional[str] = None  # PEM certificate (chain) file: serve TLS when set
+    tls_key: Optional[str] = None  # PEM private key (None: in tls_cert)
     # Emulated cloud compute: pad each verification to at least this long (0 = off). Lets a
     # CPU run behave like a big target on a GPU; benchmarks state it in their settings.
     verify_pad_s: float = 0.0
@@ -76,6 +97,12 @@ class CloudStats:
     sessions_opened: int = 0
     sessions_open: int = 0
     protocol_errors: int = 0
+    clients_connected: int = 0  # connections past the handshake, now
+    clients_refused: int = 0  # over max_clients
+    clients_dropped: int = 0  # dropped by the server: send buffer limit or write deadline
+    throttled_s: float = 0.0  # time clients spent paused by the token bucket
+    isolated_failures: int = 0  # sessions whose verification failed alone (others in the launch went on)
+    batch_size_counts: dict = field(default_factory=dict)  # sessions per launch -> launches (metrics)
 
 
 @dataclass
@@ -92,6 +119,7 @@ class _Session:
     pending: list = field(default_factory=list)  # draft tokens after `generated`
     pending_q_ids: list = field(default_factory=list)  # per token np.int32[k]
     pending_q_probs: list = field(default_factory=list)
+    pending_nbytes: list = field(default_factory=list)  # wire bytes held per pending draft (client limit)
     verify_upto: int = 0  # number of pending drafts to verify (0: nothing asked)
     verify_requested: bool = False
     bonus: bool = False
@@ -103,12 +131,34 @@ class _Session:
 
 
 class _Client:
-    def __init__(self, writer: asyncio.StreamWriter, peer: str) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, peer: str, rate: float = 0.0, burst: int = 0) -> None:
         self.writer = writer
         self.peer = peer
         self.sessions: dict[int, _Session] = {}
         self.write_lock = asyncio.Lock()
         self.alive = True
+        self.inflight_bytes = 0  # sum of the sessions' pending_nbytes
+        self.drain_task: Optional[asyncio.Task] = None
+        self.bucket = _TokenBucket(rate, burst) if rate > 0 else None
+
+
+class _TokenBucket:
+    """Tokens per second with a burst allowance; a debit may go negative (one big batch), and the
+    caller then waits ``-level / rate`` seconds: throttling, never refusal."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = float(rate)
+        self.burst = float(max(1, burst))
+        self.level = self.burst
+        self.t = time.monotonic()
+
+    def debit(self, n: int) -> float:
+        """Take ``n`` tokens; return the seconds to wait before serving them (0: now)."""
+        now = time.monotonic()
+        self.level = min(self.burst, self.level + (now - self.t) * self.rate)
+        self.t = now
+        self.level -= n
+        return 0.0 if self.level >= 0 else -self.level / self.rate
 
 
 class CloudServer:
@@ -117,6 +167,7 @@ class CloudServer:
     def __init__(self, target, config: Optional[CloudConfig] = None, *, tokenizer_fingerprint: str = "") -> None:
         self.target = target
         self.config = config or CloudConfig()
+        self._ssl = server_ssl_context(self.config.tls_cert, self.config.tls_key)  # a bad path fails here, clearly
         self.fingerprint = tokenizer_fingerprint
         self.stats = CloudStats()
         from pipesd.energy import EnergyMeter
@@ -131,8 +182,10 @@ class CloudServer:
         self._ready: Optional[asyncio.Queue] = None
         self._clients: set[_Client] = set()
         self._n_sessions = 0
+        self._n_conns = 0  # open connections, handshaking included (max_clients)
         self._thread: Optional[threading.Thread] = None
         self._started = threading.Event()
+        self._start_error: Optional[BaseException] = None
         self._stop_event: Optional[asyncio.Event] = None
         self.address: tuple[str, int] = (self.config.host, self.config.port)
 
@@ -142,12 +195,13 @@ class CloudServer:
         self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Queue()
         self._stop_event = asyncio.Event()
-        self._server = await asyncio.start_server(self._handle, self.config.host, self.config.port)
+        tls = {"ssl": self._ssl, "ssl_handshake_timeout": self.config.handshake_timeout_s} if self._ssl else {}
+        self._server = await asyncio.start_server(self._handle, self.config.host, self.config.port, **tls)
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
         verifier = asyncio.create_task(self._verifier())
         self._started.set()
-        log.info("serving on %s:%d", *self.address)
+        log.info("serving on %s:%d%s", *self.address, " (TLS)" if self._ssl else "")
         try:
             await self._stop_event.wait()
         finally:
@@ -164,10 +218,19 @@ class CloudServer:
 
     def start_in_thread(self) -> tuple[str, int]:
         """Serve from a background thread (tests, demo); returns ``(host, port)``."""
-        self._thread = threading.Thread(target=lambda: asyncio.run(self.serve()), name="pipesd-cloud", daemon=True)
+        def run() -> None:
+            try:
+                asyncio.run(self.serve())
+            except BaseException as e:  # e.g. the port is taken: report it to the caller, not 30 s later
+                self._start_error = e
+                self._started.set()
+
+        self._thread = threading.Thread(target=run, name="pipesd-cloud", daemon=True)
         self._thread.start()
         if not self._started.wait(30):
             raise RuntimeError("cloud server did not start within 30 s")
+        if self._start_error is not None:
+            raise RuntimeError(f"cloud server failed to start: {self._start_error}") from self._start_error
         return self.address
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -180,6 +243,24 @@ class CloudServer:
     # ------------------------------------------------------------------ connections
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(writer.get_extra_info("peername"))
+        self._n_conns += 1
+        try:
+            if self._n_conns > self.config.max_clients:
+                self.stats.clients_refused += 1
+                log.warning("refusing %s: %d connections open (max_clients %d)", peer, self._n_conns - 1,
+                            self.config.max_clients, extra={"peer": peer})
+                try:
+                    await asyncio.wait_for(conn.write_message(writer, M.Error(
+                        M.E_LIMIT, f"the cloud serves at most {self.config.max_clients} connections; try later")), 2.0)
+                except Exception:  # the peer may be gone already; the refusal stands
+                    pass
+                writer.transport.abort()
+                return
+            await self._serve_client(reader, writer, peer)
+        finally:
+            self._n_conns -= 1
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         cfg = self.config
         info = M.HelloAck(M.PROTOCOL_VERSION, cfg.server_name, self.vocab_size, self.fingerprint,
                           cfg.max_sessions_per_client, cfg.max_prompt_tokens, cfg.max_draft_in_flight)
@@ -190,8 +271,10 @@ class CloudServer:
             log.info("handshake with %s failed: %s", peer, e)
             writer.close()
             return
-        client = _Client(writer, peer)
+        client = _Client(writer, peer, cfg.max_tokens_per_s, cfg.tokens_burst)
         self._clients.add(client)
+        self.stats.clients_connected = len(self._clients)
+        log.info("edge %s connected", peer, extra={"peer": peer})
         try:
             while True:
                 try:
@@ -201,6 +284,10 @@ class CloudServer:
                     await self._send(client, M.Error(e.code, str(e)))
                     break
                 except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                if client.bucket is not None:
+                    await self._throttle(client, msg)
+                if not client.alive:  # dropped while this frame was read
                     break
                 try:
                     await self._dispatch(client, msg)
@@ -217,17 +304,63 @@ class CloudServer:
             for s in list(client.sessions.values()):
                 self._close_session(s)
             self._clients.discard(client)
-            writer.close()
+            self.stats.clients_connected = len(self._clients)
+            writer.close()  # flushes what is buffered; a peer that never reads it is cut off below
+            asyncio.get_running_loop().call_later(min(cfg.write_timeout_s, 5.0), writer.transport.abort)
 
     async def _send(self, client: _Client, msg) -> None:
+        """Queue ``msg`` for ``client`` without waiting for the peer to read it.
+
+        The verifier and the other clients never wait on a slow reader. The write side is
+        bounded: a client with more than ``max_send_buffer_bytes`` unread, or whose socket does
+        not drain within ``write_timeout_s``, is dropped (its sessions are freed).
+        """
         if not client.alive:
             return
-        try:
-            async with client.write_lock:
-                await asyncio.wait_for(conn.write_message(client.writer, msg), self.config.write_timeout_s)
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+        transport = client.writer.transport
+        if transport.is_closing():
             client.alive = False
-            client.writer.close()
+            return
+        client.writer.write(codec.encode(msg))
+        buffered = transport.get_write_buffer_size()
+        if buffered > self.config.max_send_buffer_bytes:
+            self._drop(client, f"{buffered} bytes of replies unread (max_send_buffer_bytes "
+                               f"{self.config.max_send_buffer_bytes}): the client is not reading")
+        elif client.drain_task is None and buffered > transport.get_write_buffer_limits()[1]:
+            client.drain_task = asyncio.create_task(self._drain(client))
+
+    async def _drain(self, client: _Client) -> None:
+        """Watch a client whose replies back up: it must read them within ``write_timeout_s``."""
+        try:
+            await asyncio.wait_for(client.writer.drain(), self.config.write_timeout_s)
+        except asyncio.TimeoutError:
+            self._drop(client, f"replies not read within write_timeout_s ({self.config.write_timeout_s} s)")
+        except (ConnectionError, RuntimeError):  # the connection is gone: the reader cleans up
+            client.alive = False
+        finally:
+            client.drain_task = None
+
+    def _drop(self, client: _Client, reason: str) -> None:
+        """Cut a misbehaving client off now (no flush); its read loop then frees its sessions."""
+        if not client.alive:
+            return
+        client.alive = False
+        self.stats.clients_dropped += 1
+        log.warning("dropping client %s: %s", client.peer, reason, extra={"peer": client.peer})
+        client.writer.transport.abort()
+
+    async def _throttle(self, client: _Client, msg) -> None:
+        """Token bucket over prompt and draft tokens: wait (stop reading this client) when over the rate."""
+        if isinstance(msg, M.DraftBatch):
+            n = max(len(msg.tokens), 1 if msg.verify else 0)  # an empty verify still costs a target forward
+        elif isinstance(msg, M.OpenSession):
+            n = len(msg.prompt_ids)
+        else:
+            return
+        wait = client.bucket.debit(n)
+        if wait > 0:
+            self.stats.throttled_s += wait
+            await asyncio.sleep(wait)
 
     async def _dispatch(self, client: _Client, msg) -> None:
         if isinstance(msg, M.DraftBatch):
@@ -262,6 +395,9 @@ class CloudServer:
                                     int(msg.seed))
         except ValueError as e:
             raise codec.ProtocolError(M.E_BAD_FIELD, str(e)) from None
+        if 0.0 < params.temperature < MIN_TEMPERATURE:
+            raise codec.ProtocolError(M.E_BAD_FIELD, f"temperature {params.temperature} is below {MIN_TEMPERATURE} "
+                                                     "(use 0 for greedy)")
         if not (1 <= msg.max_new_tokens <= cfg.max_new_tokens):
             raise codec.ProtocolError(M.E_LIMIT, f"max_new_tokens {msg.max_new_tokens} outside [1, {cfg.max_new_tokens}]")
         gen = torch.Generator()
@@ -272,13 +408,21 @@ class CloudServer:
         self._n_sessions += 1
         self.stats.sessions_opened += 1
         self.stats.sessions_open = self._n_sessions
+        log.info("session %d opened by %s: %d prompt tokens, up to %d new", sid, client.peer, len(prompt),
+                 msg.max_new_tokens, extra={"session": sid, "peer": client.peer})
         await self._send(client, M.SessionOpened(sid))
 
     def _close_session(self, s: _Session) -> None:
         if s.closed:
             return
         s.closed = True
+        log.info("session %d closed: %d tokens verified", s.sid, len(s.generated), extra={"session": s.sid})
         s.client.sessions.pop(s.sid, None)
+        s.client.inflight_bytes -= sum(s.pending_nbytes)
+        s.pending.clear()  # a verification in flight holds its own copy
+        s.pending_q_ids.clear()
+        s.pending_q_probs.clear()
+        s.pending_nbytes.clear()
         self._n_sessions -= 1
         self.stats.sessions_open = self._n_sessions
         if not s.busy:
@@ -303,10 +447,10 @@ class CloudServer:
             raise codec.ProtocolError(M.E_BAD_FIELD, f"epoch {b.epoch} is ahead of the session's {s.epoch}")
         n = len(b.tokens)
         expected = len(s.generated) + len(s.pending)
+        if b.first_pos < expected:  # a replay of a batch already taken (empty ones too)
+            self.stats.duplicate_batches += 1
+            return
         if n and b.first_pos != expected:
-            if b.first_pos < expected:
-                self.stats.duplicate_batches += 1
-                return
             raise codec.ProtocolError(M.E_BAD_FIELD, f"batch starts at {b.first_pos}, expected {expected} (gap)")
         if len(s.pending) + n > self.config.max_draft_in_flight:
             raise codec.ProtocolError(M.E_LIMIT, f"more than {self.config.max_draft_in_flight} draft tokens in flight")
@@ -314,15 +458,24 @@ class CloudServer:
             toks = np.asarray(b.tokens)
             if int(toks.min()) < 0 or int(toks.max()) >= self.vocab_size:
                 raise codec.ProtocolError(M.E_BAD_FIELD, f"draft token ids outside [0, {self.vocab_size})")
+            per_token = 8  # token + prob; the q of a sampling session below
             if not s.params.greedy:
                 if b.q_ids is None or b.q_probs is None:
                     raise codec.ProtocolError(M.E_BAD_FIELD, "sampling mode needs the draft's q (q_ids, q_probs)")
                 qi = np.asarray(b.q_ids)
                 if int(qi.min()) < 0 or int(qi.max()) >= self.vocab_size:
                     raise codec.ProtocolError(M.E_BAD_FIELD, f"q ids outside [0, {self.vocab_size})")
+                per_token += 8 * qi.shape[1]
+            limit = self.config.max_inflight_bytes_per_client
+            if client.inflight_bytes + n * per_token > limit:
+                raise codec.ProtocolError(M.E_LIMIT, f"more than {limit} bytes of drafts awaiting verification "
+                                                     "on this connection (max_inflight_bytes_per_client)")
+            if not s.params.greedy:
                 s.pending_q_ids.extend(qi)
                 s.pending_q_probs.extend(np.asarray(b.q_probs))
             s.pending.extend(int(t) for t in toks)
+            s.pending_nbytes.extend([per_token] * n)
+            client.inflight_bytes += n * per_token
         if b.verify:
             s.verify_upto = len(s.pending)
             s.bonus = bool(b.bonus)
@@ -340,38 +493,65 @@ class CloudServer:
     async def _verifier(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            first = await self._ready.get()
-            batch = [first]
-            while not self._ready.empty() and len(batch) < self.config.max_batch_sessions:
-                batch.append(self._ready.get_nowait())
-            for s in batch:
-                s.queued = False
-            batch = [s for s in batch if not s.closed and s.verify_requested]
-            if not batch:
+            # One round per call: its locals (sessions, caches) are released while idle, so a
+            # closed session's memory is freed at once, not at the next verification.
+            await self._verify_round(loop, await self._ready.get())
+
+    async def _verify_round(self, loop, first: _Session) -> None:
+        batch = [first]
+        while not self._ready.empty() and len(batch) < self.config.max_batch_sessions:
+            batch.append(self._ready.get_nowait())
+        for s in batch:
+            s.queued = False
+        batch = [s for s in batch if not s.closed and s.verify_requested]
+        if not batch:
+            return
+        jobs = []
+        for s in batch:
+            n = s.verify_upto
+            jobs.append((s, s.pending[:n], s.pending_q_ids[:n], s.pending_q_probs[:n], s.bonus, s.echo_sent_at))
+            s.verify_requested = False
+            s.busy = True
+        results = await self._run_jobs(loop, jobs)
+        for (s, *_), res in zip(jobs, results):
+            s.busy = False
+            if s.closed:
+                self._release(s)
                 continue
-            jobs = []
-            for s in batch:
-                n = s.verify_upto
-                jobs.append((s, s.pending[:n], s.pending_q_ids[:n], s.pending_q_probs[:n], s.bonus, s.echo_sent_at))
-                s.verify_requested = False
-                s.busy = True
+            if res is None:  # this session's verification failed: it alone gets the error
+                await self._send(s.client, M.Error(M.E_INTERNAL, "verification failed", s.sid))
+                self._close_session(s)
+                continue
+            verdict, new = res
+            self._apply(s, verdict, new)
+            self._schedule(s)
+            await self._send(s.client, verdict)
+
+    async def _run_jobs(self, loop, jobs) -> list:
+        """``(verdict, new tokens)`` per job, or None for a job whose verification failed.
+
+        When a batched launch fails, each of its sessions is verified alone, from a fresh cache
+        (nothing was committed: commits come after every verdict of a launch is known), so one
+        bad session cannot fail or corrupt the others it was batched with.
+        """
+        try:
+            return await loop.run_in_executor(self._executor, self._verify_jobs, jobs)
+        except Exception:
+            log.exception("verification of %d session(s) failed", len(jobs))
+        if len(jobs) == 1:
+            jobs[0][0].tsession.close()  # the cache may be half-updated: re-feed next time
+            return [None]
+        out = []
+        for j in jobs:
+            j[0].tsession.close()
             try:
-                results = await loop.run_in_executor(self._executor, self._verify_jobs, jobs)
+                out.extend(await loop.run_in_executor(self._executor, self._verify_jobs, [j]))
             except Exception:
-                log.exception("verification failed")
-                for s in batch:
-                    s.busy = False
-                    await self._send(s.client, M.Error(M.E_INTERNAL, "verification failed", s.sid))
-                    self._close_session(s)
-                continue
-            for (s, *_), (verdict, new) in zip(jobs, results):
-                s.busy = False
-                if s.closed:
-                    self._release(s)
-                    continue
-                self._apply(s, verdict, new)
-                self._schedule(s)
-                await self._send(s.client, verdict)
+                log.exception("verification of session %d failed on its own", j[0].sid)
+                self.stats.isolated_failures += 1
+                j[0].tsession.close()
+                out.append(None)
+        return out
 
     def _verify_jobs(self, jobs) -> list[tuple[M.Verdict, list[int]]]:
         """Verifier thread: one batched target forward + one verify_chain launch."""
@@ -444,13 +624,16 @@ class CloudServer:
                 new, finished = new[: new.index(s.eos_id) + 1], True
             if len(new) <= acc:  # clipped before the correction
                 correction = -1
-            s.tsession.commit(new)
+            if new and not (min(new) >= 0 and max(new) < self.vocab_size):
+                raise ValueError(f"session {s.sid}: the verifier returned token ids outside [0, {self.vocab_size})")
             wasted = len(d) - min(acc, len(new))
             out.append((M.Verdict(s.sid, s.epoch, start, start + len(d), min(acc, len(new)), correction,
                                   rejected, start + len(new), finished,
                                   forwards if B == 1 else len(d) + 1, 0.0, echo), new))
             self.stats.wasted_forwards += wasted
             wasted_sum += wasted
+        for (s, *_), (_, new) in zip(jobs, out):  # only now that every verdict of the launch is known
+            s.tsession.commit(new)
         busy = time.perf_counter() - t0
         self.stats.forward_s += t_fwd - t0
         self.stats.kernel_s += t_kern - t_kern0
@@ -464,8 +647,10 @@ class CloudServer:
         self.stats.verifications += B
         self.stats.batched_launches += 1
         self.stats.max_batch = max(self.stats.max_batch, B)
+        self.stats.batch_size_counts[B] = self.stats.batch_size_counts.get(B, 0) + 1
         self.stats.target_forwards += forwards
         self.stats.busy_s += busy
+        log.debug("verified %d session(s), %d target forwards, %.1f ms", B, forwards, busy * 1e3)
         return out
 
     def energy_report(self) -> dict:
@@ -482,6 +667,8 @@ class CloudServer:
             s.pending.clear()
             s.pending_q_ids.clear()
             s.pending_q_probs.clear()
+            s.client.inflight_bytes -= sum(s.pending_nbytes)
+            s.pending_nbytes.clear()
             s.verify_requested = False
             s.verify_upto = 0
             s.epoch += 1
@@ -490,6 +677,8 @@ class CloudServer:
             del s.pending[:n_verified]
             del s.pending_q_ids[:n_verified]
             del s.pending_q_probs[:n_verified]
+            s.client.inflight_bytes -= sum(s.pending_nbytes[:n_verified])
+            del s.pending_nbytes[:n_verified]
             s.verify_upto = max(0, s.verify_upto - n_verified)
         if v.finished:
             s.finished = True

@@ -328,7 +328,8 @@ def _decode_draft(r: _Reader) -> M.DraftBatch:
             qi = r.array("<i4", count, "q_ids").reshape(n, k)
         qp = r.array("<f4", count, "q_probs").reshape(n, k)
         if flags & F_Q_DENSE:  # allocated only now that the frame is known to hold n*k probs
-            qi = np.broadcast_to(np.arange(k, dtype=np.int32), (n, k))
+            # (n == 0 holds none: no arange(k) then, or a 40-byte frame could cost 4 MiB)
+            qi = np.broadcast_to(np.arange(k, dtype=np.int32), (n, k)) if n else np.zeros((0, k), np.int32)
         elif count and qi.min() < 0:
             raise _field("DraftBatch: negative q id")
         _check_probs(qp, "DraftBatch: q_probs")

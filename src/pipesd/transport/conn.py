@@ -12,11 +12,13 @@ import asyncio
 import collections
 import hashlib
 import hmac
+import os
 import queue
 import socket
+import ssl
 import threading
 import time
-from typing import Optional
+from typing import Optional, Union
 
 from pipesd.transport import codec
 from pipesd.transport import messages as M
@@ -24,7 +26,7 @@ from pipesd.transport.codec import HEADER, ProtocolError
 from pipesd.transport.link import LinkEmulator
 
 __all__ = ["EdgeConnection", "ConnectionClosed", "HandshakeError", "ServerConnection", "read_message",
-           "write_message", "serve_handshake", "HELLO_MAX_BYTES"]
+           "write_message", "serve_handshake", "HELLO_MAX_BYTES", "client_ssl_context", "server_ssl_context"]
 
 HELLO_MAX_BYTES = 4096
 """Frame limit while waiting for a Hello (before the peer is authenticated)."""
@@ -40,6 +42,136 @@ class HandshakeError(ConnectionError):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+# ----------------------------------------------------------------------------- TLS
+def server_ssl_context(cert: Optional[str], key: Optional[str] = None) -> Optional[ssl.SSLContext]:
+    """The cloud's TLS settings from a PEM certificate (chain) and key file; None when ``cert`` is None.
+
+    TLS 1.2 or newer. Raises ``ValueError`` naming the files when they cannot be loaded.
+    """
+    if not cert:
+        if key:
+            raise ValueError("a TLS key was given without a certificate (tls_cert / --tls-cert)")
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"cannot load the TLS certificate {cert!r} / key {key!r}: {e}") from None
+    return ctx
+
+
+def client_ssl_context(ca: Optional[str] = None, *, insecure: bool = False) -> ssl.SSLContext:
+    """The edge's TLS settings: verify the cloud's certificate against ``ca`` (a PEM file), else
+    the system's trusted CAs, and its name against the host connected to.
+
+    ``insecure=True`` skips both checks: the stream is encrypted but anyone on the path can
+    impersonate the cloud. For testing with a self-signed certificate only.
+    """
+    try:
+        ctx = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"cannot load the TLS CA file {ca!r}: {e}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _tls_from_env() -> Optional[ssl.SSLContext]:
+    """``tls=None``: TLS when ``PIPESD_TLS_CA`` (a CA file), ``PIPESD_TLS=1`` or ``PIPESD_TLS_INSECURE=1`` is set."""
+    ca = os.environ.get("PIPESD_TLS_CA") or None
+    insecure = os.environ.get("PIPESD_TLS_INSECURE", "") not in ("", "0")
+    if ca or insecure or os.environ.get("PIPESD_TLS", "") not in ("", "0"):
+        return client_ssl_context(ca, insecure=insecure)
+    return None
+
+
+class _TlsSocket:
+    """TLS over a blocking socket, for one reading and one writing thread at once.
+
+    An ``ssl.SSLSocket`` must not be read and written from two threads concurrently (OpenSSL
+    state is shared; CPython issues 76714, 137583), and the edge does exactly that. Here the
+    TLS state lives in an ``SSLObject`` over memory buffers, touched only under a short lock,
+    and the raw socket is read and written outside it, so a blocked read never blocks a send.
+    """
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_hostname: Optional[str]) -> None:
+        self.raw = sock
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._obj = ctx.wrap_bio(self._in, self._out, server_hostname=server_hostname)
+        self._lock = threading.Lock()  # the SSLObject and its buffers
+        self._wlock = threading.Lock()  # the raw socket's write side: records leave in order
+
+    def __getattr__(self, name):  # settimeout, setsockopt, fileno, getsockname, ...
+        return getattr(self.raw, name)
+
+    def handshake(self) -> None:
+        while True:
+            with self._lock:
+                try:
+                    self._obj.do_handshake()
+                    done = True
+                except ssl.SSLWantReadError:
+                    done = False
+            self._flush()
+            if done:
+                return
+            data = self.raw.recv(65536)
+            if not data:
+                raise ConnectionClosed("the peer closed the connection during the TLS handshake")
+            with self._lock:
+                self._in.write(data)
+
+    def version(self) -> Optional[str]:
+        return self._obj.version()
+
+    def getpeercert(self):
+        return self._obj.getpeercert()
+
+    def _flush(self) -> None:
+        with self._wlock:
+            with self._lock:
+                data = self._out.read()
+            if data:
+                self.raw.sendall(data)
+
+    def sendall(self, data) -> None:
+        with self._wlock:
+            with self._lock:
+                self._obj.write(data)
+                out = self._out.read()
+            self.raw.sendall(out)
+
+    def recv_into(self, view, n: int) -> int:
+        while True:
+            with self._lock:
+                try:
+                    data = self._obj.read(n)
+                except ssl.SSLWantReadError:
+                    data = None
+                except ssl.SSLZeroReturnError:  # the peer closed TLS cleanly
+                    return 0
+                flush = self._out.pending > 0  # e.g. a key update answer
+            if flush:
+                self._flush()
+            if data is not None:
+                view[: len(data)] = data
+                return len(data)
+            chunk = self.raw.recv(65536)
+            if not chunk:
+                return 0
+            with self._lock:
+                self._in.write(chunk)
+
+    def shutdown(self, how: int) -> None:
+        self.raw.shutdown(how)
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 class _Eof:
@@ -87,19 +219,48 @@ class EdgeConnection:
     @classmethod
     def connect(cls, host: str, port: int, *, auth_token: str = "", client_name: str = "",
                 link: Optional[LinkEmulator] = None, timeout_s: float = 10.0,
-                max_frame_bytes: int = codec.MAX_FRAME_BYTES) -> "EdgeConnection":
+                max_frame_bytes: int = codec.MAX_FRAME_BYTES,
+                tls: Union[bool, ssl.SSLContext, None] = None, tls_ca: Optional[str] = None,
+                tls_insecure: bool = False) -> "EdgeConnection":
         """Connect to the cloud and do the Hello/HelloAck handshake.
 
         Raises ``ConnectionError`` when the cloud cannot be reached, :class:`HandshakeError`
         (a ``ConnectionError`` with ``.code``) when it refuses (bad token, wrong version: its
         Error frame's text is in the message) or does not answer within ``timeout_s``.
+
+        TLS: ``tls=True`` (or a ``tls_ca`` file, or ``tls_insecure``) wraps the connection with
+        :func:`client_ssl_context`; an ``ssl.SSLContext`` is used as given; ``False`` is plain
+        TCP; ``None`` (default) reads ``PIPESD_TLS_CA`` / ``PIPESD_TLS`` / ``PIPESD_TLS_INSECURE``
+        from the environment, else plain TCP. A failed certificate check is a
+        :class:`HandshakeError` with code ``E_AUTH``.
         """
+        if isinstance(tls, ssl.SSLContext):
+            ctx: Optional[ssl.SSLContext] = tls
+        elif tls or tls_ca or tls_insecure:
+            ctx = client_ssl_context(tls_ca, insecure=tls_insecure)
+        elif tls is None:
+            ctx = _tls_from_env()
+        else:
+            ctx = None
         try:
             sock = socket.create_connection((host, port), timeout=timeout_s)
         except OSError as e:
             raise ConnectionError(f"cannot reach the cloud at {host}:{port}: {e}") from None
-        sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ctx is not None:
+            tsock = _TlsSocket(sock, ctx, host if ctx.check_hostname else None)
+            try:
+                tsock.handshake()  # still under the connect timeout
+            except ssl.SSLCertVerificationError as e:
+                sock.close()
+                raise HandshakeError(M.E_AUTH, f"the cloud at {host}:{port} failed the TLS certificate check: "
+                                               f"{e.verify_message or e}") from None
+            except (OSError, ConnectionClosed) as e:
+                sock.close()
+                raise HandshakeError(M.E_BAD_FRAME, f"TLS handshake with the cloud at {host}:{port} failed: {e} "
+                                                    "(does it serve TLS? `pipesd serve --tls-cert`)") from None
+            sock = tsock
+        sock.settimeout(None)
         c = cls(sock, link, max_frame_bytes)
         closed: Optional[ConnectionClosed] = None
         try:
@@ -127,8 +288,9 @@ class EdgeConnection:
             raise HandshakeError(M.E_VERSION, f"the cloud at {host}:{port} speaks protocol version {msg.version}, "
                                               f"this edge {M.PROTOCOL_VERSION}")
         if closed is not None:
+            hint = "" if ctx is not None else "; if it serves TLS, connect with tls=True or a CA (--tls-ca)"
             raise HandshakeError(M.E_BAD_FRAME, f"the cloud at {host}:{port} closed the connection during the "
-                                                f"handshake ({closed})")
+                                                f"handshake ({closed}{hint})")
         if msg is None:
             raise HandshakeError(M.E_BAD_FRAME, f"the cloud at {host}:{port} did not complete the handshake "
                                                 f"within {timeout_s} s")

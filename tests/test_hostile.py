@@ -1,0 +1,421 @@
+"""Hostile input: structured frame fuzzing of the codec, every server handler under a barrage of
+hostile messages (hypothesis), wrong auth tokens, and the atheris fuzz target (bounded run).
+
+test_codec.py covers random bytes, random bodies and byte-level mutations of valid frames;
+here the frames are built field by field (huge counts, NaN/inf/negative probabilities,
+unknown flags), and the server is attacked over real loopback connections. After each
+barrage a healthy client must still get exactly the target's greedy output.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipesd.edge import EdgeClient
+from pipesd.sampling import SamplingParams
+from pipesd.transport import codec, conn
+from pipesd.transport import messages as M
+from pipesd.transport.codec import ProtocolError
+
+from runtime_helpers import reference_greedy, running_server, tiny_pair
+
+VOCAB = 48
+TOKEN = "tok"
+FLOATS = st.floats(allow_nan=True, allow_infinity=True, width=32)
+COUNT = st.one_of(st.integers(0, 6), st.sampled_from([2**16, 2**20, 2**20 + 1, 2**31, 2**32 - 1]))
+WIDTH = st.one_of(st.integers(0, 5), st.sampled_from([2**20, 2**20 + 1, 2**32 - 1]))
+
+
+def _decoded_or_protocol_error(body: bytes, tag: int):
+    try:
+        return codec.decode(body, tag)
+    except ProtocolError as e:
+        assert e.code in (M.E_BAD_FRAME, M.E_BAD_FIELD, M.E_LIMIT)
+        return None
+
+
+def _bounded_decode(body: bytes, tag: int):
+    """Decode under tracemalloc: memory must stay within a small multiple of the frame."""
+    tracemalloc.start()
+    try:
+        msg = _decoded_or_protocol_error(body, tag)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024 + 4 * len(body), f"decoding a {len(body)}-byte body peaked at {peak} bytes"
+    return msg
+
+
+# --------------------------------------------------------------------------- codec, field by field
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flags=st.integers(0, 255), sent_at=st.floats(allow_nan=True, allow_infinity=True), n=COUNT, k=WIDTH,
+       ints=st.lists(st.integers(-2**31, 2**31 - 1), max_size=24), floats=st.lists(FLOATS, max_size=24),
+       tail=st.binary(max_size=8))
+def test_structured_draft_frames(flags, sent_at, n, k, ints, floats, tail):
+    head = codec._DRAFT.pack(7, 1, 3, flags, sent_at, n, k) + b"\0" * codec._DRAFT_PAD
+    arrays = np.array(ints, "<i4").tobytes() + np.array(floats, "<f4").tobytes()
+    msg = _bounded_decode(head + arrays + tail, M.T_DRAFT)
+    if msg is None:
+        return
+    # What decodes is sane: the server can trust these without re-checking types or finiteness.
+    assert np.isfinite(msg.sent_at)
+    assert len(msg.tokens) == len(msg.probs) == n and (n == 0 or msg.tokens.min() >= 0)
+    assert np.all((msg.probs >= 0) & (msg.probs <= 1 + codec.PROB_SLACK))
+    if msg.q_ids is not None:
+        assert msg.q_ids.shape == msg.q_probs.shape == (n, k) and 1 <= k <= codec.MAX_Q_WIDTH
+        assert np.all(np.isfinite(msg.q_probs)) and (n == 0 or msg.q_ids.min() >= 0)
+        assert np.all(np.abs(msg.q_probs.sum(1, dtype=np.float64) - 1) <= codec.Q_SUM_TOL)
+
+
+@settings(max_examples=200, deadline=None)
+@given(temp=st.floats(allow_nan=True, allow_infinity=True), top_k=st.integers(-2**31, 2**31 - 1),
+       top_p=st.floats(allow_nan=True, allow_infinity=True), min_p=st.floats(allow_nan=True, allow_infinity=True),
+       n=COUNT, ids=st.lists(st.integers(-2**31, 2**31 - 1), max_size=8), fp=st.binary(max_size=8))
+def test_structured_open_frames(temp, top_k, top_p, min_p, n, ids, fp):
+    head = codec._OPEN.pack(1, temp, top_k, top_p, min_p, 5, 16, n) + b"\0" * codec._OPEN_PAD
+    body = head + np.array(ids, "<i4").tobytes() + struct.pack("<H", len(fp)) + fp
+    msg = _bounded_decode(body, M.T_OPEN)
+    if msg is None:
+        return
+    assert np.isfinite([msg.temperature, msg.top_p, msg.min_p]).all()
+    assert msg.temperature >= 0 and msg.top_k >= 0 and 0 <= msg.top_p <= 1 and 0 <= msg.min_p <= 1
+    assert len(msg.prompt_ids) == n and (n == 0 or msg.prompt_ids.min() >= 0)
+
+
+def test_dense_q_with_no_tokens_allocates_nothing():
+    """Found by these properties: an empty dense-q batch of width 2**20 built a 4 MiB arange."""
+    body = codec._DRAFT.pack(1, 0, 0, codec.F_HAS_Q | codec.F_Q_DENSE, 0.0, 0, 2**20) + b"\0" * codec._DRAFT_PAD
+    msg = _bounded_decode(body, M.T_DRAFT)
+    assert msg is not None and msg.q_ids.shape == (0, 2**20)
+    assert codec.decode_frame(codec.encode(msg)).q_ids.shape == (0, 2**20)  # still round-trips
+
+
+# --------------------------------------------------------------------------- the server under fire
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair(VOCAB)
+
+
+@pytest.fixture(scope="module")
+def server(pair):
+    with running_server(pair[1], auth_token=TOKEN, max_draft_in_flight=64, max_sessions_per_client=8) as s:
+        yield s
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+SIDS = st.sampled_from([0, 1, 2, 3, 2**32 - 1])  # 3 is also the healthy client's session id
+TOKS = st.integers(0, 2**31 - 1).map(lambda t: t if t < 2 * VOCAB else t % 1000)  # mostly near the vocab edge
+
+
+@st.composite
+def hostile_drafts(draw):
+    n = draw(st.integers(0, 6))
+    toks = np.array(draw(st.lists(TOKS, min_size=n, max_size=n)), np.int32)
+    probs = np.array(draw(st.lists(st.one_of(st.floats(0, 1), FLOATS), min_size=n, max_size=n)), np.float32)
+    qi = qp = None
+    if n and draw(st.booleans()):
+        k = draw(st.integers(1, 4))
+        qi = np.array(draw(st.lists(TOKS, min_size=n * k, max_size=n * k)), np.int32).reshape(n, k)
+        qp = np.array(draw(st.lists(FLOATS, min_size=n * k, max_size=n * k)), np.float32).reshape(n, k)
+        if draw(st.booleans()):  # a proper distribution, to reach the server's own checks
+            qp = np.full((n, k), 1.0 / k, np.float32)
+    return M.DraftBatch(draw(SIDS), draw(st.integers(0, 3)), draw(st.sampled_from([0, 1, 5, 63, 2**31])), toks, probs,
+                        draw(st.booleans()), draw(st.booleans()), qi, qp, draw(st.floats(0, 1e9)))
+
+
+hostile_opens = st.builds(
+    M.OpenSession, SIDS, st.lists(TOKS, min_size=0, max_size=6).map(lambda x: np.array(x, np.int32)),
+    st.sampled_from([0.0, 0.0, 0.7, 1e-40, 1e-7, 1e30]), st.integers(0, 100), st.sampled_from([1.0, 0.5, 1e-9]),
+    st.sampled_from([0.0, 0.2, 0.999]), st.integers(0, 2**64 - 1), st.sampled_from(["", "other-tokenizer"]),
+    st.sampled_from([0, 1, 8, 2**32 - 1]))
+wrong_direction = st.one_of(
+    st.builds(M.Hello, st.integers(0, 3), st.just(TOKEN)),
+    st.builds(M.HelloAck, st.just(1), st.just("x"), st.just(VOCAB), st.just(""), st.just(1), st.just(1), st.just(1)),
+    st.builds(M.Verdict, SIDS, st.just(0), st.just(0), st.just(1), st.just(1), st.just(-1), st.just(False),
+              st.just(1)),
+    st.builds(M.SessionOpened, SIDS), st.builds(M.Error, st.integers(0, 9), st.just("?"), st.just(-1)))
+hostile_frames = st.one_of(hostile_drafts().map(codec.encode), hostile_opens.map(codec.encode),
+                           st.builds(M.CloseSession, SIDS).map(codec.encode), wrong_direction.map(codec.encode),
+                           # Raw frames: random payloads under a consistent length (a shorter frame
+                           # would just be waited for: that is the vanish-mid-frame case of
+                           # test_faults.py), lengths over the limit, the empty frame.
+                           st.binary(min_size=1, max_size=40).map(lambda b: codec.HEADER.pack(len(b)) + b),
+                           st.tuples(st.integers((8 << 20) + 1, 2**32 - 1), st.binary(max_size=8)).map(
+                               lambda t: codec.HEADER.pack(t[0]) + t[1]),
+                           st.just(codec.HEADER.pack(0)))
+
+
+class Attacker:
+    """One raw connection, re-made after the server closes it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.c = None
+        self.reconnects = 0
+
+    def conn(self) -> conn.EdgeConnection:
+        if self.c is None or self.c.closed:
+            if self.c is not None:
+                self.c.close()
+                self.reconnects += 1
+            self.c = conn.EdgeConnection.connect("127.0.0.1", self.port, auth_token=TOKEN, tls=False)
+        return self.c
+
+    def close(self) -> None:
+        if self.c is not None:
+            self.c.close()
+
+
+PROBE = 999
+
+
+def _fire(att: Attacker, frames: list[bytes], opened_sids: set) -> list:
+    """Send ``frames``, then a probe Open; return what came back before the probe's answer (or the close)."""
+    c = att.conn()
+    for f in frames:
+        try:
+            c.sock.sendall(f)
+        except OSError:
+            break
+    got = []
+    try:
+        c.send(M.OpenSession(PROBE, np.array([1, 2], np.int32), max_new_tokens=4))
+        while True:
+            msg = c.recv(10)
+            assert msg is not None, "the server did not answer within 10 s"
+            if isinstance(msg, M.SessionOpened) and msg.session_id == PROBE:
+                break
+            got.append(msg)
+        c.send(M.CloseSession(PROBE))
+        for sid in opened_sids:  # keep under max_sessions_per_client
+            c.send(M.CloseSession(sid))
+    except (conn.ConnectionClosed, ProtocolError):
+        got.append("closed")
+    return got
+
+
+@pytest.mark.timeout(240)
+def test_server_handlers_under_a_hostile_barrage(pair, server):
+    srv, url = server
+    port = _port(url)
+    ref = reference_greedy(pair[2], [5, 6, 7], 12)
+    # A healthy raw client holds session 3 (a sid the attacker also uses) mid-generation.
+    healthy = conn.EdgeConnection.connect("127.0.0.1", port, auth_token=TOKEN, tls=False)
+    healthy.send(M.OpenSession(3, np.array([5, 6, 7], np.int32), max_new_tokens=12))
+    assert isinstance(healthy.recv(10), M.SessionOpened)
+    healthy.send(M.DraftBatch(3, 0, 0, np.array(ref[:3], np.int32), np.ones(3, np.float32), True))
+    v = healthy.recv(10)
+    assert isinstance(v, M.Verdict) and v.accepted == 3
+    att = Attacker(port)
+    seen = {"errors": 0, "closed": 0, "verdicts": 0}
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+              database=None)
+    @given(frames=st.lists(hostile_frames, min_size=1, max_size=4))
+    def barrage(frames):
+        opened = {0, 1, 2, 3, 2**32 - 1}
+        for msg in _fire(att, frames, opened):
+            if msg == "closed":
+                seen["closed"] += 1
+            elif isinstance(msg, M.Error):
+                seen["errors"] += 1
+                assert msg.code in (M.E_BAD_FRAME, M.E_BAD_FIELD, M.E_LIMIT, M.E_UNKNOWN_SESSION, M.E_TOKENIZER,
+                                    M.E_VERSION, M.E_AUTH), msg
+            elif isinstance(msg, M.Verdict):
+                seen["verdicts"] += 1
+            else:
+                assert isinstance(msg, M.SessionOpened) and msg.session_id in opened, msg
+
+    try:
+        barrage()
+    finally:
+        att.close()
+    assert seen["errors"] > 0
+    # Session 3 of the healthy client is untouched: it finishes with exactly the target's tokens.
+    healthy.send(M.DraftBatch(3, 0, 3, np.array(ref[3:12], np.int32), np.ones(9, np.float32), True))
+    v = healthy.recv(10)
+    assert isinstance(v, M.Verdict) and v.accepted == 9 and v.verified_len == 12 and v.finished
+    healthy.close()
+    with EdgeClient(url, pair[0], auth_token=TOKEN) as e:
+        assert e.generate([1, 2, 3], 8).token_ids == reference_greedy(pair[2], [1, 2, 3], 8)
+    assert srv.stats.protocol_errors > 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(token=st.text(max_size=40).filter(lambda t: t != TOKEN), version=st.sampled_from([M.PROTOCOL_VERSION, 0, 2]))
+def test_wrong_tokens_and_versions_are_refused(server, token, version):
+    srv, url = server
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=10) as s:
+        s.sendall(codec.encode(M.Hello(version, token, "x")))
+        r = codec.FrameReader()
+        msgs = []
+        while not msgs:
+            chunk = s.recv(4096)
+            assert chunk, "closed without an Error frame"
+            msgs = r.feed(chunk)
+        assert isinstance(msgs[0], M.Error)
+        assert msgs[0].code == (M.E_AUTH if version == M.PROTOCOL_VERSION else M.E_VERSION)
+        assert s.recv(4096) == b""  # and closed
+
+
+def test_session_of_another_client_is_invisible(server):
+    """Same sid on two connections: two different sessions; neither can touch the other's."""
+    srv, url = server
+    a = conn.EdgeConnection.connect("127.0.0.1", _port(url), auth_token=TOKEN, tls=False)
+    b = conn.EdgeConnection.connect("127.0.0.1", _port(url), auth_token=TOKEN, tls=False)
+    for c in (a, b):
+        c.send(M.OpenSession(4, np.array([1, 2], np.int32), max_new_tokens=8))
+        assert isinstance(c.recv(10), M.SessionOpened)
+    b.send(M.DraftBatch(4, 0, 0, np.array([999], np.int32), np.ones(1, np.float32), True))  # b breaks its own 4
+    assert isinstance(b.recv(10), M.Error)
+    b.send(M.CloseSession(4))
+    a.send(M.DraftBatch(4, 0, 0, np.array([1], np.int32), np.ones(1, np.float32), True))  # a's 4 lives on
+    assert isinstance(a.recv(10), M.Verdict)
+    a.close()
+    b.close()
+
+
+def test_tiny_temperature_is_refused(server):
+    """1e-40 passes SamplingParams (finite, >= 0) but logits / 1e-40 overflow to inf: refused at open."""
+    srv, url = server
+    c = conn.EdgeConnection.connect("127.0.0.1", _port(url), auth_token=TOKEN, tls=False)
+    c.send(M.OpenSession(1, np.array([1, 2], np.int32), temperature=1e-40))
+    e = c.recv(10)
+    assert isinstance(e, M.Error) and e.code == M.E_BAD_FIELD and "temperature" in e.message
+    c.close()
+
+
+# --------------------------------------------------------------------------- atheris (coverage-guided)
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed (pip install 'pipesd[fuzz]')")
+def test_fuzz_target_runs_clean(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "pipesd.transport.fuzz_decoder", "-runs=2000", "-seed=1"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Done 2000 runs" in p.stderr
+    assert not list(tmp_path.glob("crash-*"))
+
+
+def test_fuzz_properties_on_the_seeds():
+    """The fuzz target's checks themselves, on its seeds and a few mutations (no atheris needed)."""
+    from pipesd.transport.fuzz_decoder import check_input, seed_frames
+
+    for f in seed_frames():
+        check_input(f)
+        check_input(f[:-1])
+        check_input(bytes([f[4]]) + f[5:])
+
+
+# --------------------------------------------------------------------------- limits
+def test_token_bucket_throttles_without_refusing(pair):
+    """Over max_tokens_per_s the server stops reading the client (TCP backpressure): slower, never wrong."""
+    ref = reference_greedy(pair[2], [1, 2, 3], 40)
+    with running_server(pair[1], auth_token=TOKEN, max_tokens_per_s=400.0, tokens_burst=16) as (srv, url):
+        c = conn.EdgeConnection.connect("127.0.0.1", _port(url), auth_token=TOKEN, tls=False)
+        c.send(M.OpenSession(1, np.array([1, 2, 3], np.int32), max_new_tokens=40))
+        assert isinstance(c.recv(10), M.SessionOpened)
+        for i in range(0, 40, 10):  # 40 tokens against a burst of 16: the rest waits for the bucket
+            c.send(M.DraftBatch(1, 0, i, np.array(ref[i:i + 10], np.int32), np.ones(10, np.float32), i == 30))
+        v = c.recv(30)
+        assert isinstance(v, M.Verdict) and v.accepted == 40 and v.finished
+        assert srv.stats.throttled_s > 0 and srv.stats.protocol_errors == 0
+        c.close()
+
+
+def test_inflight_bytes_and_connection_limits(pair):
+    with running_server(pair[1], auth_token=TOKEN, max_inflight_bytes_per_client=100, max_clients=2) as (srv, url):
+        port = _port(url)
+        a = conn.EdgeConnection.connect("127.0.0.1", port, auth_token=TOKEN, tls=False)
+        for sid in (1, 2):
+            a.send(M.OpenSession(sid, np.array([1, 2], np.int32), max_new_tokens=64))
+            assert isinstance(a.recv(10), M.SessionOpened)
+        a.send(M.DraftBatch(1, 0, 0, np.ones(10, np.int32), np.ones(10, np.float32)))  # 80 bytes held
+        a.send(M.DraftBatch(2, 0, 0, np.ones(5, np.int32), np.ones(5, np.float32)))  # +40 > 100: refused
+        e = a.recv(10)
+        assert isinstance(e, M.Error) and e.code == M.E_LIMIT and e.session_id == 2
+        assert "max_inflight_bytes_per_client" in e.message
+        b = conn.EdgeConnection.connect("127.0.0.1", port, auth_token=TOKEN, tls=False)
+        with pytest.raises(conn.HandshakeError) as ex:  # a third connection
+            conn.EdgeConnection.connect("127.0.0.1", port, auth_token=TOKEN, tls=False)
+        assert ex.value.code == M.E_LIMIT and "connections" in str(ex.value)
+        assert srv.stats.clients_refused == 1
+        a.send(M.DraftBatch(1, 0, 10, np.ones(0, np.int32), np.ones(0, np.float32), True))  # session 1 still fine
+        assert isinstance(a.recv(10), M.Verdict)
+        a.close()
+        b.close()
+
+
+# --------------------------------------------------------------------------- TLS
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command line tool is not installed: cannot make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True, timeout=60)
+    return str(d / "cert.pem"), str(d / "key.pem")
+
+
+@pytest.fixture(scope="module")
+def tls_server(pair, cert):
+    with running_server(pair[1], auth_token=TOKEN, tls_cert=cert[0], tls_key=cert[1]) as s:
+        yield s
+
+
+def test_tls_end_to_end(pair, cert, tls_server, monkeypatch):
+    srv, url = tls_server
+    c = conn.EdgeConnection.connect("127.0.0.1", _port(url), auth_token=TOKEN, tls_ca=cert[0])
+    assert c.sock.version() in ("TLSv1.2", "TLSv1.3")
+    c.close()
+    # EdgeClient (and `pipesd generate --tls-ca`) pick the CA up from the environment.
+    monkeypatch.setenv("PIPESD_TLS_CA", cert[0])
+    with EdgeClient(url, pair[0], auth_token=TOKEN) as e:
+        assert e.generate([1, 2, 3], 12).token_ids == reference_greedy(pair[2], [1, 2, 3], 12)
+        g = e.generate([4, 5], 8, SamplingParams(temperature=0.8, seed=3))  # sampled mode: q travels too
+        assert len(g.token_ids) == 8
+
+
+def test_tls_refusals_are_clear(pair, cert, tls_server):
+    srv, url = tls_server
+    port = _port(url)
+    with pytest.raises(conn.HandshakeError, match="certificate") as ex:  # not signed by a trusted CA
+        conn.EdgeConnection.connect("127.0.0.1", port, auth_token=TOKEN, tls=True)
+    assert ex.value.code == M.E_AUTH
+    with pytest.raises(conn.HandshakeError, match="TLS"):  # plain TCP to a TLS cloud
+        conn.EdgeConnection.connect("127.0.0.1", port, auth_token=TOKEN, tls=False, timeout_s=5)
+    c = conn.EdgeConnection.connect("127.0.0.1", port, auth_token=TOKEN, tls_insecure=True)  # testing only
+    c.close()
+    with pytest.raises(conn.HandshakeError, match="authentication"):  # TLS does not replace the token
+        conn.EdgeConnection.connect("127.0.0.1", port, auth_token="bad", tls_ca=cert[0])
+    with running_server(pair[1], auth_token=TOKEN) as (_, plain_url):  # TLS to a plain-TCP cloud
+        with pytest.raises(conn.HandshakeError, match="TLS"):
+            conn.EdgeConnection.connect("127.0.0.1", _port(plain_url), auth_token=TOKEN, tls_ca=cert[0], timeout_s=5)
+    with pytest.raises(ValueError, match="certificate"):
+        running_server(pair[1], tls_cert="/nonexistent.pem").__enter__()
+
+
+def test_cli_tls_and_limit_arguments(cert):
+    from pipesd.cli import build_parser
+
+    a = build_parser().parse_args(["serve", "--tls-cert", cert[0], "--tls-key", cert[1], "--max-tokens-per-s", "500",
+                                   "--max-clients", "10", "--max-send-buffer-mb", "2"])
+    assert (a.tls_cert, a.tls_key, a.max_tokens_per_s, a.max_clients, a.max_send_buffer_mb) == \
+        (cert[0], cert[1], 500.0, 10, 2.0)
+    g = build_parser().parse_args(["generate", "x", "--cloud", "h:1", "--tls-ca", cert[0]])
+    assert g.tls_ca == cert[0] and not g.tls_insecure
