@@ -17,8 +17,16 @@ Session state machine (positions count generated tokens, prompt excluded)::
     DraftBatch(epoch == session.epoch, first_pos == v + len(pending)) -> append to pending
     DraftBatch(epoch <  session.epoch) or first_pos < expected       -> stale/duplicate: dropped
     verify flag -> verify pending[: up to the end of that batch]
-    verdict: accept a drafts (+ correction/bonus); a correction or bonus token clears pending
-             and bumps the epoch on both sides
+    verdict: accept a drafts + a correction (rejection: pending cleared, epoch bumped on both
+             sides) or a bonus (full acceptance: the continuation rule below)
+
+Continuation rule (every full acceptance of [a, b) carries the target's token t_b, computed
+anyway): the edge's draft at b, if it made one, survives with everything after it only when
+it equals t_b; otherwise both sides void the drafts past b and bump the epoch. When the
+verdict finds the draft at b pending, the server decides at once; otherwise ``check_pos``
+waits for the next batch (see ``_confirm_bonus``). Lossless in both modes: the committed token
+at b is always the target's own (argmax, or a sample from p), and a kept draft past b was
+drafted from that same prefix.
 """
 from __future__ import annotations
 
@@ -122,7 +130,8 @@ class _Session:
     pending_nbytes: list = field(default_factory=list)  # wire bytes held per pending draft (client limit)
     verify_upto: int = 0  # number of pending drafts to verify (0: nothing asked)
     verify_requested: bool = False
-    bonus: bool = False
+    bonus: bool = False  # the edge asked for it; the continuation rule gives one on every full acceptance
+    check_pos: int = -1  # an unconfirmed bonus position: the edge's draft there must equal the bonus
     echo_sent_at: float = 0.0
     busy: bool = False  # in the verifier right now
     queued: bool = False  # in the ready queue (at most once)
@@ -440,6 +449,8 @@ class CloudServer:
             raise codec.ProtocolError(M.E_UNKNOWN_SESSION, f"unknown session {b.session_id}")
         if s.finished:
             return
+        if s.check_pos >= 0 and not self._confirm_bonus(s, b):
+            return
         if b.epoch < s.epoch:
             self.stats.stale_batches += 1
             return
@@ -482,6 +493,58 @@ class CloudServer:
             s.echo_sent_at = b.sent_at
             s.verify_requested = True
             self._schedule(s)
+
+    def _confirm_bonus(self, s: _Session, b: M.DraftBatch) -> bool:
+        """The continuation rule, when the bonus at ``s.check_pos`` met no pending draft.
+
+        The edge compares its own draft at that position (if it made one) with the bonus: a
+        match keeps its later drafts, a mismatch voids them and it moves to the next epoch.
+        The first batch after the verdict tells which: one from the next epoch starting at
+        the verified length (mismatch seen by the edge), one carrying the edge's draft at the
+        bonus position (compared here: equal -> trimmed; different -> the epoch moves), or one
+        starting past it (the edge had no draft there, or dropped the matching one unsent).
+        Returns False when the batch is consumed; may trim the batch in place.
+        """
+        c = s.check_pos
+        verified = len(s.generated)
+        if b.epoch == s.epoch + 1 and b.first_pos == verified:
+            s.epoch += 1
+            s.check_pos = -1
+            return True
+        if b.epoch != s.epoch:
+            return True  # stale, or a protocol error that the normal checks report
+        if b.first_pos == c and len(b.tokens):
+            s.check_pos = -1
+            if int(b.tokens[0]) != s.generated[c]:
+                self._void_pending(s)
+                s.epoch += 1
+                self.stats.stale_batches += 1
+                return False
+            b.first_pos = c + 1
+            b.tokens, b.probs = b.tokens[1:], b.probs[1:]
+            if b.q_ids is not None:
+                b.q_ids, b.q_probs = b.q_ids[1:], b.q_probs[1:]
+            return True
+        if b.first_pos >= verified:
+            s.check_pos = -1
+        return True
+
+    def _void_pending(self, s: _Session) -> None:
+        s.pending.clear()
+        s.pending_q_ids.clear()
+        s.pending_q_probs.clear()
+        s.client.inflight_bytes -= sum(s.pending_nbytes)
+        s.pending_nbytes.clear()
+        s.verify_requested = False
+        s.verify_upto = 0
+
+    def _drop_verified(self, s: _Session, n: int) -> None:
+        del s.pending[:n]
+        del s.pending_q_ids[:n]
+        del s.pending_q_probs[:n]
+        s.client.inflight_bytes -= sum(s.pending_nbytes[:n])
+        del s.pending_nbytes[:n]
+        s.verify_upto = max(0, s.verify_upto - n)
 
     def _schedule(self, s: _Session) -> None:
         """Queue a session for verification: once, and never while it is being verified."""
@@ -580,7 +643,9 @@ class CloudServer:
             if d:
                 draft_t[i, : len(d)] = torch.tensor(d)
         greedy = all(s.params.greedy for s in sessions)
-        bonus = torch.tensor([j[4] for j in jobs], dtype=torch.bool)
+        # The continuation rule: every full acceptance carries the target's next token (it is
+        # already computed); the edge keeps what it drafted past it only if it equals it.
+        bonus = torch.ones(len(jobs), dtype=torch.bool)
         if greedy:
             t_kern0 = time.perf_counter()
             v = verify_chain(logits, draft_t, num, mode="greedy", bonus=bonus)
@@ -661,24 +726,27 @@ class CloudServer:
     def _apply(self, s: _Session, v: M.Verdict, new: list[int]) -> None:
         """Event loop: move the session past the verdict."""
         s.generated.extend(new)
-        if v.correction >= 0:
-            # The correction (or bonus) token takes a position the edge may have drafted
-            # past: every pending draft is void, and both sides bump the epoch.
-            s.pending.clear()
-            s.pending_q_ids.clear()
-            s.pending_q_probs.clear()
-            s.client.inflight_bytes -= sum(s.pending_nbytes)
-            s.pending_nbytes.clear()
-            s.verify_requested = False
-            s.verify_upto = 0
+        if v.correction >= 0 and v.rejected:
+            # The correction replaces a draft: every pending draft is void, both sides bump the epoch.
+            self._void_pending(s)
             s.epoch += 1
+        elif v.correction >= 0:
+            # Bonus after full acceptance (the continuation rule): the edge's draft at the bonus
+            # position survives, with everything after it, only if it equals the bonus.
+            self._drop_verified(s, v.end_pos - v.start_pos)
+            if not s.pending:
+                # Not here yet (or never drafted): the next batch tells. Nothing is verified
+                # until then, or a verdict could land in an epoch the edge has left.
+                s.check_pos = v.end_pos
+                s.verify_requested = False
+            elif s.pending[0] == v.correction:
+                self._drop_verified(s, 1)
+                if s.verify_upto == 0:  # the request ended at the bonus position: answered
+                    s.verify_requested = False
+            else:
+                self._void_pending(s)
+                s.epoch += 1
         else:
-            n_verified = v.end_pos - v.start_pos
-            del s.pending[:n_verified]
-            del s.pending_q_ids[:n_verified]
-            del s.pending_q_probs[:n_verified]
-            s.client.inflight_bytes -= sum(s.pending_nbytes[:n_verified])
-            del s.pending_nbytes[:n_verified]
-            s.verify_upto = max(0, s.verify_upto - n_verified)
+            self._drop_verified(s, v.end_pos - v.start_pos)
         if v.finished:
             s.finished = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from pipesd.edge.offline import OFFLINE_POLICIES
 from pipesd.edge.trigger import TriggerConfig
 
 __all__ = ["EdgeConfig", "METHODS"]
@@ -35,9 +36,20 @@ class EdgeConfig:
     k: int = 4  # draft length of the fixed-K methods
     draft_step_s: float = 0.0  # compute profile: pad each draft step to at least this long
     wire_q: str = "auto"  # "auto" (top-k q when sampling), "topk", "full" (paper's wire: V probs/token)
+    # The verdict deadline: no verdict (or session opening) for this long while the edge waits
+    # counts as losing the cloud. Generous because a CPU target under load (or a long prompt's
+    # prefill) can take seconds; lower it (5-10 s) for interactive use over a flaky link.
     verdict_timeout_s: float = 60.0
     ring_capacity: int = 1024
     record_timeline: bool = False
+    # Offline robustness (docs/reliability.md). "draft": keep generating with the draft alone,
+    # flagged unverified, reconnect in the background and have the suffix verified when the cloud
+    # returns (the method's offline availability); "wait": pause, reconnect, give up after
+    # offline_wait_s; "fail": raise CloudUnavailableError at once.
+    offline_policy: str = "draft"
+    reconnect_initial_s: float = 0.2  # first retry soon: a restarting cloud is often back in < 1 s
+    reconnect_max_s: float = 5.0  # cap: a returning cloud is noticed within ~5 s, without hammering it
+    offline_wait_s: float = 60.0  # "wait": give up when the cloud is gone this long (as long as a verdict may take)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -54,6 +66,13 @@ class EdgeConfig:
             raise ValueError(f"draft_step_s must be >= 0, got {self.draft_step_s}")
         if self.verdict_timeout_s <= 0:
             raise ValueError(f"verdict_timeout_s must be > 0, got {self.verdict_timeout_s}")
+        if self.offline_policy not in OFFLINE_POLICIES:
+            raise ValueError(f"offline_policy must be one of {', '.join(OFFLINE_POLICIES)}; got {self.offline_policy!r}")
+        if not (0 < self.reconnect_initial_s <= self.reconnect_max_s):
+            raise ValueError(f"need 0 < reconnect_initial_s <= reconnect_max_s, got {self.reconnect_initial_s}, "
+                             f"{self.reconnect_max_s}")
+        if not self.offline_wait_s > 0:
+            raise ValueError(f"offline_wait_s must be > 0, got {self.offline_wait_s}")
         if self.ring_capacity < 2 or self.ring_capacity & (self.ring_capacity - 1):
             raise ValueError(f"ring_capacity must be a power of two >= 2, got {self.ring_capacity}")
 

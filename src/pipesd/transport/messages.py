@@ -3,8 +3,9 @@ into length-prefixed binary frames and back, validating every field on receipt.
 
 Positions are absolute indices in the *generated* sequence (prompt excluded): position 0 is
 the first token after the prompt. Epochs count rollbacks of a session: both sides start at 0
-and bump by one each time a verdict carries a correction (or bonus) token, so a batch stamped with an older
-epoch is stale and dropped.
+and bump by one each time the edge's drafts past a verified position are void (a correction
+after a rejection, or a bonus token that differs from the edge's draft), so a batch stamped
+with an older epoch is stale and dropped.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the continuation rule (a bonus on every full acceptance)
 
 # Message type tags (one byte on the wire).
 T_HELLO = 1
@@ -73,9 +74,9 @@ class DraftBatch:
     """Edge -> cloud: draft tokens ``[first_pos, first_pos + n)`` of one session.
 
     ``verify`` asks the cloud to verify everything pending up to the end of this batch now
-    (the trigger fired). ``bonus`` asks for a bonus token after full acceptance (only when
-    the edge has not drafted past this batch: vanilla SD, lookahead cap, target-only with
-    ``n == 0``). ``q_ids``/``q_probs`` carry the draft's top-k truncated distribution per
+    (the trigger fired). ``bonus`` says the edge has not drafted past this batch (vanilla SD,
+    lookahead cap, target-only with ``n == 0``); informational since protocol 2, where every
+    full acceptance carries a bonus token (the continuation rule, ``pipesd.cloud.server``). ``q_ids``/``q_probs`` carry the draft's top-k truncated distribution per
     token (sampling mode; ``q_count`` = k used), or the full-vocabulary q when ``k == V``.
     """
 
@@ -97,9 +98,10 @@ class Verdict:
 
     ``accepted`` drafts were accepted (positions ``start_pos .. start_pos+accepted-1``).
     ``correction`` >= 0 is the target's token at ``start_pos + accepted`` (a correction after
-    a rejection, or a bonus after full acceptance when asked); -1 means none. A verdict with
-    a correction (or bonus) token bumps the session epoch to ``epoch + 1`` on both sides:
-    drafts past it are void. ``rejected`` says whether a draft was rejected.
+    a rejection, or a bonus after full acceptance); -1 means none. A correction after a
+    rejection bumps the session epoch to ``epoch + 1`` on both sides: drafts past it are void.
+    A bonus bumps it only when the edge's draft at ``end_pos`` differs from it (the
+    continuation rule). ``rejected`` says whether a draft was rejected.
     ``verified_len`` is the session's verified length after applying this verdict.
     """
 

@@ -1,0 +1,166 @@
+"""The continuation rule (protocol 2), scripted against a real server with raw frames.
+
+Every full acceptance of [a, b) carries the target's token t_b. The edge's draft at b survives,
+with everything after it, only if it equals t_b; otherwise both sides bump the epoch. These
+tests script each way the server can learn which case it is in, and check that verdicts stay
+the target's greedy tokens and epochs stay in step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipesd.transport import conn
+from pipesd.transport import messages as M
+
+from runtime_helpers import reference_greedy, running_server, tiny_pair
+
+PROMPT = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair()
+
+
+@pytest.fixture(scope="module")
+def server(pair):
+    with running_server(pair[1], max_draft_in_flight=64) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def ref(pair):
+    return reference_greedy(pair[2], PROMPT, 16)
+
+
+def _batch(sid, epoch, first, toks, verify=False):
+    return M.DraftBatch(sid, epoch, first, np.array(toks, np.int32), np.full(len(toks), 0.9, np.float32), verify)
+
+
+class _Edge:
+    def __init__(self, server, sid: int) -> None:
+        srv, url = server
+        self.srv, self.sid = srv, sid
+        self.c = conn.EdgeConnection.connect("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        self.c.send(M.OpenSession(sid, np.array(PROMPT, np.int32), max_new_tokens=16))
+        assert isinstance(self.c.recv(10), M.SessionOpened)
+
+    def send(self, epoch, first, toks, verify=False):
+        self.c.send(_batch(self.sid, epoch, first, toks, verify))
+
+    def verdict(self) -> M.Verdict:
+        v = self.c.recv(10)
+        assert isinstance(v, M.Verdict), v
+        return v
+
+    def close(self):
+        self.c.close()
+
+
+def _wrong(t: int) -> int:
+    return (t + 1) % 48
+
+
+def test_full_acceptance_carries_the_bonus(server, ref):
+    e = _Edge(server, 1)
+    e.send(0, 0, ref[0:3], verify=True)
+    v = e.verdict()
+    assert (v.start_pos, v.end_pos, v.accepted, v.rejected) == (0, 3, 3, False)
+    assert v.correction == ref[3] and v.verified_len == 4
+    e.close()
+
+
+def test_matching_pending_draft_keeps_the_epoch(server, ref):
+    e = _Edge(server, 3)
+    e.send(0, 0, ref[0:3], verify=True)
+    # The draft at the bonus position and past it: pending when the verdict is applied, or
+    # arriving just after it (then trimmed on arrival); either way the outcome is the same.
+    e.send(0, 3, ref[3:6], verify=False)
+    v = e.verdict()
+    assert v.accepted == 3 and v.correction == ref[3] and v.epoch == 0
+    # Same epoch: the drafts past the bonus survive and verify in epoch 0.
+    e.send(0, 6, ref[6:8], verify=True)
+    v2 = e.verdict()
+    assert v2.epoch == 0 and v2.start_pos == 4 and v2.accepted == 4 and v2.correction == ref[8]
+    e.close()
+
+
+def test_mismatching_pending_draft_moves_the_epoch(server, ref):
+    e = _Edge(server, 5)
+    e.send(0, 0, ref[0:3], verify=True)
+    e.send(0, 3, [_wrong(ref[3]), 5, 6])
+    v = e.verdict()
+    assert v.accepted == 3 and v.correction == ref[3] and not v.rejected
+    stale = server[0].stats.stale_batches
+    e.send(0, 6, [7], verify=True)  # old epoch: dropped (whichever way the server learned)
+    e.send(1, 4, ref[4:6], verify=True)  # the edge's next epoch, from after the bonus
+    v2 = e.verdict()
+    assert v2.epoch == 1 and v2.start_pos == 4 and v2.accepted == 2 and v2.correction == ref[6]
+    assert server[0].stats.stale_batches > stale
+    e.close()
+
+
+def test_late_matching_draft_is_trimmed(server, ref):
+    """The verdict finds nothing pending; the edge's matching draft at b arrives later."""
+    e = _Edge(server, 6)
+    e.send(0, 0, ref[0:2], verify=True)
+    v = e.verdict()
+    assert v.correction == ref[2] and v.verified_len == 3
+    e.send(0, 2, ref[2:5], verify=True)  # starts at the bonus position, equal to it
+    v2 = e.verdict()
+    assert (v2.epoch, v2.start_pos, v2.end_pos, v2.accepted) == (0, 3, 5, 2) and v2.correction == ref[5]
+    e.close()
+
+
+def test_late_mismatching_draft_moves_the_epoch(server, ref):
+    e = _Edge(server, 7)
+    e.send(0, 0, ref[0:2], verify=True)
+    assert e.verdict().correction == ref[2]
+    e.send(0, 2, [_wrong(ref[2]), 9], verify=True)  # differs from the bonus: void
+    e.send(0, 4, [1], verify=True)  # and everything after it in that epoch
+    e.send(1, 3, ref[3:5], verify=True)
+    v = e.verdict()
+    assert (v.epoch, v.start_pos, v.accepted) == (1, 3, 2) and v.correction == ref[5]
+    e.close()
+
+
+def test_next_epoch_from_the_edge_is_adopted(server, ref):
+    """The edge saw the mismatch itself and never sent its draft at b."""
+    e = _Edge(server, 8)
+    e.send(0, 0, ref[0:2], verify=True)
+    assert e.verdict().correction == ref[2]
+    e.send(1, 3, ref[3:6], verify=True)
+    v = e.verdict()
+    assert (v.epoch, v.start_pos, v.accepted) == (1, 3, 3) and v.correction == ref[6]
+    e.close()
+
+
+def test_no_draft_at_bonus_continues_in_the_epoch(server, ref):
+    """The edge had not drafted b (or dropped its matching draft unsent)."""
+    e = _Edge(server, 9)
+    e.send(0, 0, ref[0:2], verify=True)
+    assert e.verdict().correction == ref[2]
+    e.send(0, 3, ref[3:5], verify=True)
+    v = e.verdict()
+    assert (v.epoch, v.start_pos, v.accepted) == (0, 3, 2) and v.correction == ref[5]
+    # An epoch the edge could not have reached is still an error for that session.
+    e.send(5, 6, [1], verify=True)
+    err = e.c.recv(10)
+    assert isinstance(err, M.Error) and "ahead" in err.message
+    e.close()
+
+
+def test_nothing_verified_while_the_bonus_is_unconfirmed(server, ref):
+    """An empty verify request while the check is open would answer into an epoch the edge
+    may have left; the server answers only after the next batch settles it."""
+    e = _Edge(server, 10)
+    e.send(0, 0, ref[0:2], verify=True)
+    assert e.verdict().correction == ref[2]
+    # A replay of the empty request at the old position: a duplicate, no verdict.
+    e.c.send(M.DraftBatch(10, 0, 2, np.zeros(0, np.int32), np.zeros(0, np.float32), True))
+    assert e.c.recv(0.5) is None
+    e.send(0, 3, [], verify=True)  # target-only style: "give me the next one"
+    v = e.verdict()
+    assert (v.epoch, v.start_pos, v.accepted, v.correction) == (0, 3, 0, ref[3])
+    e.close()
