@@ -68,14 +68,35 @@ QUICK_METHODS = ["target-only", "vanilla-sd", "fixed-batch", "single-threshold",
                  "pipesd-tuned"]
 
 
-def make_link(spec: str):
-    from pipesd.transport.link import LinkEmulator, LinkProfile, link_preset
+# The paper's wire: each draft token carries its full-vocabulary q, ~0.29 MB (DESIGN.md: about
+# 116 ms per token at 20 Mbit/s). Our full-q frame for the bundled 1024-token vocabulary is
+# 4 bytes per vocabulary entry (dense float32 q, plus 8 for token and prob); --paper-wire scales the uplink
+# bandwidth by the ratio, so every byte we send costs what the paper's bytes cost.
+PAPER_Q_BYTES_PER_TOKEN = 290_000
+
+
+def uplink_scale(args, vocab_size: int) -> float:
+    """Factor applied to uplink bandwidth (1.0 unless --paper-wire)."""
+    if not getattr(args, "paper_wire", False):
+        return 1.0
+    return (4 * vocab_size + 8) / PAPER_Q_BYTES_PER_TOKEN
+
+
+def make_link(spec: str, up_scale: float = 1.0):
+    from pipesd.transport.link import BandwidthTrace, LinkEmulator, LinkProfile, link_preset
 
     if "/" in spec:
         mb, d = spec.split("/")
         up = LinkProfile(float(mb) * 1e6, float(d) / 1e3, 0.0005)
-        return LinkEmulator(up, LinkProfile(float(mb) * 10e6, float(d) / 1e3))
-    return LinkEmulator(*link_preset(spec))
+        down = LinkProfile(float(mb) * 10e6, float(d) / 1e3)
+    else:
+        up, down = link_preset(spec)
+    if up_scale != 1.0:
+        trace = up.trace
+        if trace is not None:
+            trace = BandwidthTrace([(t, b * up_scale) for t, b in zip(trace.times, trace.bws)], trace.period)
+        up = LinkProfile(up.bandwidth_bps * up_scale, up.delay_s, up.per_message_s, trace)
+    return LinkEmulator(up, down)
 
 
 def git_commit() -> str:
@@ -93,7 +114,8 @@ def machine() -> dict:
 def run_method(client, method, prompts, n_new, sc, args, **cfg_kw):
     from pipesd.edge import EdgeConfig
 
-    cfg = EdgeConfig.for_method(method, draft_step_s=sc.draft_ms / 1e3, wire_q=args.wire_q, **cfg_kw)
+    cfg = EdgeConfig.for_method(method, draft_step_s=sc.draft_ms / 1e3, wire_q=args.wire_q, offline_policy="fail",
+                                **cfg_kw)
     gens = []
     for p in prompts:
         g = client.generate(p, n_new, config=cfg)
@@ -106,8 +128,9 @@ def tuned_run(port, draft, sc, prompts, n_new, args):
     (``--tuner-evals`` windows of ``--tuner-window`` tokens), then measured on the prompts."""
     from pipesd.edge import EdgeClient, EdgeConfig
 
-    cfg = EdgeConfig.for_method("pipesd", draft_step_s=sc.draft_ms / 1e3, wire_q=args.wire_q)
-    with EdgeClient(f"127.0.0.1:{port}", draft, cfg, auth_token="bench", link=make_link(sc.link), tuner="bayes",
+    cfg = EdgeConfig.for_method("pipesd", draft_step_s=sc.draft_ms / 1e3, wire_q=args.wire_q, offline_policy="fail")
+    with EdgeClient(f"127.0.0.1:{port}", draft, cfg, auth_token="bench",
+                    link=make_link(sc.link, uplink_scale(args, draft.vocab_size)), tuner="bayes",
                     tuner_window_tokens=args.tuner_window) as client:
         budget = args.tuner_evals * args.tuner_window * 1.5
         done, i = 0, 0
@@ -198,6 +221,9 @@ def main(argv=None) -> int:
     ap.add_argument("--verify-ms", type=float, default=25.0, help="pad each verification (emulated GPU target)")
     ap.add_argument("--wire-q", default="auto", choices=["auto", "topk", "full"],
                     help="full = the paper's full-vocabulary q on the wire")
+    ap.add_argument("--paper-wire", action="store_true",
+                    help="with --wire-q full: scale the uplink so each draft token costs what the paper's "
+                         "full-vocabulary q (0.29 MB) cost on the same link")
     ap.add_argument("--k-sweep", default="2,4,6,8", help="vanilla SD draft lengths; the best is reported")
     ap.add_argument("--tuner-evals", type=int, default=16)
     ap.add_argument("--tuner-window", type=int, default=32, help="tokens per tuner evaluation")
@@ -206,6 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scenarios", default=None, help="comma-separated scenario names to run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
+    if args.paper_wire and args.wire_q != "full":
+        ap.error("--paper-wire needs --wire-q full (it emulates the cost of the paper's full-q bytes)")
     import torch
 
     torch.set_num_threads(1)
@@ -228,7 +256,8 @@ def main(argv=None) -> int:
     try:
         for sc in scenarios:
             print(f"== {sc.name}: draft {sc.draft_ms:.0f} ms/token, link {sc.link} ({sc.note})", flush=True)
-            with EdgeClient(f"127.0.0.1:{port}", draft, auth_token="bench", link=make_link(sc.link)) as client:
+            link = make_link(sc.link, uplink_scale(args, draft.vocab_size))
+            with EdgeClient(f"127.0.0.1:{port}", draft, auth_token="bench", link=link) as client:
                 client.generate(prompts[0], 8)  # warm-up
                 sc_rows = {}
                 for method in methods:
@@ -269,6 +298,7 @@ def main(argv=None) -> int:
     header = {"machine": machine(), "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "settings": {"quick": args.quick, "prompts": n_prompts, "max_new_tokens": n_new,
                            "verify_pad_ms": args.verify_ms, "wire_q": args.wire_q, "k_sweep": ks,
+                           "paper_wire": args.paper_wire, "uplink_scale": uplink_scale(args, draft.vocab_size),
                            "pair": "stdlib-code (bundled)" if args.pair == "bundled" else
                            f"stdlib-code target; draft = {args.pair}", "edge_threads": 1, "cloud_threads": 1,
                            "cloud_power_w_model": args.cloud_power_w},
@@ -276,6 +306,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = ("quick" if args.quick else "full") + ("-fullq" if args.wire_q == "full" else "") + \
+        ("-paperwire" if args.paper_wire else "") + \
         ("" if args.pair == "bundled" else "-" + args.pair.replace(":", ""))
     (out / f"e2e-{tag}.json").write_text(json.dumps({"header": header, "rows": rows, "timelines": timelines},
                                                     indent=1, default=float))

@@ -133,7 +133,8 @@ class ClientWorker(threading.Thread):
 
         try:
             draft = DraftModel(self.model, self.tok, threads=1)
-            cfg = EdgeConfig.for_method(self.args.method, draft_step_s=self.args.draft_ms / 1e3)
+            cfg = EdgeConfig.for_method(self.args.method, draft_step_s=self.args.draft_ms / 1e3,
+                                        offline_policy="fail")  # a lost cloud is an error here
             cfg.record_timeline = True
             with EdgeClient(f"127.0.0.1:{self.port}", draft, cfg, client_name=f"soak-{self.idx}") as client:
                 i = self.idx

@@ -1,4 +1,4 @@
-"""Command line: ``pipesd serve | generate | demo``."""
+"""Command line: ``pipesd serve | generate | edge-server | demo``."""
 from __future__ import annotations
 
 import argparse
@@ -40,10 +40,12 @@ def load_target(spec: Optional[str], threads: Optional[int] = None):
     return zoo.load_pair(spec, threads=threads).target
 
 
-def load_draft(spec: Optional[str], threads: Optional[int] = None):
+def load_draft(spec: Optional[str], threads: Optional[int] = None, gguf: Optional[str] = None):
     from pipesd import zoo
     from pipesd.models import DraftModel
 
+    if gguf:
+        return load_gguf_draft(gguf, threads)
     if spec and _is_local_dir(spec):
         if not Path(spec).is_dir():
             raise SystemExit(f"pipesd: --draft {spec}: no such directory (models load from local paths only)")
@@ -51,6 +53,20 @@ def load_draft(spec: Optional[str], threads: Optional[int] = None):
     if spec and spec not in zoo.available():
         raise SystemExit(f"pipesd: --draft {spec!r} is neither a directory nor a bundled pair ({', '.join(zoo.available())})")
     return zoo.load_pair(spec, threads=threads).draft
+
+
+def load_gguf_draft(spec: str, threads: Optional[int] = None):
+    """``--draft-gguf``: a GGUF file run by llama.cpp, or a bundled pair name (its shipped draft.gguf)."""
+    from pipesd import zoo
+    from pipesd.zoo.gguf_export import bundled_gguf
+
+    try:
+        path = bundled_gguf(spec) if spec in zoo.available() else Path(spec)
+        from pipesd.models.llamacpp import LlamaCppDraft
+
+        return LlamaCppDraft(path, threads=threads or 1)
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"pipesd: --draft-gguf {spec}: {e}")
 
 
 def make_link(args) -> Optional[object]:
@@ -110,7 +126,13 @@ def cmd_serve(args) -> int:
     cfg = CloudConfig(host=args.host, port=args.port, auth_token=token, max_sessions=args.max_sessions,
                       max_prompt_tokens=args.max_prompt_tokens, max_draft_in_flight=args.max_draft_in_flight,
                       verify_pad_s=args.verify_pad_ms / 1e3)
+    _apply_security_args(cfg, args)
     server = CloudServer(target, cfg, tokenizer_fingerprint=tokenizer_fingerprint(target.tokenizer))
+    if args.metrics_port is not None:
+        from pipesd.metrics import cloud_registry, start_metrics_server
+
+        mhost, mport = start_metrics_server(cloud_registry(server), args.metrics_port, args.metrics_host)
+        print(f"pipesd: metrics on http://{mhost}:{mport}/metrics", flush=True)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -130,21 +152,167 @@ def cmd_serve(args) -> int:
 
 
 # ---------------------------------------------------------------------------- generate
+def _apply_security_args(cfg, args) -> None:
+    """TLS and per-client limits of ``pipesd serve`` (docs/security.md)."""
+    cfg.tls_cert, cfg.tls_key = args.tls_cert, args.tls_key
+    cfg.max_clients = args.max_clients
+    cfg.max_sessions_per_client = args.max_sessions_per_client
+    cfg.max_tokens_per_s, cfg.tokens_burst = args.max_tokens_per_s, args.tokens_burst
+    cfg.max_send_buffer_bytes = int(args.max_send_buffer_mb * (1 << 20))
+    cfg.max_inflight_bytes_per_client = int(args.max_inflight_mb * (1 << 20))
+    cfg.max_frame_bytes = int(args.max_frame_mb * (1 << 20))
+
+
+def _add_security_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--tls-cert", default=None, help="serve TLS with this PEM certificate (chain) file")
+    s.add_argument("--tls-key", default=None, help="PEM private key (default: in --tls-cert)")
+    s.add_argument("--max-clients", type=int, default=256, help="connections at once; more are refused")
+    s.add_argument("--max-sessions-per-client", type=int, default=8)
+    s.add_argument("--max-tokens-per-s", type=float, default=0.0,
+                   help="per-client token bucket over prompt + draft tokens; over it the client is slowed "
+                        "(throttled), not refused (default 0: off)")
+    s.add_argument("--tokens-burst", type=int, default=8192, help="token bucket size")
+    s.add_argument("--max-send-buffer-mb", type=float, default=4.0,
+                   help="unread replies per client before it is dropped")
+    s.add_argument("--max-inflight-mb", type=float, default=64.0,
+                   help="draft bytes per client awaiting verification")
+    s.add_argument("--max-frame-mb", type=float, default=8.0, help="largest frame accepted")
+
+
+def _edge_tls_env(args) -> None:
+    """``--tls-ca`` / ``--tls-insecure``: every connection this process makes uses TLS (read by
+    ``EdgeConnection.connect`` from ``PIPESD_TLS_CA`` / ``PIPESD_TLS_INSECURE``)."""
+    if getattr(args, "tls_ca", None):
+        os.environ["PIPESD_TLS_CA"] = args.tls_ca
+    if getattr(args, "tls_insecure", False):
+        print("pipesd: WARNING: --tls-insecure: the cloud's certificate is NOT checked; anyone on the path can "
+              "impersonate it (testing with a self-signed certificate only)", file=sys.stderr)
+        os.environ["PIPESD_TLS_INSECURE"] = "1"
+
+
+def _add_edge_tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", default=None, help="connect with TLS; trust the cloud certificate signed by this "
+                                                  "PEM CA file (or the certificate itself, if self-signed)")
+    p.add_argument("--tls-insecure", action="store_true",
+                   help="INSECURE, testing only: TLS without checking the cloud's certificate")
+
+
 def cmd_generate(args) -> int:
     from pipesd.edge import EdgeClient, EdgeConfig
 
+    _edge_tls_env(args)
     _set_threads(args.threads)
-    draft = load_draft(args.draft, args.threads)
-    cfg = EdgeConfig.for_method(args.method, draft_step_s=args.draft_ms / 1e3)
+    draft = load_draft(args.draft, args.threads, args.draft_gguf)
+    cfg = _generate_config(args)
+    cfg = cfg.replace(offline_policy=args.offline_policy, verdict_timeout_s=args.verdict_timeout)
     token = args.auth_token if args.auth_token is not None else os.environ.get("PIPESD_AUTH_TOKEN", "")
+    tty = sys.stdout.isatty()
     with EdgeClient(args.cloud, draft, cfg, auth_token=token, link=make_link(args)) as client:
-        for piece in client.stream(args.prompt, args.max_new_tokens, _sampling(args)):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        st = client.last_generation.stats
+        _print_events(client.stream_events(args.prompt, args.max_new_tokens, _sampling(args)), tty)
+        gen = client.last_generation
+        st = gen.stats
+        if args.save_run:
+            from pipesd.timeline import save_run
+
+            settings = {k: v for k, v in vars(args).items() if k not in ("fn", "prompt", "auth_token", "save_run")}
+            save_run(args.save_run, client.last_generation, settings, prompt=args.prompt)
+            print(f"pipesd: run saved to {args.save_run} (draw it: pipesd timeline {args.save_run})", file=sys.stderr)
     sys.stdout.write("\n")
     print(f"[{args.method}] {st.new_tokens} tokens, TPT {st.tpt_s * 1e3:.1f} ms, mean accepted "
           f"{st.mean_accepted:.2f}, {st.verifications} verifications, {st.rollbacks} rollbacks", file=sys.stderr)
+    if st.offline_episodes:
+        print(f"[offline] cloud lost {st.offline_episodes} time(s), {st.reconnects} reconnect(s), "
+              f"{st.offline_tokens} tokens drafted alone, {st.offline_s:.1f} s offline", file=sys.stderr)
+    if gen.unverified_from is not None:
+        n = len(gen.token_ids) - gen.unverified_from
+        print(f"pipesd: the cloud was unreachable at the end: the last {n} tokens are the draft's alone, unverified "
+              f"({'dimmed above' if tty else 'written to stderr, not stdout'}); exit status 3", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _print_events(events, tty: bool) -> None:
+    """`pipesd generate` output. Verified text goes to stdout as it comes (never changed).
+    Unverified text (drafted while the cloud is unreachable): on a terminal, dimmed in place and
+    erased again when retracted (cursor save/restore); elsewhere kept off stdout, so a pipe gets
+    only the target's text, and written to stderr at the end if it is still unverified then."""
+    dim, reset, save, restore_clear = "\x1b[2m", "\x1b[0m", "\x1b7", "\x1b8\x1b[J"
+    out, err = sys.stdout, sys.stderr
+    shown = ""  # the unverified tail
+    for ev in events:
+        if ev.kind == "verified":
+            out.write(ev.text)
+        elif ev.kind == "unverified":
+            if not shown:
+                if tty:
+                    out.write(save)
+                else:
+                    print("\n[pipesd] cloud unreachable: drafting alone; unverified text is held back", file=err)
+            shown += ev.text
+            if tty:
+                out.write(dim + ev.text + reset)
+        else:  # retract: the cloud is back and verifies the tail
+            if tty and shown:
+                out.write(restore_clear)
+            elif shown:
+                print("[pipesd] cloud back: the held-back text is being verified", file=err)
+            shown = ""
+        out.flush()
+    if shown and not tty:
+        print("[pipesd] unverified (draft-only) suffix:", file=err)
+        err.write(shown + "\n")
+
+
+# ---------------------------------------------------------------------------- edge-server
+def cmd_edge_server(args) -> int:
+    """OpenAI-compatible HTTP API on the edge (see docs/edge-server.md)."""
+    try:
+        from pipesd.serving import create_app, serve
+    except ImportError as e:
+        raise SystemExit(f"pipesd: edge-server needs the serve extra (pip install 'pipesd[serve]'): {e}")
+    from pipesd.edge import EdgeClient, EdgeConfig
+
+    _set_threads(args.threads)
+    draft = load_draft(args.draft, args.threads, args.draft_gguf)
+    cfg = EdgeConfig.for_method(args.method, draft_step_s=args.draft_ms / 1e3)
+    token = args.auth_token if args.auth_token is not None else os.environ.get("PIPESD_AUTH_TOKEN", "")
+
+    def connect():  # also used to reconnect after the cloud went away
+        return EdgeClient(args.cloud, draft, cfg, auth_token=token, link=make_link(args))
+
+    client = connect()  # fail fast on a wrong --cloud or token
+    metrics = None
+    try:
+        from pipesd.metrics import EdgeMetrics
+
+        metrics = EdgeMetrics()
+    except ImportError:
+        pass
+    chat_template = Path(args.chat_template).read_text() if args.chat_template else None
+    name = args.model_name or (Path(args.draft).name if args.draft and _is_local_dir(args.draft) else None)
+    if not name:
+        from pipesd import zoo
+
+        name = args.draft or zoo.DEFAULT_PAIR
+    app = create_app(client, model_name=name, tokenizer=draft.tokenizer, default_method=args.method, config=cfg,
+                     metrics=metrics, connect=connect, default_max_tokens=min(args.default_max_tokens,
+                                                                             args.max_tokens_limit),
+                     max_tokens_limit=args.max_tokens_limit, default_temperature=args.default_temperature,
+                     chat_template=chat_template)
+
+    def ready(url: str) -> None:
+        print(f"pipesd: edge server (OpenAI API) at {url}/v1 - model {name!r}, cloud {args.cloud}, "
+              f"method {args.method}", flush=True)
+        if args.port_file:
+            Path(args.port_file).write_text(url.rsplit(":", 1)[1])
+
+    try:
+        serve(app, args.host, args.port, log_level=args.log_level, on_ready=ready)
+    finally:
+        client_now = app.state.backend.client
+        if client_now is not None:
+            client_now.close()
+    print("pipesd: edge server stopped", flush=True)
     return 0
 
 
@@ -194,7 +362,7 @@ def cmd_demo(args) -> int:
     print(f"  cloud up on 127.0.0.1:{port} ({time.perf_counter() - t0:.1f} s); loading the draft...", flush=True)
     results = {}
     try:
-        draft = load_draft(args.draft, 1)
+        draft = load_draft(args.draft, 1, args.draft_gguf)
         link = make_link(args)
         link_desc = args.link or "none"
         print(f"  link: {link_desc}; edge draft step padded to {args.draft_ms:.0f} ms; cloud verify padded to "
@@ -258,16 +426,60 @@ def _print_demo_table(results: dict, args) -> None:
     print()
 
 
+def _generate_config(args):
+    """EdgeConfig of `pipesd generate`: the method's preset, --k, --tau-seq/--tau-tok, and a
+    recorded timeline when the run is saved."""
+    from pipesd.edge import EdgeConfig
+    from pipesd.edge.trigger import TriggerConfig
+
+    kw = dict(draft_step_s=args.draft_ms / 1e3, k=args.k, record_timeline=bool(args.save_run))
+    if args.tau_seq is not None or args.tau_tok is not None:
+        d = TriggerConfig()
+        kw["trigger"] = TriggerConfig(d.tau_seq if args.tau_seq is None else args.tau_seq,
+                                      d.tau_tok if args.tau_tok is None else args.tau_tok, d.max_draft)
+    return EdgeConfig.for_method(args.method, **kw)
+
+
+# ---------------------------------------------------------------------------- timeline
+def cmd_timeline(args) -> int:
+    from pipesd.timeline import render_run
+
+    out = render_run(args.run, args.output)
+    print(f"pipesd: timeline written to {out}", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------- check-pair
+def cmd_check_pair(args) -> int:
+    from pipesd.checkpair import PairMismatch, check_pair, format_report, load_prompts
+
+    _set_threads(args.threads)
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    try:
+        report = check_pair(args.draft, args.target, prompts=prompts, tokens=args.tokens, link=args.link,
+                            draft_ms=args.draft_ms, verify_ms=args.verify_ms, sampling=args.sampling)
+    except PairMismatch as e:
+        print(f"pipesd: check-pair: incompatible pair: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_dict(trace=args.trace), indent=1, default=float))
+    else:
+        print(format_report(report))
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from pipesd.edge.config import METHODS
 
     p = argparse.ArgumentParser(prog="pipesd", description="Cloud-edge pipelined speculative decoding")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one JSON object per line")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run the cloud verification server")
     s.add_argument("--model", default=None, help="target model directory or bundled pair name (default: bundled)")
+    s.add_argument("--target", dest="model", default=argparse.SUPPRESS, help="alias of --model")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=7070, help="0 picks a free port")
     s.add_argument("--auth-token", default=None, help="shared secret (default: $PIPESD_AUTH_TOKEN or none)")
@@ -276,25 +488,66 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, default=4096)
     s.add_argument("--max-draft-in-flight", type=int, default=256)
     s.add_argument("--verify-pad-ms", type=float, default=0.0, help="emulate a slower cloud: pad each verification")
+    _add_security_args(s)
     s.add_argument("--port-file", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: any)")
+    s.add_argument("--metrics-host", default="127.0.0.1", help="metrics address (default: loopback only)")
     s.set_defaults(fn=cmd_serve)
 
     g = sub.add_parser("generate", help="generate text with an edge client (streams to the terminal)")
     g.add_argument("prompt")
     g.add_argument("--cloud", required=True, help="HOST:PORT of `pipesd serve`")
     g.add_argument("--draft", default=None, help="draft model directory or bundled pair name (default: bundled)")
+    g.add_argument("--draft-gguf", default=None, metavar="PATH",
+                   help="draft as a GGUF file run by llama.cpp (needs llama-cpp-python; a bundled pair name: its draft.gguf)")
     g.add_argument("--method", default="pipesd", choices=METHODS)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--auth-token", default=None)
+    _add_edge_tls_args(g)
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--draft-ms", type=float, default=0.0, help="emulate a slower edge: pad each draft step")
     _add_link_args(g)
     _add_sampling_args(g)
+    g.add_argument("--k", type=int, default=4, help="draft length of vanilla-sd / fixed-k-pipeline")
+    g.add_argument("--tau-seq", type=float, default=None, help="sequence-confidence threshold (default 0.35)")
+    g.add_argument("--tau-tok", type=float, default=None, help="token-confidence threshold (default 0.5)")
+    g.add_argument("--save-run", default=None, metavar="RUN.json",
+                   help="write the run (tokens, stats, timeline, settings) for `pipesd timeline`")
+    g.add_argument("--offline-policy", default="draft", choices=["draft", "wait", "fail"],
+                   help="when the cloud is unreachable: draft alone, flagged unverified, and reconcile when it "
+                        "returns (default); wait for it (up to 60 s); fail at once. See docs/reliability.md")
+    g.add_argument("--verdict-timeout", type=float, default=60.0, metavar="S",
+                   help="no verdict for this long counts as losing the cloud (default 60)")
     g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("edge-server", help="OpenAI-compatible HTTP API on the edge (/v1/completions, "
+                                           "/v1/chat/completions, /v1/models, /health)")
+    e.add_argument("--cloud", required=True, help="HOST:PORT of `pipesd serve`")
+    e.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    e.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    e.add_argument("--draft", default=None, help="draft model directory or bundled pair name (default: bundled)")
+    e.add_argument("--draft-gguf", default=None, metavar="PATH",
+                   help="draft as a GGUF file run by llama.cpp (needs llama-cpp-python; a bundled pair name: its draft.gguf)")
+    e.add_argument("--model-name", default=None, help="model id clients ask for (default: the pair or directory name)")
+    e.add_argument("--method", default="pipesd", choices=METHODS, help="default decoding method")
+    e.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    e.add_argument("--default-max-tokens", type=int, default=16, help="completions without max_tokens (as OpenAI)")
+    e.add_argument("--default-temperature", type=float, default=1.0,
+                   help="when a request gives none (1.0 as OpenAI; 0 = greedy)")
+    e.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's, "
+                                                         "else a plain 'User:/Assistant:' fallback)")
+    e.add_argument("--auth-token", default=None, help="the cloud's shared secret (default: $PIPESD_AUTH_TOKEN)")
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--draft-ms", type=float, default=0.0, help="emulate a slower edge: pad each draft step")
+    e.add_argument("--port-file", default=None, help=argparse.SUPPRESS)
+    _add_link_args(e)
+    e.set_defaults(fn=cmd_edge_server)
 
     d = sub.add_parser("demo", help="cloud + edge on this machine with the bundled pair; prints a comparison")
     d.add_argument("--model", default=None, help="target (default: bundled)")
     d.add_argument("--draft", default=None, help="draft (default: bundled)")
+    d.add_argument("--draft-gguf", default=None, metavar="PATH",
+                   help="draft as a GGUF file run by llama.cpp (needs llama-cpp-python; a bundled pair name: its draft.gguf)")
     d.add_argument("--prompts", type=int, default=3)
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--methods", default="target-only,vanilla-sd,pipesd")
@@ -305,13 +558,40 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="do not stream the first generation")
     _add_link_args(d)
     d.set_defaults(fn=cmd_demo, link="4g")
+    t = sub.add_parser("timeline", help="draw the timeline plot of a run saved by `generate --save-run`")
+    t.add_argument("run", help="RUN.json")
+    t.add_argument("-o", "--output", default=None, help="image file (default: RUN.png)")
+    t.set_defaults(fn=cmd_timeline)
+
+    c = sub.add_parser("check-pair", help="check a draft/target pair: tokenizer, agreement, costs, thresholds")
+    c.add_argument("draft", help="draft model directory, bundled pair name, or NAME:draft")
+    c.add_argument("target", help="target model directory, bundled pair name, or NAME:target")
+    c.add_argument("--prompts", default=None, help="prompts file (.json list, .jsonl, or one per line)")
+    c.add_argument("--tokens", type=int, default=32, help="target-greedy tokens measured per prompt")
+    c.add_argument("--link", default="paper", help="link preset the suggestion models (lan, wifi, 4g, slow, paper, none)")
+    c.add_argument("--draft-ms", type=float, default=None, help="model this draft step time instead of the measured one")
+    c.add_argument("--verify-ms", type=float, default=None, help="model this verification time instead of the measured one")
+    c.add_argument("--sampling", action="store_true", help="model the sampling wire (top-k q per token)")
+    c.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--trace", action="store_true", help="with --json: include the per-position trace")
+    c.set_defaults(fn=cmd_check_pair)
+
+    for sp in sub.choices.values():  # also accepted after the subcommand
+        sp.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.add_argument("--log-format", default=argparse.SUPPRESS, choices=["text", "json"], help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pipesd.metrics import configure_logging
+
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except ValueError as e:
+        print(f"pipesd: error: {e}", file=sys.stderr)
+        return 2
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:

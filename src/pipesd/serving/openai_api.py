@@ -12,6 +12,8 @@ cloud, so streaming and non-streaming return the same text. Generations run one 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import math
@@ -112,6 +114,9 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
     if base.method != default_method:
         base = EdgeConfig.for_method(default_method, draft_step_s=base.draft_step_s,
                                      verdict_timeout_s=base.verdict_timeout_s)
+    # An OpenAI response cannot mark text as unverified: when the cloud is lost the request
+    # fails (503) instead of returning draft-only text as if it were the target's.
+    base = dataclasses.replace(base, offline_policy="fail")
     if context_length is None:
         mcfg = getattr(getattr(getattr(client, "draft", None), "model", None), "config", None)
         context_length = getattr(mcfg, "max_position_embeddings", None)
@@ -163,7 +168,7 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
             raise APIError(400, f"pipesd.method must be one of {', '.join(METHODS)}; got {method!r}",
                            param="pipesd.method")
         cfg = base if method == base.method else EdgeConfig.for_method(
-            method, draft_step_s=base.draft_step_s, verdict_timeout_s=base.verdict_timeout_s)
+            method, draft_step_s=base.draft_step_s, verdict_timeout_s=base.verdict_timeout_s, offline_policy="fail")
         # Lengths.
         n_prompt = len(prompt_ids)
         limit_prompt = getattr(getattr(getattr(backend.client, "conn", None), "hello_ack", None),
