@@ -164,3 +164,58 @@ def test_nothing_verified_while_the_bonus_is_unconfirmed(server, ref):
     v = e.verdict()
     assert (v.epoch, v.start_pos, v.accepted, v.correction) == (0, 3, 0, ref[3])
     e.close()
+
+
+# --------------------------------------------------------------------------- hints
+def test_hint_codec_round_trip_and_errors():
+    from pipesd.transport import codec
+
+    m = M.DraftBatch(1, 0, 5, np.array([3, 4, 5], np.int32), np.full(3, 0.5, np.float32), True, False,
+                     np.array([[1, 2], [3, 4]], np.int32), np.array([[0.5, 0.5], [0.25, 0.75]], np.float32), 1.0,
+                     hint=True)
+    data = codec.encode(m)
+    assert len(data) == codec.encoded_size(m)
+    (back,) = codec.FrameReader().feed(data)
+    assert back.hint and back.tokens.tolist() == [3, 4, 5] and back.q_ids.shape == (2, 2)
+    with pytest.raises(ValueError, match="rows=2"):  # a hint's q has one row fewer than tokens
+        codec.encode(M.DraftBatch(1, 0, 5, np.array([3, 4, 5], np.int32), np.full(3, 0.5, np.float32),
+                                  q_ids=np.zeros((3, 2), np.int32), q_probs=np.full((3, 2), 0.5, np.float32),
+                                  hint=True))
+    with pytest.raises(ValueError, match="at least one token"):
+        codec.encode(M.DraftBatch(1, 0, 5, np.zeros(0, np.int32), np.zeros(0, np.float32), hint=True))
+    # A hint-only frame with a dense q (no rows) decodes without allocating rows.
+    one = codec.encode(M.DraftBatch(1, 0, 5, np.array([3], np.int32), np.full(1, 0.5, np.float32), hint=True))
+    assert codec.FrameReader().feed(one)[0].hint
+
+
+def test_greedy_hint_is_compared_with_the_bonus(server, ref):
+    e = _Edge(server, 11)
+    e.send(0, 0, ref[0:2], verify=True)
+    v1 = e.verdict()
+    assert v1.correction == ref[2] and v1.epoch == 0
+    # The draft at the bonus position as a hint (no q), then more drafts: kept when it matches.
+    e.c.send(M.DraftBatch(11, 0, 2, np.array(ref[2:5], np.int32), np.full(3, 0.9, np.float32), True, hint=True))
+    v2 = e.verdict()
+    assert (v2.epoch, v2.start_pos, v2.end_pos, v2.accepted, v2.correction) == (0, 3, 5, 2, ref[5])
+    # A hint that differs from the bonus at 5 voids itself and what follows it: no verdict for
+    # that batch, and the edge's next epoch goes on from 6.
+    e.c.send(M.DraftBatch(11, 0, 5, np.array([_wrong(ref[5]), 1, 2], np.int32), np.full(3, 0.9, np.float32), True,
+                          hint=True))
+    e.send(1, 6, ref[6:8], verify=True)
+    v3 = e.verdict()
+    assert (v3.epoch, v3.start_pos, v3.accepted, v3.correction) == (1, 6, 2, ref[8])
+    e.close()
+
+
+def test_a_hint_is_never_verified_across(server, ref):
+    """Requests that arrive together still stop at a hint: its bonus settles it, one verdict each."""
+    srv, url = server
+    c = conn.EdgeConnection.connect("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    c.send(M.OpenSession(13, np.array(PROMPT, np.int32), temperature=1.0, seed=3, max_new_tokens=16))
+    assert isinstance(c.recv(10), M.SessionOpened)
+    q1 = (np.array([[1, 2]], np.int32), np.array([[0.5, 0.5]], np.float32))
+    c.send(M.DraftBatch(13, 0, 0, np.array([1], np.int32), np.full(1, 0.5, np.float32), True, False, *q1))
+    c.send(M.DraftBatch(13, 0, 1, np.array([2], np.int32), np.full(1, 0.5, np.float32), True, hint=True))
+    v1 = c.recv(10)
+    assert isinstance(v1, M.Verdict) and v1.start_pos == 0 and v1.end_pos <= 1  # never across the hint at 1
+    c.close()

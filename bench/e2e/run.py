@@ -178,7 +178,8 @@ def summarise(scenario, method, gens, args, extra=None) -> dict:
     drafted = sum(s.drafted for s in st)
     busy = sum(s.cloud_busy_s for s in st)
     msgs = sum(s.messages_sent for s in st)
-    sent_tokens = sum(sum(s.batch_sizes) for s in st)
+    # Tokens that carried a q (a hint is compared with a bonus, sent without q).
+    sent_tokens = sum(sum(s.batch_sizes) - getattr(s, "hints_sent", 0) for s in st)
     g_s = statistics.median([s.cost_g_s for s in st]) if method not in ("target-only",) else 0.0
     s_s = statistics.median([s.cost_s_s for s in st])
     c_s = statistics.median([s.cost_c_s for s in st])

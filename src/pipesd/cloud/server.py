@@ -132,6 +132,7 @@ class _Session:
     verify_requested: bool = False
     bonus: bool = False  # the edge asked for it; the continuation rule gives one on every full acceptance
     check_pos: int = -1  # an unconfirmed bonus position: the edge's draft there must equal the bonus
+    hints: set = field(default_factory=set)  # positions of pending hints: settled by a bonus, never verified
     echo_sent_at: float = 0.0
     busy: bool = False  # in the verifier right now
     queued: bool = False  # in the ready queue (at most once)
@@ -471,19 +472,26 @@ class CloudServer:
                 raise codec.ProtocolError(M.E_BAD_FIELD, f"draft token ids outside [0, {self.vocab_size})")
             per_token = 8  # token + prob; the q of a sampling session below
             if not s.params.greedy:
-                if b.q_ids is None or b.q_probs is None:
+                rows = n - 1 if b.hint else n  # a hint carries no q
+                if rows and (b.q_ids is None or b.q_probs is None):
                     raise codec.ProtocolError(M.E_BAD_FIELD, "sampling mode needs the draft's q (q_ids, q_probs)")
-                qi = np.asarray(b.q_ids)
-                if int(qi.min()) < 0 or int(qi.max()) >= self.vocab_size:
+                qi = np.asarray(b.q_ids) if b.q_ids is not None else np.zeros((0, 1), np.int32)
+                qp = np.asarray(b.q_probs) if b.q_probs is not None else np.zeros((0, 1), np.float32)
+                if qi.size and (int(qi.min()) < 0 or int(qi.max()) >= self.vocab_size):
                     raise codec.ProtocolError(M.E_BAD_FIELD, f"q ids outside [0, {self.vocab_size})")
                 per_token += 8 * qi.shape[1]
             limit = self.config.max_inflight_bytes_per_client
             if client.inflight_bytes + n * per_token > limit:
                 raise codec.ProtocolError(M.E_LIMIT, f"more than {limit} bytes of drafts awaiting verification "
                                                      "on this connection (max_inflight_bytes_per_client)")
+            if b.hint:
+                s.hints.add(b.first_pos)
             if not s.params.greedy:
+                if b.hint:  # placeholder rows: a hint is settled by a bonus, never verified
+                    s.pending_q_ids.append(None)
+                    s.pending_q_probs.append(None)
                 s.pending_q_ids.extend(qi)
-                s.pending_q_probs.extend(np.asarray(b.q_probs))
+                s.pending_q_probs.extend(qp)
             s.pending.extend(int(t) for t in toks)
             s.pending_nbytes.extend([per_token] * n)
             client.inflight_bytes += n * per_token
@@ -522,7 +530,9 @@ class CloudServer:
                 return False
             b.first_pos = c + 1
             b.tokens, b.probs = b.tokens[1:], b.probs[1:]
-            if b.q_ids is not None:
+            if b.hint:  # the hint carried no q row
+                b.hint = False
+            elif b.q_ids is not None:
                 b.q_ids, b.q_probs = b.q_ids[1:], b.q_probs[1:]
             return True
         if b.first_pos >= verified:
@@ -530,6 +540,7 @@ class CloudServer:
         return True
 
     def _void_pending(self, s: _Session) -> None:
+        s.hints.clear()
         s.pending.clear()
         s.pending_q_ids.clear()
         s.pending_q_probs.clear()
@@ -545,6 +556,8 @@ class CloudServer:
         s.client.inflight_bytes -= sum(s.pending_nbytes[:n])
         del s.pending_nbytes[:n]
         s.verify_upto = max(0, s.verify_upto - n)
+        if s.hints:
+            s.hints = {h for h in s.hints if h >= len(s.generated)}
 
     def _schedule(self, s: _Session) -> None:
         """Queue a session for verification: once, and never while it is being verified."""
@@ -572,8 +585,10 @@ class CloudServer:
         jobs = []
         for s in batch:
             n = s.verify_upto
+            if s.hints:  # verify up to the first hint only: this verdict's bonus settles it
+                n = min(n, min(s.hints) - len(s.generated))
             jobs.append((s, s.pending[:n], s.pending_q_ids[:n], s.pending_q_probs[:n], s.bonus, s.echo_sent_at))
-            s.verify_requested = False
+            s.verify_requested = n < s.verify_upto  # the rest of the request: after this verdict
             s.busy = True
         results = await self._run_jobs(loop, jobs)
         for (s, *_), res in zip(jobs, results):

@@ -72,7 +72,7 @@ class GenerationStats:
     trigger_reasons: dict = field(default_factory=dict)
     bonus_tokens: int = 0  # target tokens that came free with a full acceptance (continuation rule)
     bonus_kept: int = 0  # of those, equal to the edge's draft there: its later drafts stood
-    bonus_holds: int = 0  # batches the send thread held for a verdict due sooner than the uplink
+    hints_sent: int = 0  # drafts sent as hints (no q on the wire: only compared with a bonus)
     tuner: Optional[dict] = None  # the tuner's state and history, when one runs
     tau_seq: float = 0.0
     tau_tok: float = 0.0
@@ -165,12 +165,9 @@ class _Run:
         self.full_q: dict[tuple[int, int], np.ndarray] = {}
         self.tuner_on = False  # this run feeds the edge's threshold tuner
         self.wire_s = 0.0  # send thread: time blocked in the (emulated) link
-        # Hold-for-bonus (send thread): the position right after the last verify request, when
-        # that request went out, and a running estimate of request-to-verdict latency.
+        # Send thread: where the last verify request ended (its bonus position); None after a
+        # rollback, until the next request.
         self.await_pos: Optional[int] = None
-        self.await_sent = 0.0
-        self.verdict_lat_s = 0.0  # from the end of a verify batch's transmission to its verdict
-        self.sent_end: dict = {}  # verify batch sent_at -> when its transmission ended
         self.send_overhead_s = 0.0  # send thread: time outside pops and the link
 
     def fail(self, e: BaseException) -> None:
@@ -835,10 +832,6 @@ class EdgeClient:
             t = time.perf_counter() - run.t0
             st.timeline.append(("verdict", t, t, (start, v.accepted, v.correction)))
             st.timeline.append(("verify", max(0.0, t - v.verify_s), t, v.verify_s))
-        t_end = run.sent_end.pop(v.echo_sent_at, None)
-        if t_end is not None:
-            lat = time.perf_counter() - t_end
-            run.verdict_lat_s = lat if run.verdict_lat_s == 0 else 0.8 * run.verdict_lat_s + 0.2 * lat
         accepted = run.seq[start: start + v.accepted]
         new = list(accepted)
         moved = False
@@ -859,6 +852,7 @@ class EdgeClient:
                 del run.seq[at:]
                 run.seq.append(t)
                 run.epoch += 1
+                run.await_pos = None
                 if ring is not None:
                     ring.bump_epoch()
                 st.rollbacks += 1
@@ -926,27 +920,10 @@ class EdgeClient:
                 pending = []
             run.send_overhead_s += perf() - t_pop - (run.wire_s - wire0)
 
-    def _hold_for_bonus(self, run: _Run, first_pos: int, epoch: int, ring: Optional[TokenRing]) -> None:
-        """Hold a batch that starts at the bonus position of the verification in flight while
-        its verdict is due sooner than one token takes on the uplink: the verdict then brings
-        that token for free (continuation rule). On a fast wire this never waits."""
-        if run.await_pos != first_pos or run.committed > first_pos or run.verdict_lat_s <= 0:
-            return
-        due = run.await_sent + run.verdict_lat_s
-        now = time.perf_counter()
-        if not (0.0 < due - now < self.cost.per_token_s):
-            return
-        deadline = due + 0.5 * run.verdict_lat_s  # a late verdict: stop holding, send
-        while (run.committed <= first_pos and not run.done.is_set() and time.perf_counter() < deadline
-               and (ring is None or ring.epoch == epoch)):
-            time.sleep(0.0005)
-        run.stats.bonus_holds += 1
-
     def _ship(self, run: _Run, recs: list[tuple], epoch: int, verify: bool, bonus: bool, timeline,
               ring: Optional[TokenRing] = None) -> None:
-        self._hold_for_bonus(run, recs[0][0], epoch, ring)
         if ring is not None and ring.epoch != epoch:
-            return  # a rollback while holding: these records are void
+            return  # a rollback since these were popped: void
         committed = run.committed
         if recs[0][0] < committed:
             # Confirmed by a bonus token while queued here (continuation rule): already verified,
@@ -955,32 +932,38 @@ class EdgeClient:
             if not recs:
                 return
         n = len(recs)
+        # The draft at the bonus position of the verification in flight goes as a hint: the
+        # cloud only compares it with the bonus (continuation rule), so its q stays here.
+        hint = recs[0][0] == run.await_pos and committed <= recs[0][0]
+        qrecs = recs[1:] if hint else recs
         tokens = np.fromiter((r[1] for r in recs), dtype=np.int32, count=n)
         probs = np.fromiter((r[2] for r in recs), dtype=np.float32, count=n)
         q_ids = q_probs = None
-        if run.cfg.wire_q == "full":
+        if not qrecs:
+            pass
+        elif run.cfg.wire_q == "full":
             V = self.draft.vocab_size
-            q_ids = np.broadcast_to(np.arange(V, dtype=np.int32), (n, V))
-            rows = [run.full_q.get((epoch, r[0])) for r in recs]
+            q_ids = np.broadcast_to(np.arange(V, dtype=np.int32), (len(qrecs), V))
+            rows = [run.full_q.get((epoch, r[0])) for r in qrecs]
             if any(q is None for q in rows):
                 return  # a rollback voided these records while they were being shipped: stale, not sent
             q_probs = np.stack(rows)
-        elif recs[0][5] > 0:
-            k = max(r[5] for r in recs)
-            q_ids = np.stack([r[3][:k] for r in recs]).astype(np.int32, copy=False)
-            q_probs = np.stack([r[4][:k] for r in recs]).astype(np.float32, copy=False)
+        elif qrecs[0][5] > 0:
+            k = max(r[5] for r in qrecs)
+            q_ids = np.stack([r[3][:k] for r in qrecs]).astype(np.int32, copy=False)
+            q_probs = np.stack([r[4][:k] for r in qrecs]).astype(np.float32, copy=False)
         t0 = time.perf_counter()
-        msg = M.DraftBatch(run.sid, epoch, recs[0][0] - run.base, tokens, probs, verify, bonus, q_ids, q_probs, t0)
+        msg = M.DraftBatch(run.sid, epoch, recs[0][0] - run.base, tokens, probs, verify, bonus, q_ids, q_probs, t0,
+                           hint)
         t_send = time.perf_counter()
         self.conn.send(msg)
         t1 = time.perf_counter()
         run.wire_s += t1 - t_send
         if verify:
-            run.await_pos, run.await_sent = recs[-1][0] + 1, t1
-            if len(run.sent_end) > 64:  # verdicts that never came (rollbacks): forget them
-                run.sent_end.clear()
-            run.sent_end[t0] = t1
-        self.cost.observe_send(n, t1 - t0)
+            run.await_pos = recs[-1][0] + 1
+        if hint:
+            run.stats.hints_sent += 1
+        self.cost.observe_send(n - hint, t1 - t0)  # a hint carries no q: it costs like a header
         if run.tuner_on:
             self.tuner.observe_costs(self.cost.snapshot())
         run.stats.batch_sizes.append(n)

@@ -57,8 +57,8 @@ _ERROR = struct.Struct("<Hq")  # code, session_id
 _STR = struct.Struct("<H")
 
 # DraftBatch flags
-F_VERIFY, F_BONUS, F_HAS_Q, F_Q_DENSE = 1, 2, 4, 8
-_DRAFT_FLAGS = F_VERIFY | F_BONUS | F_HAS_Q | F_Q_DENSE
+F_VERIFY, F_BONUS, F_HAS_Q, F_Q_DENSE, F_HINT = 1, 2, 4, 8, 16
+_DRAFT_FLAGS = F_VERIFY | F_BONUS | F_HAS_Q | F_Q_DENSE | F_HINT
 # Verdict flags
 F_REJECTED, F_FINISHED = 1, 2
 _VERDICT_FLAGS = F_REJECTED | F_FINISHED
@@ -155,9 +155,12 @@ def _draft_arrays(msg: M.DraftBatch):
     qi = qp = None
     if msg.q_ids is not None:
         qi, qp = np.asarray(msg.q_ids), np.asarray(msg.q_probs)
-        if qi.ndim != 2 or qi.shape != qp.shape or qi.shape[0] != n or qi.shape[1] < 1:
-            raise ValueError(f"DraftBatch: q_ids/q_probs must both be [n, k] with n={n}, k>=1; "
-                             f"got {qi.shape} and {qp.shape}")
+        rows = n - 1 if msg.hint else n
+        if qi.ndim != 2 or qi.shape != qp.shape or qi.shape[0] != rows or qi.shape[1] < 1:
+            raise ValueError(f"DraftBatch: q_ids/q_probs must both be [rows, k] with rows={rows} (n={n}, "
+                             f"hint={bool(msg.hint)}), k>=1; got {qi.shape} and {qp.shape}")
+    if msg.hint and n < 1:
+        raise ValueError("DraftBatch: a hint needs at least one token")
     return toks, probs, qi, qp
 
 
@@ -166,7 +169,7 @@ def _body(msg) -> tuple[int, list]:
     if isinstance(msg, M.DraftBatch):
         toks, probs, qi, qp = _draft_arrays(msg)
         n = len(toks)
-        flags = (F_VERIFY if msg.verify else 0) | (F_BONUS if msg.bonus else 0)
+        flags = (F_VERIFY if msg.verify else 0) | (F_BONUS if msg.bonus else 0) | (F_HINT if msg.hint else 0)
         k = 0
         parts = [toks, probs]
         if qi is not None:
@@ -320,25 +323,30 @@ def _decode_draft(r: _Reader) -> M.DraftBatch:
         raise _field("DraftBatch: negative token id")
     _check_probs(probs, "DraftBatch: probs")
     qi = qp = None
+    hint = bool(flags & F_HINT)
+    if hint and n < 1:
+        raise _field("DraftBatch: a hint needs at least one token")
+    rows = n - 1 if hint else n  # the hint token carries no q
     if flags & F_HAS_Q:
         if not 1 <= k <= MAX_Q_WIDTH:
             raise _field(f"DraftBatch: q width {k} outside [1, {MAX_Q_WIDTH}]")
-        count = n * k
+        count = rows * k
         if not flags & F_Q_DENSE:
-            qi = r.array("<i4", count, "q_ids").reshape(n, k)
-        qp = r.array("<f4", count, "q_probs").reshape(n, k)
-        if flags & F_Q_DENSE:  # allocated only now that the frame is known to hold n*k probs
-            # (n == 0 holds none: no arange(k) then, or a 40-byte frame could cost 4 MiB)
-            qi = np.broadcast_to(np.arange(k, dtype=np.int32), (n, k)) if n else np.zeros((0, k), np.int32)
+            qi = r.array("<i4", count, "q_ids").reshape(rows, k)
+        qp = r.array("<f4", count, "q_probs").reshape(rows, k)
+        if flags & F_Q_DENSE:  # allocated only now that the frame is known to hold rows*k probs
+            # (no rows: no arange(k) then, or a 40-byte frame could cost 4 MiB)
+            qi = np.broadcast_to(np.arange(k, dtype=np.int32), (rows, k)) if rows else np.zeros((0, k), np.int32)
         elif count and qi.min() < 0:
             raise _field("DraftBatch: negative q id")
         _check_probs(qp, "DraftBatch: q_probs")
-        if n and (np.abs(qp.sum(axis=1, dtype=np.float64) - 1.0) > Q_SUM_TOL).any():
+        if rows and (np.abs(qp.sum(axis=1, dtype=np.float64) - 1.0) > Q_SUM_TOL).any():
             raise _field(f"DraftBatch: every q row must sum to 1 (within {Q_SUM_TOL})")
     elif k or flags & F_Q_DENSE:
         raise _field("DraftBatch: q width or dense flag given without q")
     r.end()
-    return M.DraftBatch(sid, epoch, first, toks, probs, bool(flags & F_VERIFY), bool(flags & F_BONUS), qi, qp, sent_at)
+    return M.DraftBatch(sid, epoch, first, toks, probs, bool(flags & F_VERIFY), bool(flags & F_BONUS), qi, qp, sent_at,
+                        hint)
 
 
 def _decode_verdict(r: _Reader) -> M.Verdict:

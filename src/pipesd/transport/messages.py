@@ -87,9 +87,13 @@ class DraftBatch:
     probs: np.ndarray  # float32 [n], draft confidence of each token
     verify: bool = False
     bonus: bool = False
-    q_ids: Optional[np.ndarray] = None  # int32 [n, k]
-    q_probs: Optional[np.ndarray] = None  # float32 [n, k]
+    q_ids: Optional[np.ndarray] = None  # int32 [n, k] ([n - 1, k] with ``hint``)
+    q_probs: Optional[np.ndarray] = None  # float32 [n, k] ([n - 1, k] with ``hint``)
     sent_at: float = 0.0  # edge clock, echoed back for RTT estimates
+    # ``tokens[0]`` is the edge's draft at the bonus position of its last verify request, sent
+    # without q: it is never verified, only compared with that bonus (the continuation rule;
+    # the cloud verifies up to a hint, never across it), so its q need not cross the wire.
+    hint: bool = False
 
 
 @dataclass
