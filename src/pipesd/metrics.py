@@ -230,6 +230,22 @@ class JsonFormatter(logging.Formatter):
 LOG_FORMATS = ("text", "json")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (not the one at set-up, which a test
+    harness or a daemonising caller may have closed since)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(level: str = "WARNING", fmt: str = "text", stream=None) -> None:
     """Configure the root logger (``pipesd`` CLI ``main``): one stderr handler in the chosen format.
     Calling it again replaces the handler it installed (never anyone else's, e.g. pytest's), so
@@ -239,7 +255,7 @@ def configure_logging(level: str = "WARNING", fmt: str = "text", stream=None) ->
         raise ValueError(f"unknown log level {level!r}; use DEBUG, INFO, WARNING, ERROR or CRITICAL")
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

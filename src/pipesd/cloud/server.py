@@ -355,8 +355,8 @@ class CloudServer:
         if not client.alive:
             return
         client.alive = False
-        self.stats.clients_dropped += 1
         log.warning("dropping client %s: %s", client.peer, reason, extra={"peer": client.peer})
+        self.stats.clients_dropped += 1  # after the log line: whoever sees the count finds the reason
         client.writer.transport.abort()
 
     async def _throttle(self, client: _Client, msg) -> None:
