@@ -265,7 +265,6 @@ class EdgeClient:
         :meth:`stream_events` to see unverified text as it is drafted.
         """
         q: "queue.Queue" = queue.Queue()
-        result: dict = {}
         tok = self.tokenizer
         state = {"ids": [], "text": ""}
 
@@ -280,25 +279,8 @@ class EdgeClient:
                 q.put(text[len(state["text"]):])
             state["text"] = text
 
-        def run() -> None:
-            try:
-                result["gen"] = self._generate(prompt, max_new_tokens, sampling, config, on_commit)
-            except BaseException as e:  # re-raised in the consumer
-                result["error"] = e
-            finally:
-                q.put(None)
-
-        th = threading.Thread(target=run, name="pipesd-stream", daemon=True)
-        th.start()
-        while True:
-            piece = q.get()
-            if piece is None:
-                break
-            yield piece
-        th.join()
-        if "error" in result:
-            raise result["error"]
-        gen = self.last_generation = result["gen"]
+        yield from self._on_thread(q, lambda: self._generate(prompt, max_new_tokens, sampling, config, on_commit))
+        gen = self.last_generation
         if gen.unverified_from is not None:
             raise CloudUnavailableError(
                 f"the cloud at {self.cloud_url} was unreachable when the generation ended: the last "
@@ -314,7 +296,6 @@ class EdgeClient:
         retracted. ``last_generation`` holds the :class:`Generation` afterwards.
         """
         q: "queue.Queue" = queue.Queue()
-        result: dict = {}
         text = EventText(self._decode_ids, q.put)
 
         def on_event(kind: str, ids: list[int]) -> None:
@@ -325,10 +306,21 @@ class EdgeClient:
             else:
                 text.retract()
 
+        def generate() -> Generation:
+            gen = self._generate(prompt, max_new_tokens, sampling, config, on_event)
+            text.finish()
+            return gen
+
+        yield from self._on_thread(q, generate)
+
+    def _on_thread(self, q: "queue.Queue", generate: Callable[[], Generation]) -> Iterator:
+        """Run ``generate`` (which feeds ``q``) on its own thread and yield what it queues; its
+        error is re-raised here, its Generation becomes ``last_generation``."""
+        result: dict = {}
+
         def run() -> None:
             try:
-                result["gen"] = self._generate(prompt, max_new_tokens, sampling, config, on_event)
-                text.finish()
+                result["gen"] = generate()
             except BaseException as e:  # re-raised in the consumer
                 result["error"] = e
             finally:
@@ -336,11 +328,8 @@ class EdgeClient:
 
         th = threading.Thread(target=run, name="pipesd-stream", daemon=True)
         th.start()
-        while True:
-            ev = q.get()
-            if ev is None:
-                break
-            yield ev
+        while (item := q.get()) is not None:
+            yield item
         th.join()
         if "error" in result:
             raise result["error"]
