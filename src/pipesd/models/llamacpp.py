@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from pipesd.models.runners import MAX_KEPT_ROWS, DraftModel
+from pipesd.models.runners import MAX_KEPT_ROWS, DraftModel, _lcp
 
 __all__ = ["LlamaCppDraft", "require_llama_cpp", "INSTALL_HINT"]
 
@@ -41,14 +41,6 @@ def require_llama_cpp():
         raise ImportError(f"the llama.cpp draft backend needs the `llama_cpp` module, which is not importable "
                           f"({e}); {INSTALL_HINT}") from e
     return llama_cpp
-
-
-def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class _LlamaLM:
