@@ -1,0 +1,337 @@
+"""Model-based tests of the session protocol (``pipesd.protocol``), no server, no threads.
+
+A hypothesis state machine drives an :class:`EdgeSession` + :class:`SendState` (the edge), a
+ring of epoch-stamped records between them, an uplink and a downlink (with duplicated,
+reordered and stale messages) and a :class:`CloudSession` whose verifier is an oracle: greedy
+(a fixed true sequence: accept while the draft equals it) or sampling (acceptance drawn at
+random, a correction that differs from the rejected draft). Reconnects re-open both sides on
+the committed prefix.
+
+Invariants, after every step:
+1. the edge's committed prefix is the cloud's (and, greedy, the oracle's);
+2. it never shrinks and a committed token never changes;
+3. no position is verified twice;
+4. a stale message changes no state;
+5. with nothing in flight (and no bonus waiting to be settled) both sides agree on the epoch
+   and the committed length;
+6. the edge never drafts past its lookahead.
+Each invariant has a planted-bug control below that the machine must catch.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+
+from pipesd.protocol import CloudSession, EdgeSession, ProtocolViolation, SendState
+
+V = 7  # vocabulary of the oracle
+MAX_NEW = 40
+LOOKAHEAD = 6
+F_VERIFY = 1
+
+
+def _truth(i: int) -> int:
+    return (i * 5 + 3) % V
+
+
+class ProtocolMachine(RuleBasedStateMachine):
+    """Edge, ring, links and cloud of one run; subclasses plant bugs or pick the oracle."""
+
+    edge_cls = EdgeSession
+    cloud_cls = CloudSession
+    sampling = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.edge = self.edge_cls(MAX_NEW, eos_id=None, lookahead=LOOKAHEAD, pipeline=True)
+        self.history: list[int] = []  # every token the edge ever committed, in order
+        self.cloud_prev: list[int] = []  # tokens committed by earlier cloud sessions
+        self._open_cloud()
+
+    # ------------------------------------------------------------------ plumbing
+    def _open_cloud(self) -> None:
+        self.cloud = self.cloud_cls(MAX_NEW - self.edge.committed, max_in_flight=64)
+        self.sender = SendState(epoch=0, base=self.edge.base)
+        self.ring: list[tuple] = []  # (run pos, token, epoch, flags)
+        self.ring_epoch = self.edge.epoch
+        self.up: list[dict] = []
+        self.down: list[dict] = []
+        self.job = None
+        self.disordered = False  # a batch was delivered out of order on this connection
+        self.verified_positions: set[int] = set()
+
+    def _truth_at(self, session_pos: int) -> int:
+        return _truth(self.edge.base + session_pos) if not self.sampling else -1
+
+    def _cloud_state(self):
+        c = self.cloud
+        return (c.epoch, list(c.generated), list(c.pending.tokens), c.verify_upto, c.requested, set(c.hints),
+                c.unsettled, c.finished)
+
+    def _edge_state(self):
+        e = self.edge
+        return (list(e.seq), e.committed, e.epoch, e.stop_at, e.awaiting)
+
+    # ------------------------------------------------------------------ edge
+    @precondition(lambda self: not self.done())
+    @rule(right=st.lists(st.booleans(), min_size=1, max_size=4), trigger=st.integers(0, 3))
+    def draft(self, right: list, trigger: int) -> None:
+        """The compute thread drafts a few tokens (right or wrong); the trigger fires on one."""
+        e = self.edge
+        for i, ok in enumerate(right):
+            if not e.may_draft():
+                return
+            pos = len(e.seq)
+            tok = _truth(pos) if ok else (_truth(pos) + 1) % V
+            pos, reason = e.on_draft(tok, "token" if i == trigger else None)
+            self.ring.append((pos, tok, e.epoch, F_VERIFY if reason else 0))
+
+    @rule(n=st.integers(1, 4))
+    def send(self, n: int) -> None:
+        """The send thread: pop records, drop stale ones, cut after a verify flag."""
+        recs = []
+        while self.ring and len(recs) < n:
+            r = self.ring.pop(0)
+            if r[2] < self.ring_epoch or not self.sender.admit(r[2]):
+                recs = []  # a rollback since: these are void (the ring drops them)
+                continue
+            recs.append(r)
+            if r[3] & F_VERIFY:
+                break
+        if not recs:
+            return
+        verify = bool(recs[-1][3] & F_VERIFY)
+        first, hint = self.sender.frame(recs[0][0], len(recs), verify)
+        toks = [r[1] for r in recs]
+        q = [[t] for t in toks[1:]] if hint else [[t] for t in toks]
+        self.up.append(dict(epoch=recs[0][2], first_pos=first, tokens=toks, q_ids=q, q_probs=q, verify=verify,
+                            hint=hint))
+
+    # ------------------------------------------------------------------ links
+    @precondition(lambda self: self.up)
+    @rule(n=st.integers(1, 3), dup=st.integers(0, 5), reorder=st.integers(0, 7))
+    def deliver_up(self, n: int, dup: int, reorder: int) -> None:
+        for _ in range(n):  # dup, reorder: rare (1 in 6, 1 in 8), as on TCP
+            if self.up:
+                self._deliver_up(dup == 0, reorder == 0)
+                dup = reorder = 1
+
+    def _deliver_up(self, dup: bool, reorder: bool) -> None:
+        if reorder and len(self.up) > 1:
+            self.up[0], self.up[1] = self.up[1], self.up[0]
+            self.disordered = True
+        b = self.up.pop(0)
+        if dup:
+            self.up.insert(0, copy.deepcopy(b))
+        stale = b["epoch"] < self.cloud.epoch and self.cloud.unsettled is None
+        before = self._cloud_state()
+        try:
+            res = self.cloud.on_batch(b["epoch"], b["first_pos"], b["tokens"], b["q_ids"], b["q_probs"],
+                                      verify=b["verify"], hint=b["hint"])
+        except ProtocolViolation as err:
+            assert self.disordered, f"an in-order stream was refused: {err}"
+            self.reconnect()  # the server closes the session; the edge re-opens it
+            return
+        if stale:
+            assert res == "stale" and self._cloud_state() == before, "a stale batch changed the cloud's state"
+        if res == "duplicate":
+            assert self._cloud_state() == before, "a duplicate batch changed the cloud's state"
+
+    @precondition(lambda self: self.down)
+    @rule(dup=st.integers(0, 5))
+    def deliver_down(self, dup: int) -> None:
+        v = self.down.pop(0)
+        if dup == 0:
+            self.down.insert(0, dict(v))
+        self._apply_verdict(v)
+
+    @rule()
+    def stale_verdict(self) -> None:
+        """A verdict of an epoch the edge has left changes nothing."""
+        e = self.edge
+        if e.epoch == 0:
+            return
+        before = self._edge_state()
+        out = e.on_verdict(epoch=e.epoch - 1, start_pos=e.committed - e.base, end_pos=e.committed - e.base + 1,
+                           accepted=1, token=0, rejected=False, verified_len=e.committed - e.base + 2, finished=False)
+        assert out.stale and self._edge_state() == before, "a stale verdict changed the edge's state"
+
+    def _apply_verdict(self, v: dict) -> None:
+        e = self.edge
+        before = self._edge_state()
+        try:
+            out = e.on_verdict(**v)
+        except ProtocolViolation as err:
+            raise AssertionError(f"the edge refused a verdict: {err}") from err
+        if out.stale:
+            assert self._edge_state() == before, "a stale verdict changed the edge's state"
+            return
+        self.history.extend(out.new)
+        if out.rollback_at is not None:
+            self.ring_epoch = e.epoch  # the compute thread bumps the ring's epoch
+
+    # ------------------------------------------------------------------ cloud
+    @precondition(lambda self: self.job is None and self.cloud.ready)
+    @rule()
+    def start_job(self) -> None:
+        self.job = self.cloud.take_job()
+        assert self.job.start == len(self.cloud.generated)
+
+    @precondition(lambda self: self.job is not None)
+    @rule(data=st.data())
+    def finish_job(self, data) -> None:
+        job, self.job = self.job, None
+        n = len(job.drafts)
+        if self.sampling:
+            acc = data.draw(st.integers(0, n), label="accepted")
+            tok = data.draw(st.integers(0, V - 1), label="token")
+            if acc < n and tok == job.drafts[acc]:
+                tok = (tok + 1) % V  # a correction never equals the rejected draft
+        else:
+            acc = 0
+            while acc < n and job.drafts[acc] == self._truth_at(job.start + acc):
+                acc += 1
+            tok = self._truth_at(job.start + acc)
+        judged = self.cloud.judge(job, acc, list(job.drafts[:acc]) + [tok])
+        span = set(range(job.start, job.start + len(judged.new)))
+        assert not (span & self.verified_positions), "a position was verified twice"
+        self.verified_positions |= span
+        settled = self.cloud.apply(judged)
+        self.down.append(dict(epoch=job.epoch, start_pos=job.start, end_pos=judged.end, accepted=judged.accepted,
+                              token=judged.token, rejected=judged.rejected,
+                              verified_len=len(self.cloud.generated), finished=judged.finished, settled=settled))
+
+    @rule(drop=st.integers(0, 15))
+    def link_drops(self, drop: int) -> None:
+        if drop == 0:  # rare
+            self.reconnect()
+
+    def reconnect(self) -> None:
+        """The link drops: what is in flight is lost; both sides re-open on the committed prefix."""
+        self.cloud_prev = self.cloud_prev + self.cloud.generated[: self.edge.committed - self.edge.base]
+        del self.edge.seq[self.edge.committed:]
+        self.edge.reopen()
+        self._open_cloud()
+
+    def done(self) -> bool:
+        return self.edge.committed >= MAX_NEW
+
+    # ------------------------------------------------------------------ invariants
+    @invariant()
+    def committed_prefix_is_the_targets(self) -> None:
+        e = self.edge
+        mine = e.seq[: e.committed]
+        assert mine == self.history, "the committed prefix changed or shrank"
+        cloud = self.cloud_prev + self.cloud.generated
+        assert cloud[: e.committed] == mine, "edge and cloud committed different tokens"
+        if not self.sampling:
+            assert mine == [_truth(i) for i in range(e.committed)], "the committed prefix is not the target's"
+
+    @invariant()
+    def within_lookahead(self) -> None:
+        assert len(self.edge.seq) - self.edge.committed <= LOOKAHEAD, "drafted past the lookahead"
+
+    @invariant()
+    def agree_when_quiet(self) -> None:
+        if self.up or self.down or self.job is not None or self.ring or self.cloud.unsettled is not None:
+            return
+        e, c = self.edge, self.cloud
+        assert e.committed - e.base == len(c.generated), "committed lengths differ with nothing in flight"
+        assert e.epoch == c.epoch, "epochs differ with nothing in flight"
+
+
+SETTINGS = settings(max_examples=300, stateful_step_count=80, deadline=None, database=None,
+                    suppress_health_check=list(HealthCheck))
+FAST = settings(SETTINGS, max_examples=400, phases=[Phase.generate])
+
+
+class SamplingMachine(ProtocolMachine):
+    sampling = True
+
+
+def test_protocol_greedy():
+    run_state_machine_as_test(ProtocolMachine, settings=SETTINGS)
+
+
+def test_protocol_sampling():
+    run_state_machine_as_test(SamplingMachine, settings=SETTINGS)
+
+
+# ---------------------------------------------------------------------- planted bugs
+class _CloudKeepsMismatch(CloudSession):
+    """Keeps the edge's drafts past a bonus they disagree with."""
+
+    def apply(self, j):
+        if not j.rejected and j.token >= 0 and len(self.pending) > len(j.job.drafts):
+            if self.pending.tokens[len(j.job.drafts)] != j.token:
+                self.pending.tokens[len(j.job.drafts)] = j.token
+        return super().apply(j)
+
+
+class _EdgeKeepsMismatch(EdgeSession):
+    """Keeps its drafts past a bonus that differs from them (the continuation rule broken)."""
+
+    def _continue(self, out, at, token, rejected, settled):
+        if not rejected and len(self.seq) > at:
+            out.bonus_kept = True
+            return
+        super()._continue(out, at, token, rejected, settled)
+
+
+class _CloudTakesStale(CloudSession):
+    """Takes batches of an older epoch."""
+
+    def on_batch(self, epoch, *a, **k):
+        return super().on_batch(max(epoch, self.epoch), *a, **k)
+
+
+class _CloudKeepsVerified(CloudSession):
+    """Forgets to drop verified drafts after a full acceptance: they are verified again."""
+
+    def _drop_verified(self, n):
+        self.verify_upto = max(0, self.verify_upto - n)
+
+
+class _EdgeIgnoresLookahead(EdgeSession):
+    def may_draft(self):
+        return len(self.seq) < self.stop_at
+
+
+class _EdgeTakesStaleVerdicts(EdgeSession):
+    """Applies verdicts whatever their epoch."""
+
+    def on_verdict(self, *, epoch, **k):
+        return super().on_verdict(epoch=self.epoch, **k)
+
+
+class _CloudNoBumpOnRejection(CloudSession):
+    def apply(self, j):
+        e = self.epoch
+        settled = super().apply(j)
+        if j.rejected and j.token >= 0:
+            self.epoch = e
+        return settled
+
+
+PLANTED = {
+    "cloud keeps drafts past a differing bonus": (_CloudKeepsMismatch, EdgeSession, False),
+    "edge keeps drafts past a differing bonus": (CloudSession, _EdgeKeepsMismatch, False),
+    "cloud takes stale batches": (_CloudTakesStale, EdgeSession, True),
+    "cloud verifies a position twice": (_CloudKeepsVerified, EdgeSession, False),
+    "edge drafts past the lookahead": (CloudSession, _EdgeIgnoresLookahead, False),
+    "edge applies stale verdicts": (CloudSession, _EdgeTakesStaleVerdicts, True),
+    "cloud does not bump the epoch on a rejection": (_CloudNoBumpOnRejection, EdgeSession, True),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANTED))
+def test_planted_bug_is_caught(name):
+    cloud_cls, edge_cls, sampling = PLANTED[name]
+    machine = type("Planted", (ProtocolMachine,), {"cloud_cls": cloud_cls, "edge_cls": edge_cls,
+                                                   "sampling": sampling})
+    with pytest.raises(AssertionError):
+        run_state_machine_as_test(machine, settings=FAST)
