@@ -244,7 +244,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         assert e.epoch == c.epoch, "epochs differ with nothing in flight"
 
 
-SETTINGS = settings(max_examples=300, stateful_step_count=80, deadline=None, database=None,
+SETTINGS = settings(max_examples=200, stateful_step_count=80, deadline=None, database=None,
                     suppress_health_check=list(HealthCheck))
 FAST = settings(SETTINGS, max_examples=400, phases=[Phase.generate])
 
@@ -317,7 +317,19 @@ class _CloudNoBumpOnRejection(CloudSession):
         return settled
 
 
+class _CloudSettlesWithoutBump(CloudSession):
+    """Voids the drafts past a late-settled, differing bonus but keeps the epoch."""
+
+    def _settle(self, epoch, first_pos, tokens):
+        e = self.epoch
+        res = super()._settle(epoch, first_pos, tokens)
+        if res == "void":
+            self.epoch = e
+        return res
+
+
 PLANTED = {
+    "cloud settles a late differing bonus without bumping the epoch": (_CloudSettlesWithoutBump, EdgeSession, False),
     "cloud keeps drafts past a differing bonus": (_CloudKeepsMismatch, EdgeSession, False),
     "edge keeps drafts past a differing bonus": (CloudSession, _EdgeKeepsMismatch, False),
     "cloud takes stale batches": (_CloudTakesStale, EdgeSession, True),

@@ -163,6 +163,7 @@ class CloudSession:
             self.unsettled = None
             if int(tokens[0]) != self.generated[c]:
                 self._void()
+                self.epoch += 1
                 return "void"
             return "trim"
         if first_pos >= verified:
