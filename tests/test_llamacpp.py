@@ -154,18 +154,24 @@ def test_cli_and_clear_errors(tmp_path, capsys):
         gx.export_gguf(gdir, tmp_path / "z.gguf")
 
 
-def test_clear_import_error_without_llama_cpp(monkeypatch):
+def test_clear_import_error_without_llama_cpp(monkeypatch, capsys):
     from pipesd.models.llamacpp import LlamaCppDraft
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
     with pytest.raises(ImportError, match="llama-cpp-python.*docs/llamacpp.md"):
         LlamaCppDraft(gx.bundled_gguf())
-    from pipesd.cli import load_draft
+    from pipesd import cli
+    from pipesd.launch import load_draft
 
-    with pytest.raises(SystemExit, match="--draft-gguf stdlib-code: .*pip install llama-cpp-python"):
-        load_draft(None, 1, zoo.DEFAULT_PAIR)  # `pipesd generate --draft-gguf stdlib-code`: a message, no traceback
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(RuntimeError, match="draft GGUF stdlib-code: .*pip install llama-cpp-python"):
+        load_draft(None, 1, zoo.DEFAULT_PAIR)
+    with pytest.raises(ValueError, match="not found.*a .gguf file or a bundled pair: stdlib-code"):
         load_draft(None, 1, "/no/such/draft.gguf")
+    # `pipesd generate --draft-gguf stdlib-code`: a message, no traceback (the draft loads before connecting)
+    assert cli.main(["generate", "x", "--cloud", "127.0.0.1:1", "--draft-gguf", zoo.DEFAULT_PAIR]) == 1
+    err = capsys.readouterr().err
+    assert "pipesd: error: draft GGUF stdlib-code: " in err and "pip install llama-cpp-python" in err
+    assert "Traceback" not in err
 
 
 # --------------------------------------------------------------------------- llama.cpp (where installed)
@@ -258,8 +264,8 @@ def test_context_overflow_is_a_clear_error(llama_cpp, f32_gguf):
 
 
 def test_end_to_end_lossless_with_shipped_gguf(llama_cpp, pair):
-    from pipesd.cli import load_draft
     from pipesd.edge import EdgeClient, EdgeConfig
+    from pipesd.launch import load_draft
     from runtime_helpers import reference_greedy, running_server
 
     draft = load_draft(None, 1, zoo.DEFAULT_PAIR)  # what `pipesd generate --draft-gguf stdlib-code` loads

@@ -33,19 +33,18 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from run import PROMPTS, git_commit, machine
+    from run import git_commit, machine
 
-    from pipesd import zoo
     from pipesd.cloud import CloudConfig, CloudServer
     from pipesd.edge import EdgeClient, EdgeConfig
-    from pipesd.transport.link import LinkEmulator, link_preset
+    from pipesd.launch import PROMPTS, load_pair, make_link
 
-    pair = zoo.load_pair()
+    pair = load_pair()
     server = CloudServer(pair.target, CloudConfig(port=0))
     host, port = server.start_in_thread()
     rows = []
     try:
-        with EdgeClient(f"{host}:{port}", pair.draft, link=LinkEmulator(*link_preset("lan"))) as client:
+        with EdgeClient(f"{host}:{port}", pair.draft, link=make_link("lan")) as client:
             client.generate(PROMPTS[0], 8)
             for method in ("pipesd", "vanilla-sd"):
                 s0 = (server.stats.batched_launches, server.stats.overhead_s, server.stats.forward_s, server.stats.kernel_s)

@@ -23,25 +23,16 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from pipesd.launch import PROMPTS, load_draft, make_link, start_server_subprocess, stop_process
+
 ROOT = Path(__file__).resolve().parents[2]
-
-PROMPTS = [
-    "def read_config(path):\n",
-    "import os\nimport sys\n\n\ndef main():\n",
-    "class Stack:\n    def __init__(self):\n",
-    "    def __repr__(self):\n        return",
-    "for key, value in sorted(items.items()):\n",
-    "try:\n    import threading\nexcept ImportError:\n",
-]
-
 
 @dataclass
 class Scenario:
@@ -68,8 +59,8 @@ QUICK_METHODS = ["target-only", "vanilla-sd", "fixed-batch", "single-threshold",
                  "pipesd-tuned"]
 
 
-# The paper's wire: each draft token carries its full-vocabulary q, ~0.29 MB (DESIGN.md: about
-# 116 ms per token at 20 Mbit/s). Our full-q frame for the bundled 1024-token vocabulary is
+# The paper's wire: each draft token carries its full-vocabulary q, ~0.29 MB (docs/runtime.md,
+# "Hints"), about 116 ms per token at 20 Mbit/s (docs/tuning.md, "When pipelining helps"). Our full-q frame for the bundled 1024-token vocabulary is
 # 4 bytes per vocabulary entry (dense float32 q, plus 8 for token and prob); --paper-wire scales the uplink
 # bandwidth by the ratio, so every byte we send costs what the paper's bytes cost.
 PAPER_Q_BYTES_PER_TOKEN = 290_000
@@ -80,23 +71,6 @@ def uplink_scale(args, vocab_size: int) -> float:
     if not getattr(args, "paper_wire", False):
         return 1.0
     return (4 * vocab_size + 8) / PAPER_Q_BYTES_PER_TOKEN
-
-
-def make_link(spec: str, up_scale: float = 1.0):
-    from pipesd.transport.link import BandwidthTrace, LinkEmulator, LinkProfile, link_preset
-
-    if "/" in spec:
-        mb, d = spec.split("/")
-        up = LinkProfile(float(mb) * 1e6, float(d) / 1e3, 0.0005)
-        down = LinkProfile(float(mb) * 10e6, float(d) / 1e3)
-    else:
-        up, down = link_preset(spec)
-    if up_scale != 1.0:
-        trace = up.trace
-        if trace is not None:
-            trace = BandwidthTrace([(t, b * up_scale) for t, b in zip(trace.times, trace.bws)], trace.period)
-        up = LinkProfile(up.bandwidth_bps * up_scale, up.delay_s, up.per_message_s, trace)
-    return LinkEmulator(up, down)
 
 
 def git_commit() -> str:
@@ -130,7 +104,7 @@ def tuned_run(port, draft, sc, prompts, n_new, args):
 
     cfg = EdgeConfig.for_method("pipesd", draft_step_s=sc.draft_ms / 1e3, wire_q=args.wire_q, offline_policy="fail")
     with EdgeClient(f"127.0.0.1:{port}", draft, cfg, auth_token="bench",
-                    link=make_link(sc.link, uplink_scale(args, draft.vocab_size)), tuner="bayes",
+                    link=make_link(sc.link, up_scale=uplink_scale(args, draft.vocab_size)), tuner="bayes",
                     tuner_window_tokens=args.tuner_window) as client:
         budget = args.tuner_evals * args.tuner_window * 1.5
         done, i = 0, 0
@@ -143,32 +117,6 @@ def tuned_run(port, draft, sc, prompts, n_new, args):
     hist = st.get("history", [])
     return gens, {"tau_seq": gens[-1].stats.tau_seq, "tau_tok": gens[-1].stats.tau_tok,
                   "tuner_evaluations": st.get("evaluations"), "tuner_history": hist, "tuning_tokens": done}
-
-
-def load_draft(spec: str):
-    """``bundled``: the bundled pair's draft. ``self-noisy:SCALE``: the bundled *target* with
-    Gaussian weight noise (SCALE x each tensor's std) as the draft: a controlled pair whose
-    acceptance is near the paper's (0.96) while the edge's speed still comes from the compute
-    profile. Acceptance is measured and reported either way."""
-    import copy
-
-    import torch
-
-    from pipesd import zoo
-    from pipesd.models import DraftModel
-
-    pair = zoo.load_pair()
-    if spec == "bundled":
-        return pair.draft
-    if spec.startswith("self-noisy:"):
-        scale = float(spec.split(":", 1)[1])
-        m = copy.deepcopy(pair.target.model)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp_min(1e-6))
-        return DraftModel(m, pair.tokenizer, wire_topk=pair.draft.wire_topk)
-    raise ValueError(f"--pair must be 'bundled' or 'self-noisy:SCALE', got {spec!r}")
 
 
 def summarise(scenario, method, gens, args, extra=None) -> dict:
@@ -209,8 +157,6 @@ def summarise(scenario, method, gens, args, extra=None) -> dict:
 
 
 def start_server(args):
-    from pipesd.cli import start_server_subprocess
-
     return start_server_subprocess(None, threads=1, verify_pad_ms=args.verify_ms, auth_token="bench")
 
 
@@ -229,7 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tuner-evals", type=int, default=16)
     ap.add_argument("--tuner-window", type=int, default=32, help="tokens per tuner evaluation")
     ap.add_argument("--cloud-power-w", type=float, default=400.0)
-    ap.add_argument("--pair", default="bundled", help="bundled | self-noisy:SCALE (see load_draft)")
+    ap.add_argument("--pair", default="bundled", help="the draft: bundled | self-noisy:SCALE (the bundled target with weight noise; "
+                         "see pipesd.launch.load_draft); the cloud runs the bundled target")
     ap.add_argument("--scenarios", default=None, help="comma-separated scenario names to run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
@@ -238,7 +185,6 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from pipesd import zoo
     from pipesd.edge import EdgeClient
 
     scenarios = QUICK if args.quick else FULL
@@ -257,7 +203,7 @@ def main(argv=None) -> int:
     try:
         for sc in scenarios:
             print(f"== {sc.name}: draft {sc.draft_ms:.0f} ms/token, link {sc.link} ({sc.note})", flush=True)
-            link = make_link(sc.link, uplink_scale(args, draft.vocab_size))
+            link = make_link(sc.link, up_scale=uplink_scale(args, draft.vocab_size))
             with EdgeClient(f"127.0.0.1:{port}", draft, auth_token="bench", link=link) as client:
                 client.generate(prompts[0], 8)  # warm-up
                 sc_rows = {}
@@ -291,11 +237,7 @@ def main(argv=None) -> int:
                     r["efficiency_vs_bound"] = r["bound_tpt_s"] / r["tpt_s"] if r["tpt_s"] else None
                     rows.append(r)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
     header = {"machine": machine(), "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "settings": {"quick": args.quick, "prompts": n_prompts, "max_new_tokens": n_new,
                            "verify_pad_ms": args.verify_ms, "wire_q": args.wire_q, "k_sweep": ks,

@@ -21,8 +21,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,15 +29,9 @@ import time
 import traceback
 from pathlib import Path
 
+from pipesd.launch import PROMPTS, load_pair, serve_until_stopped, stop_process
+
 ROOT = Path(__file__).resolve().parents[2]
-PROMPTS = [
-    "def read_config(path):\n",
-    "import os\nimport sys\n\n\ndef main():\n",
-    "class Stack:\n    def __init__(self):\n",
-    "for key, value in sorted(items.items()):\n",
-    "try:\n    import threading\nexcept ImportError:\n",
-    "    def __repr__(self):\n        return",
-]
 
 
 def rss_mb(pid: int) -> float:
@@ -55,22 +47,19 @@ def rss_mb(pid: int) -> float:
 
 # ---------------------------------------------------------------------------- server role
 def run_server(args) -> int:
-    import asyncio
-
     import torch
 
     torch.set_num_threads(1)
-    from pipesd import zoo
     from pipesd.cloud import CloudConfig, CloudServer
     from pipesd.fingerprint import tokenizer_fingerprint
 
-    target = zoo.load_pair(args.pair, threads=1).target
+    target = load_pair(args.pair, threads=1).target
     cfg = CloudConfig(host="127.0.0.1", port=0, max_sessions=max(64, 2 * args.clients),
                       max_sessions_per_client=4, verify_pad_s=args.verify_ms / 1e3)
     server = CloudServer(target, cfg, tokenizer_fingerprint=tokenizer_fingerprint(target.tokenizer))
     stats_path = Path(args.stats_file)
 
-    def dump() -> None:
+    def dump(server) -> None:
         s = dict(server.stats.__dict__)
         s["rss_mb"] = rss_mb(os.getpid())
         s["port"] = server.address[1]
@@ -79,19 +68,7 @@ def run_server(args) -> int:
         tmp.write_text(json.dumps(s))
         tmp.replace(stats_path)
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.create_task(server.serve())
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.stop)
-        while not server._started.is_set():
-            await asyncio.sleep(0.01)
-        while not task.done():
-            dump()
-            await asyncio.sleep(1.0)
-        dump()
-
-    asyncio.run(main())
+    serve_until_stopped(server, on_tick=dump, tick_s=1.0)  # a snapshot every second, and one at the end
     return 0
 
 
@@ -168,8 +145,6 @@ def run_soak(args) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from pipesd import zoo
-
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats_file = Path(tempfile.mkdtemp(prefix="pipesd-soak-")) / "server.json"
@@ -188,7 +163,7 @@ def run_soak(args) -> int:
                 raise RuntimeError("the server did not start within 120 s")
             time.sleep(0.05)
         port = read_stats(stats_file)["port"]
-        pair = zoo.load_pair(args.pair, threads=1)
+        pair = load_pair(args.pair, threads=1)
         model, tok = pair.draft.model, pair.draft.tokenizer
         print(f"soak: server pid {server.pid} on 127.0.0.1:{port}; {args.clients} clients x {args.duration:.0f} s, "
               f"method {args.method}, {args.max_new_tokens} tokens per request", flush=True)
@@ -230,11 +205,7 @@ def run_soak(args) -> int:
         time.sleep(1.5)  # let the server drop the closed sessions and write a final snapshot
         s1 = read_stats(stats_file)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server, 20)
 
     errors = [e for w in workers for e in w.errors] + [f"client {n} still running after the grace period" for n in hung]
     lat = [x for w in workers for x in w.latencies]
@@ -283,7 +254,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--draft-ms", type=float, default=0.0, help="pad each draft step (0: as fast as it runs)")
     ap.add_argument("--verify-ms", type=float, default=0.0, help="pad each verification (0: as fast as it runs)")
-    ap.add_argument("--pair", default=None, help="bundled pair (default: the default pair)")
+    ap.add_argument("--pair", default=None, help="bundled (default), a bundled pair name, a local pair "
+                    "directory, or self-noisy:SCALE (pipesd.launch.load_pair)")
     ap.add_argument("--rss-growth-mb", type=float, default=64.0, help="allowed server RSS growth")
     ap.add_argument("--report-every", type=float, default=10.0)
     ap.add_argument("--tag", default="", help="suffix of the result files")

@@ -1,16 +1,26 @@
-"""Command line: ``pipesd serve | generate | edge-server | demo``."""
+"""Command line: ``pipesd serve | generate | edge-server | demo | timeline | check-pair``.
+
+- ``serve``: the cloud verification server (target model).
+- ``generate``: an edge client that streams one generation to the terminal.
+- ``edge-server``: an OpenAI-compatible HTTP API on the edge (docs/edge-server.md).
+- ``demo``: cloud + edge on this machine with the bundled pair, and a comparison table.
+- ``timeline``: draw the timeline plot of a run saved by ``generate --save-run``.
+- ``check-pair``: check a draft/target pair (tokenizer, agreement, costs, thresholds).
+
+Models, links, prompts and serving come from :mod:`pipesd.launch` (shared with ``bench/``).
+"""
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from pipesd.launch import (PROMPTS, link_help, load_draft, load_target, make_link, serve_until_stopped,
+                           start_server_subprocess, stop_process)
 
 __all__ = ["main"]
 
@@ -22,80 +32,21 @@ def _set_threads(n: Optional[int]) -> None:
         torch.set_num_threads(n)
 
 
-def _is_local_dir(spec: str) -> bool:
-    return os.path.sep in spec or spec.startswith(".") or Path(spec).is_dir()
+def _make_link(args):
+    """The link of ``--link`` / ``--up-mbps`` / ``--down-mbps`` / ``--delay-ms`` / ``--msg-overhead-ms`` /
+    ``--trace`` (:func:`pipesd.launch.make_link`); None: no emulation."""
+    return make_link(args.link, up_mbps=args.up_mbps, down_mbps=args.down_mbps, delay_ms=args.delay_ms,
+                     msg_overhead_ms=args.msg_overhead_ms, trace=args.trace)
 
 
-def load_target(spec: Optional[str], threads: Optional[int] = None):
-    """``spec``: a local model directory, or a bundled pair name (None: the default pair)."""
-    from pipesd import zoo
-    from pipesd.models import TargetModel
-
-    if spec and _is_local_dir(spec):
-        if not Path(spec).is_dir():
-            raise SystemExit(f"pipesd: --model {spec}: no such directory (models load from local paths only)")
-        return TargetModel.from_pretrained(spec, threads=threads)
-    if spec and spec not in zoo.available():
-        raise SystemExit(f"pipesd: --model {spec!r} is neither a directory nor a bundled pair ({', '.join(zoo.available())})")
-    return zoo.load_pair(spec, threads=threads).target
-
-
-def load_draft(spec: Optional[str], threads: Optional[int] = None, gguf: Optional[str] = None):
-    from pipesd import zoo
-    from pipesd.models import DraftModel
-
-    if gguf:
-        return load_gguf_draft(gguf, threads)
-    if spec and _is_local_dir(spec):
-        if not Path(spec).is_dir():
-            raise SystemExit(f"pipesd: --draft {spec}: no such directory (models load from local paths only)")
-        return DraftModel.from_pretrained(spec, threads=threads)
-    if spec and spec not in zoo.available():
-        raise SystemExit(f"pipesd: --draft {spec!r} is neither a directory nor a bundled pair ({', '.join(zoo.available())})")
-    return zoo.load_pair(spec, threads=threads).draft
-
-
-def load_gguf_draft(spec: str, threads: Optional[int] = None):
-    """``--draft-gguf``: a GGUF file run by llama.cpp, or a bundled pair name (its shipped draft.gguf)."""
-    from pipesd import zoo
-    from pipesd.zoo.gguf_export import bundled_gguf
-
-    try:
-        path = bundled_gguf(spec) if spec in zoo.available() else Path(spec)
-        from pipesd.models.llamacpp import LlamaCppDraft
-
-        return LlamaCppDraft(path, threads=threads or 1)
-    except (ImportError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"pipesd: --draft-gguf {spec}: {e}")
-
-
-def make_link(args) -> Optional[object]:
-    """A LinkEmulator from ``--link PRESET`` and/or explicit ``--up-mbps/--down-mbps/--delay-ms``."""
-    from pipesd.transport import link as L
-
-    if args.link in (None, "none") and args.up_mbps is None:
-        return None
-    if args.link not in (None, "none"):
-        up, down = L.link_preset(args.link)
-    else:
-        up = down = None
-    if args.up_mbps is not None or up is None:
-        mbps = args.up_mbps if args.up_mbps is not None else 10.0
-        up = L.LinkProfile(mbps * 1e6, (args.delay_ms or 0.0) / 1e3, (args.msg_overhead_ms or 0.0) / 1e3)
-        down_mbps = args.down_mbps if args.down_mbps is not None else mbps * 10
-        down = L.LinkProfile(down_mbps * 1e6, (args.delay_ms or 0.0) / 1e3, 0.0)
-    if getattr(args, "trace", None):
-        trace = L.BandwidthTrace.from_csv(args.trace)
-        up = L.LinkProfile(up.bandwidth_bps, up.delay_s, up.per_message_s, trace)
-    return L.LinkEmulator(up, down)
-
-
-def _add_link_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--link", default=None, help="link preset: lan, wifi, 4g, slow, paper (default: no emulation)")
-    p.add_argument("--up-mbps", type=float, default=None, help="uplink bandwidth in Mbit/s (overrides the preset)")
+def _add_link_args(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
+    p.add_argument("--link", default=default, help=f"{link_help()} (default: {default or 'none'})")
+    p.add_argument("--up-mbps", type=float, default=None,
+                   help="uplink bandwidth in Mbit/s (each of these figures overrides the --link one; without "
+                        "--link: 10 Mbit/s up, 10x down, no delay)")
     p.add_argument("--down-mbps", type=float, default=None, help="downlink bandwidth in Mbit/s")
-    p.add_argument("--delay-ms", type=float, default=None, help="one-way delay in ms")
-    p.add_argument("--msg-overhead-ms", type=float, default=None, help="per-message startup cost in ms")
+    p.add_argument("--delay-ms", type=float, default=None, help="one-way delay in ms, both directions")
+    p.add_argument("--msg-overhead-ms", type=float, default=None, help="per-message startup cost in ms (uplink)")
     p.add_argument("--trace", default=None, help="uplink bandwidth trace CSV (time_s,bandwidth_bps)")
 
 
@@ -115,8 +66,6 @@ def _sampling(args):
 
 # ---------------------------------------------------------------------------- serve
 def cmd_serve(args) -> int:
-    import asyncio
-
     from pipesd.cloud import CloudConfig, CloudServer
     from pipesd.fingerprint import tokenizer_fingerprint
 
@@ -134,19 +83,12 @@ def cmd_serve(args) -> int:
         mhost, mport = start_metrics_server(cloud_registry(server), args.metrics_port, args.metrics_host)
         print(f"pipesd: metrics on http://{mhost}:{mport}/metrics", flush=True)
 
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.create_task(server.serve())
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.stop)
-        while not server._started.is_set():
-            await asyncio.sleep(0.01)
+    def started(server) -> None:
         print(f"pipesd: cloud serving on {server.address[0]}:{server.address[1]}", flush=True)
         if args.port_file:
             Path(args.port_file).write_text(str(server.address[1]))
-        await task
 
-    asyncio.run(run())
+    serve_until_stopped(server, on_started=started)
     print("pipesd: cloud stopped", flush=True)
     return 0
 
@@ -207,7 +149,7 @@ def cmd_generate(args) -> int:
     cfg = cfg.replace(offline_policy=args.offline_policy, verdict_timeout_s=args.verdict_timeout)
     token = args.auth_token if args.auth_token is not None else os.environ.get("PIPESD_AUTH_TOKEN", "")
     tty = sys.stdout.isatty()
-    with EdgeClient(args.cloud, draft, cfg, auth_token=token, link=make_link(args)) as client:
+    with EdgeClient(args.cloud, draft, cfg, auth_token=token, link=_make_link(args)) as client:
         _print_events(client.stream_events(args.prompt, args.max_new_tokens, _sampling(args)), tty)
         gen = client.last_generation
         st = gen.stats
@@ -278,7 +220,7 @@ def cmd_edge_server(args) -> int:
     token = args.auth_token if args.auth_token is not None else os.environ.get("PIPESD_AUTH_TOKEN", "")
 
     def connect():  # also used to reconnect after the cloud went away
-        return EdgeClient(args.cloud, draft, cfg, auth_token=token, link=make_link(args))
+        return EdgeClient(args.cloud, draft, cfg, auth_token=token, link=_make_link(args))
 
     client = connect()  # fail fast on a wrong --cloud or token
     metrics = None
@@ -289,7 +231,7 @@ def cmd_edge_server(args) -> int:
     except ImportError:
         pass
     chat_template = Path(args.chat_template).read_text() if args.chat_template else None
-    name = args.model_name or (Path(args.draft).name if args.draft and _is_local_dir(args.draft) else None)
+    name = args.model_name or (Path(args.draft).name if args.draft and Path(args.draft).is_dir() else None)
     if not name:
         from pipesd import zoo
 
@@ -317,34 +259,7 @@ def cmd_edge_server(args) -> int:
 
 
 # ---------------------------------------------------------------------------- demo
-DEMO_PROMPTS = [
-    "def read_config(path):\n",
-    "import os\nimport sys\n\n\ndef main():\n",
-    "for key, value in sorted(items.items()):\n",
-]
-
-
-def start_server_subprocess(model: Optional[str], *, threads: int = 1, verify_pad_ms: float = 0.0,
-                            auth_token: str = "", timeout_s: float = 120.0, extra: tuple = ()) -> tuple[subprocess.Popen, int]:
-    """Start ``pipesd serve`` on a free port in its own process; returns (process, port)."""
-    import tempfile
-
-    port_file = Path(tempfile.mkdtemp(prefix="pipesd-")) / "port"
-    cmd = [sys.executable, "-m", "pipesd", "serve", "--port", "0", "--threads", str(threads),
-           "--verify-pad-ms", str(verify_pad_ms), "--port-file", str(port_file), *extra]
-    if model:
-        cmd += ["--model", model]
-    env = dict(os.environ, PIPESD_AUTH_TOKEN=auth_token)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if port_file.exists() and port_file.read_text().strip():
-            return proc, int(port_file.read_text())
-        if proc.poll() is not None:
-            raise RuntimeError(f"the cloud server exited early:\n{proc.stderr.read()}")
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"the cloud server did not start within {timeout_s} s")
+DEMO_PROMPTS = [PROMPTS[i] for i in (0, 1, 4)]  # the demo's three, as it has always shown them
 
 
 def cmd_demo(args) -> int:
@@ -363,7 +278,7 @@ def cmd_demo(args) -> int:
     results = {}
     try:
         draft = load_draft(args.draft, 1, args.draft_gguf)
-        link = make_link(args)
+        link = _make_link(args)
         link_desc = args.link or "none"
         print(f"  link: {link_desc}; edge draft step padded to {args.draft_ms:.0f} ms; cloud verify padded to "
               f"{args.verify_pad_ms:.0f} ms; {len(DEMO_PROMPTS[: args.prompts])} prompts x {args.max_new_tokens} tokens",
@@ -389,11 +304,7 @@ def cmd_demo(args) -> int:
                           flush=True)
                 results[method] = rows
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
     _print_demo_table(results, args)
     if args.json:
         out = {m: [g.stats.to_dict() for g in rows] for m, rows in results.items()}
@@ -471,6 +382,7 @@ def cmd_check_pair(args) -> int:
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from pipesd.edge.config import METHODS
+    from pipesd.transport.link import preset_names
 
     p = argparse.ArgumentParser(prog="pipesd", description="Cloud-edge pipelined speculative decoding")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
@@ -556,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--verify-pad-ms", type=float, default=30.0, help="cloud compute profile: ms per verification")
     d.add_argument("--json", default=None, help="write the per-run stats here")
     d.add_argument("--quiet", action="store_true", help="do not stream the first generation")
-    _add_link_args(d)
-    d.set_defaults(fn=cmd_demo, link="4g")
+    _add_link_args(d, default="4g")
+    d.set_defaults(fn=cmd_demo)
     t = sub.add_parser("timeline", help="draw the timeline plot of a run saved by `generate --save-run`")
     t.add_argument("run", help="RUN.json")
     t.add_argument("-o", "--output", default=None, help="image file (default: RUN.png)")
@@ -568,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("target", help="target model directory, bundled pair name, or NAME:target")
     c.add_argument("--prompts", default=None, help="prompts file (.json list, .jsonl, or one per line)")
     c.add_argument("--tokens", type=int, default=32, help="target-greedy tokens measured per prompt")
-    c.add_argument("--link", default="paper", help="link preset the suggestion models (lan, wifi, 4g, slow, paper, none)")
+    c.add_argument("--link", default="paper",
+                   help=f"link preset the suggestion models: {', '.join(preset_names())} or none (default: paper)")
     c.add_argument("--draft-ms", type=float, default=None, help="model this draft step time instead of the measured one")
     c.add_argument("--verify-ms", type=float, default=None, help="model this verification time instead of the measured one")
     c.add_argument("--sampling", action="store_true", help="model the sampling wire (top-k q per token)")

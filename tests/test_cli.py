@@ -1,0 +1,112 @@
+"""The command line's own surface (help, errors) and what it shares with bench/ (pipesd.launch)."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from pipesd import cli, launch, zoo
+from pipesd.transport.link import BandwidthTrace, link_preset, preset_names
+
+
+def _subparsers():
+    p = cli.build_parser()
+    (sub,) = [a for a in p._actions if a.dest == "cmd"]
+    return sub.choices
+
+
+def test_docstring_lists_every_command():
+    for name in _subparsers():
+        assert f"``{name}``" in cli.__doc__, f"pipesd.cli's docstring does not list `pipesd {name}`"
+
+
+def test_link_help_lists_every_preset():
+    for name, sp in _subparsers().items():
+        for a in sp._actions:
+            if "--link" in a.option_strings:
+                for preset in preset_names():
+                    assert preset in a.help, f"`pipesd {name} --link` help misses {preset}"
+
+
+def test_make_link_presets_shorthand_and_overrides(tmp_path):
+    assert launch.make_link(None) is None and launch.make_link("none") is None
+    for name in preset_names():
+        link = launch.make_link(name)
+        assert (link.up, link.down) == link_preset(name) or name == "paper-s4"  # traces compare by identity
+    s4 = launch.make_link("paper-s4")
+    assert s4.up.trace is not None and s4.down.trace is not None
+    g = launch.make_link("10/25")
+    assert (g.up.bandwidth_bps, g.up.delay_s, g.up.per_message_s) == (10e6, 0.025, 0.0005)
+    assert (g.down.bandwidth_bps, g.down.delay_s) == (100e6, 0.025)
+    # each explicit figure replaces only its own
+    o = launch.make_link("4g", delay_ms=5, up_mbps=3)
+    assert (o.up.bandwidth_bps, o.up.delay_s, o.down.delay_s) == (3e6, 0.005, 0.005)
+    assert o.down.bandwidth_bps == link_preset("4g")[1].bandwidth_bps
+    # no preset: 10 Mbit/s up, 10x down
+    e = launch.make_link(None, up_mbps=2, msg_overhead_ms=1)
+    assert (e.up.bandwidth_bps, e.up.per_message_s, e.down.bandwidth_bps) == (2e6, 0.001, 20e6)
+    csv = tmp_path / "t.csv"
+    csv.write_text("time_s,bandwidth_bps\n0,1000000\n1,2000000\n")
+    t = launch.make_link(None, trace=str(csv))
+    assert t.up.trace.bws == [1e6, 2e6]
+    # the uplink scale reaches the trace (bench/e2e --paper-wire)
+    sc = launch.make_link("paper-s4", up_scale=0.5)
+    assert sc.up.bandwidth_bps == pytest.approx(s4.up.bandwidth_bps / 2)
+    assert sc.up.trace.bws == pytest.approx([b / 2 for b in s4.up.trace.bws])
+    assert isinstance(sc.up.trace, BandwidthTrace) and sc.down.trace.bws == s4.down.trace.bws
+
+
+@pytest.mark.parametrize("spec", ["5g", "10/", "x/25", "0/10", "10/-1"])
+def test_make_link_bad_spec_names_the_choices(spec):
+    with pytest.raises(ValueError, match="paper-s4.*UP/DELAY.*none"):
+        launch.make_link(spec)
+
+
+def test_make_link_bad_figures():
+    with pytest.raises(ValueError, match="up_mbps must be > 0"):
+        launch.make_link("lan", up_mbps=0)
+    with pytest.raises(ValueError, match="delay_ms must be >= 0"):
+        launch.make_link(None, delay_ms=-1)
+
+
+def test_model_specs_bad_input_names_the_choices(tmp_path):
+    with pytest.raises(ValueError, match=f"'bundled', self-noisy:SCALE, or a bundled pair: {zoo.DEFAULT_PAIR}"):
+        launch.load_draft("no-such-pair")
+    with pytest.raises(ValueError, match=f"'bundled', or a bundled pair: {zoo.DEFAULT_PAIR}"):
+        launch.load_target("no-such-pair")
+    with pytest.raises(ValueError, match="no such directory"):
+        launch.load_target("./no/such/dir")
+    with pytest.raises(ValueError, match="no config.json"):
+        launch.load_draft(str(tmp_path))
+    with pytest.raises(ValueError, match="self-noisy:SCALE needs a number >= 0"):
+        launch.load_draft("self-noisy:lots")
+    with pytest.raises(ValueError, match="a model directory, not a pair directory"):
+        launch.load_pair(str(zoo.pair_path() / "draft"))
+
+
+def test_model_specs_resolve_alike():
+    p = zoo.pair_path()
+    for spec in (None, "", "bundled", zoo.DEFAULT_PAIR, str(p)):  # str(p): a local pair directory
+        assert launch._model_dir(spec, "draft") == p / "draft"
+        assert launch._model_dir(spec, "target") == p / "target"
+    assert launch._model_dir(f"{zoo.DEFAULT_PAIR}:target", "target") == p / "target"
+    assert launch._model_dir(str(p / "draft"), "target") == p / "draft"  # a model directory is itself
+
+
+def test_bench_prompts_are_the_shared_list():
+    assert cli.DEMO_PROMPTS == [launch.PROMPTS[i] for i in (0, 1, 4)]
+    assert len(set(launch.PROMPTS)) == len(launch.PROMPTS)
+
+
+def test_serve_port_in_use_fails_fast():
+    """`pipesd serve` on a taken port exits with a message instead of waiting for ever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "pipesd", "serve", "--port", str(port), "--threads", "1"],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "pipesd: error:" in r.stderr and "Traceback" not in r.stderr
