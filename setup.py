@@ -49,9 +49,8 @@ setup(
         "pipesd",
         *(f"pipesd.{p.relative_to(HERE / 'src' / 'pipesd').as_posix().replace('/', '.')}"
           for p in sorted((HERE / "src" / "pipesd").rglob("*")) if p.is_dir() and (p / "__init__.py").exists()),
-        "pipesd.kernels",
     ],
-    package_dir={"": "src", "pipesd.kernels": "kernels"},
+    package_dir={"": "src"},
     package_data={"pipesd.zoo": ["pairs/*/*", "pairs/*/*/*"], "pipesd.transport": ["traces/*.csv"]},
     include_package_data=True,
     ext_modules=[ext],

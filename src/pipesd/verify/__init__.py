@@ -9,11 +9,13 @@ and identical random draws for the same seeds:
   multi-candidate rejection sampling);
 * :func:`sample` — temperature / top-k / top-p / min-p sampling from logits, no sort.
 
-``backend(tensor)`` says which path runs (q rows wider than ``TRITON_MAX_Q_ENTRIES``, e.g. a
-full-vocabulary q, always take the reference; ``verdict.backend`` records the path taken);
-``force_triton=True`` (or ``PIPESD_FORCE_TRITON=1``)
-runs the kernels on CPU tensors under ``TRITON_INTERPRET=1``; ``force_triton=False`` runs the
-reference even on CUDA.
+:func:`verify_chain` and :func:`verify_tree` are thin front-ends: they validate their layout
+and build one :class:`NodeBatch` (the ragged batch as token trees, a chain being a path),
+which either backend runs. ``backend(tensor)`` says which path runs (q rows wider than
+``TRITON_MAX_Q_ENTRIES``, e.g. a full-vocabulary q, always take the reference;
+``verdict.backend`` records the path taken); ``force_triton=True`` (or
+``PIPESD_FORCE_TRITON=1``) runs the kernels on CPU tensors under ``TRITON_INTERPRET=1``;
+``force_triton=False`` runs the reference even on CUDA.
 """
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ from typing import Optional, Union
 import torch
 
 from . import reference as _ref
-from ._rng import philox_uniform, request_seeds
+from ._rng import STREAM_ACCEPT, STREAM_DRAW, philox_uniform, request_seeds
 
-__all__ = ["ChainVerdict", "TreeVerdict", "verify_chain", "verify_tree", "sample", "backend",
-           "philox_uniform", "request_seeds", "TRITON_MAX_Q_ENTRIES"]
+__all__ = ["ChainVerdict", "TreeVerdict", "NodeBatch", "verify_chain", "verify_tree", "sample", "backend",
+           "philox_uniform", "request_seeds", "STREAM_ACCEPT", "STREAM_DRAW", "TRITON_MAX_Q_ENTRIES"]
 
 #: the Triton kernels keep a node's q entries in registers: q rows wider than this (e.g. a
 #: full-vocabulary q) are verified by the PyTorch reference on the same device instead.
@@ -238,45 +240,141 @@ def _raise_bad(bad: torch.Tensor, what: str, arg: str = "target_logits") -> None
                          f"scaling) or no finite logit")
 
 
-def _bonus(bonus, B: int, device) -> torch.Tensor:
-    return _per_request(bonus, B, "bonus", True, "bool", device)
+def _lengths(x, name: str, B: int, default: int, device) -> torch.Tensor:
+    """``num_draft`` / ``num_nodes``: a ``[B]`` int64 tensor, ``default`` everywhere when None."""
+    if x is None:
+        return torch.full((B,), default, dtype=torch.int64, device=device)
+    return _int_tensor(x, name, (B,), device).long()
 
 
-# ----------------------------------------------------------------------------- shared driver
-def _run_nodes(logits, *, is_tree, sample_mode, tok, par, lengths, child_node, child_tok, node_tok,
-               used, q_ids, q_probs, temps, top_k, top_p, min_p, bonus_t, seeds, triton_path, block=None):
-    """Decisions + walk on either backend. Returns (path, tokens, accepted, num_tokens)."""
-    B, N, V = logits.shape
-    if triton_path:
-        from pipesd.kernels.verify import verify_nodes_triton, walk_triton
+def _seeds(B: int, sample_mode: bool, seed, generator, device) -> torch.Tensor:
+    """Per-request Philox keys ``[B]`` (zeros in greedy mode: no randomness is used)."""
+    if not sample_mode:
+        return torch.zeros(B, dtype=torch.int64, device=device)
+    return request_seeds(B, seed, generator, device)
 
-        acc, cand, bad = verify_nodes_triton(
-            logits, tok.contiguous(), None if par is None else par.to(torch.int32).contiguous(),
-            lengths.to(torch.int32).contiguous(),
-            None if q_ids is None else q_ids.to(torch.int32).contiguous(),
-            None if q_probs is None else q_probs.contiguous(),
-            temps.contiguous(), top_k.clamp(max=2**31 - 1).to(torch.int32), top_p.contiguous(), min_p.contiguous(),
-            bonus_t.to(torch.int8), seeds.contiguous(), is_tree=is_tree, sample=sample_mode, block=block)
-        _raise_bad(bad != 0, "node" if is_tree else "position")
-        return walk_triton(acc, cand, tok, is_tree=is_tree)
-    bi, ni = used.nonzero(as_tuple=True)
-    rows = logits[bi, ni]
-    acc = torch.full((B, N), -1, dtype=torch.int64, device=logits.device)
-    cand = torch.full((B, N), -1, dtype=torch.int64, device=logits.device)
+
+def _k32(top_k: torch.Tensor) -> torch.Tensor:
+    """top_k as the kernels take it (int32; anything >= 2**31 is "off" like >= V)."""
+    return top_k.clamp(max=2**31 - 1).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------- the node batch
+@dataclass(frozen=True)
+class NodeBatch:
+    """A validated ragged batch of token trees in the kernels' layout (a chain is a path tree).
+
+    The one object both backends run (:func:`_run_triton`, :func:`_run_reference`), built by
+    the thin front-ends :func:`verify_chain` and :func:`verify_tree` (``B`` requests, ``N``
+    rows/nodes, ``V`` vocabulary, ``kq`` q entries per row). Node ``n`` owns logits row ``n``;
+    its children are the nodes whose parent it is, tried in increasing node order.
+    """
+
+    logits: torch.Tensor             # [B, N, V] fp32/fp16/bf16, last dim contiguous: row n predicts the token after node n
+    is_tree: bool                    # the layout of tok / parents / lengths below
+    sample: bool                     # mode == "sample" (else every row is greedy)
+    tok: torch.Tensor                # chain [B, N-1]: drafts, draft j = node j+1; tree [B, N]: node tokens (node 0's unused)
+    parents: Optional[torch.Tensor]  # tree [B, N] int64: parents[b, 0] = -1, parents[b, i] < i; chain None (node j+1 -> j)
+    lengths: torch.Tensor            # [B] int64: chain num_draft (num_draft + 1 nodes); tree num_nodes
+    has_child: torch.Tensor          # [B, N] bool: node n is the parent of a live node
+    q_ids: Optional[torch.Tensor]    # [B, N, kq] int64: row n = the q node n's children were drawn from, -1 padding; greedy None
+    q_probs: Optional[torch.Tensor]  # [B, N, kq] fp32, 0 at padding; greedy None
+    temps: torch.Tensor              # [B] fp32 temperature (0: greedy row)
+    top_k: torch.Tensor              # [B] int64 (0: off)
+    top_p: torch.Tensor              # [B] fp32 (1: off)
+    min_p: torch.Tensor              # [B] fp32 (0: off)
+    bonus: torch.Tensor              # [B] bool: a fully accepted leaf emits a token
+    seeds: torch.Tensor              # [B] int64 per-request Philox keys (zeros when greedy)
+
+    @property
+    def what(self) -> str:
+        """What a row is called in error messages."""
+        return "node" if self.is_tree else "position"
+
+    def num_nodes(self) -> torch.Tensor:
+        """``[B]`` int64: live nodes per request (node 0 included)."""
+        return self.lengths if self.is_tree else self.lengths + 1
+
+    def used(self) -> torch.Tensor:
+        """``[B, N]`` bool: the rows that are read (live nodes with a child; leaves when bonus)."""
+        n = torch.arange(self.logits.shape[1], device=self.logits.device)
+        return (n[None, :] < self.num_nodes()[:, None]) & (self.has_child | self.bonus[:, None])
+
+    def children(self):
+        """The reference's per-node view: ``(child_node[B, N, C], child_tok[B, N, C], node_tok[B, N])``
+        (children in increasing order, ``-1`` padded)."""
+        N = self.logits.shape[1]
+        if not self.is_tree:
+            return _ref.chain_nodes(self.tok, self.lengths, N)
+        n = torch.arange(N, device=self.logits.device)
+        child_node = _ref.tree_children(torch.where(n[None, :] < self.lengths[:, None], self.parents, -1), self.lengths)
+        child_tok = self.tok.long().gather(1, child_node.clamp(min=0).flatten(1)).view_as(child_node)
+        return child_node, child_tok, self.tok
+
+
+def _run_triton(nb: NodeBatch):
+    """Decisions + walk by the kernels. Returns ``(path, tokens, accepted, num_tokens)``."""
+    from pipesd.kernels.verify import verify_nodes_triton, walk_triton
+
+    def i32(t):
+        return None if t is None else t.to(torch.int32).contiguous()
+
+    tok = nb.tok.contiguous()
+    acc, cand, bad = verify_nodes_triton(
+        nb.logits, tok, i32(nb.parents), i32(nb.lengths), i32(nb.q_ids),
+        None if nb.q_probs is None else nb.q_probs.contiguous(),
+        nb.temps.contiguous(), _k32(nb.top_k), nb.top_p.contiguous(), nb.min_p.contiguous(),
+        nb.bonus.to(torch.int8), nb.seeds.contiguous(), is_tree=nb.is_tree, sample=nb.sample)
+    _raise_bad(bad != 0, nb.what)
+    return walk_triton(acc, cand, tok, is_tree=nb.is_tree)
+
+
+def _run_reference(nb: NodeBatch):
+    """Decisions + walk by the PyTorch reference, on the used rows only. Same return as :func:`_run_triton`."""
+    B, N, V = nb.logits.shape
+    dev = nb.logits.device
+    child_node, child_tok, node_tok = nb.children()
+    bi, ni = nb.used().nonzero(as_tuple=True)
+    acc = torch.full((B, N), -1, dtype=torch.int64, device=dev)
+    cand = torch.full((B, N), -1, dtype=torch.int64, device=dev)
     if bi.numel():
-        bad = torch.zeros(B, N, dtype=torch.bool, device=logits.device)
-        bad[bi, ni] = _ref.bad_rows(rows, temps[bi])
-        _raise_bad(bad, "node" if is_tree else "position")
-        if q_ids is None:
-            qi = torch.full((bi.numel(), 1), -1, dtype=torch.int64, device=logits.device)
-            qp = torch.zeros((bi.numel(), 1), dtype=torch.float32, device=logits.device)
+        rows = nb.logits[bi, ni]
+        bad = torch.zeros(B, N, dtype=torch.bool, device=dev)
+        bad[bi, ni] = _ref.bad_rows(rows, nb.temps[bi])
+        _raise_bad(bad, nb.what)
+        if nb.q_ids is None:
+            qi = torch.full((bi.numel(), 1), -1, dtype=torch.int64, device=dev)
+            qp = torch.zeros((bi.numel(), 1), dtype=torch.float32, device=dev)
         else:
-            qi, qp = q_ids[bi, ni], q_probs[bi, ni]
-        a, c = _ref.node_decisions(rows, temps[bi], top_k[bi], top_p[bi], min_p[bi], child_node[bi, ni],
-                                   child_tok[bi, ni], qi, qp, seeds[bi], ni, sample_mode)
-        acc[bi, ni] = a
-        cand[bi, ni] = c
+            qi, qp = nb.q_ids[bi, ni], nb.q_probs[bi, ni]
+        acc[bi, ni], cand[bi, ni] = _ref.node_decisions(
+            rows, nb.temps[bi], nb.top_k[bi], nb.top_p[bi], nb.min_p[bi], child_node[bi, ni],
+            child_tok[bi, ni], qi, qp, nb.seeds[bi], ni, nb.sample)
     return _ref.walk(acc, cand, node_tok)
+
+
+def _run_nodes(nb: NodeBatch, force_triton: Optional[bool]):
+    """Either backend on ``nb``: ``(path, tokens, accepted, num_tokens, backend)``. q rows wider than
+    ``TRITON_MAX_Q_ENTRIES`` take the reference."""
+    wide_q = nb.sample and nb.q_ids.shape[-1] > TRITON_MAX_Q_ENTRIES
+    if _use_triton(nb.logits, force_triton) and not wide_q:
+        return (*_run_triton(nb), "triton")
+    return (*_run_reference(nb), "torch")
+
+
+# ----------------------------------------------------------------------------- front-ends
+def _open(target_logits, mode: str):
+    """The opening both verifiers share: ``(logits[B, N, V], sample_mode, checks)``."""
+    logits = _logits(target_logits, "target_logits", 3)
+    if mode not in ("greedy", "sample"):
+        raise ValueError(f"mode: must be 'greedy' or 'sample', got {mode!r}")
+    return logits, mode == "sample", _Checks()
+
+
+def _knobs(B: int, device, sample_mode: bool, checks: _Checks, temperature, top_k, top_p, min_p, bonus) -> dict:
+    """The per-request sampling parameters and bonus flags: NodeBatch's ``temps`` .. ``bonus`` fields."""
+    temps, tk, tp, mp = _params(B, device, sample_mode, temperature, top_k, top_p, min_p, checks)
+    return dict(temps=temps, top_k=tk, top_p=tp, min_p=mp, bonus=_per_request(bonus, B, "bonus", True, "bool", device))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -311,45 +409,31 @@ def verify_chain(
     after full acceptance. Randomness: ``seed`` (int, or ``[B]`` per-request seeds) or
     ``generator``; see ``docs/verify.md``.
     """
-    logits = _logits(target_logits, "target_logits", 3)
+    logits, sample_mode, checks = _open(target_logits, mode)
     B, N, V = logits.shape
     K = N - 1
     dev = logits.device
-    if mode not in ("greedy", "sample"):
-        raise ValueError(f"mode: must be 'greedy' or 'sample', got {mode!r}")
-    sample_mode = mode == "sample"
     draft = _int_tensor(draft_tokens, "draft_tokens", (B, K), dev)
-    nd = (torch.full((B,), K, dtype=torch.int64, device=dev) if num_draft is None
-          else _int_tensor(num_draft, "num_draft", (B,), dev).long())
-    checks = _Checks()
+    nd = _lengths(num_draft, "num_draft", B, K, dev)
     checks.add((nd < 0) | (nd > K), f"num_draft: must be in [0, {K}] (K = target_logits.shape[1] - 1)")
-    j = torch.arange(K, device=dev)
-    live = j[None, :] < nd[:, None]
+    live = torch.arange(K, device=dev)[None, :] < nd[:, None]
     checks.add(live & ((draft < 0) | (draft >= V)), f"draft_tokens: tokens must be in [0, {V})")
-    temps, tk, tp, mp = _params(B, dev, sample_mode, temperature, top_k, top_p, min_p, checks)
-    bonus_t = _bonus(bonus, B, dev)
+    knobs = _knobs(B, dev, sample_mode, checks, temperature, top_k, top_p, min_p, bonus)
     q_ids = q_probs = None
     if sample_mode:
         q_ids, q_probs = _check_q(draft_topk_ids, draft_topk_probs, (B, K), V, dev, checks)
         _check_q_rows(q_ids, q_probs, live, V, checks)
         inq = ((q_ids == draft[..., None]) & (q_probs > 0)).any(-1)
         checks.add(live & ~inq, "draft_topk_ids: each draft token must be in its q ids with probability > 0")
+        # one q row per node: the last node (row K) has no child
+        q_ids = torch.cat([q_ids, q_ids.new_full((B, 1, q_ids.shape[-1]), -1)], 1)
+        q_probs = torch.cat([q_probs, q_probs.new_zeros((B, 1, q_probs.shape[-1]))], 1)
     checks.run()
-    seeds = request_seeds(B, seed, generator, dev) if sample_mode else torch.zeros(B, dtype=torch.int64, device=dev)
-    triton_path = _use_triton(logits, force_triton) and not (sample_mode and q_ids.shape[-1] > TRITON_MAX_Q_ENTRIES)
-    child_node = child_tok = node_tok = used = None
-    if not triton_path:  # the reference's per-node view of the chain
-        child_node, child_tok, node_tok = _ref.chain_nodes(draft, nd, N)
-        jn = torch.arange(N, device=dev)
-        used = (jn[None, :] < nd[:, None]) | ((jn[None, :] == nd[:, None]) & bonus_t[:, None])
-        if sample_mode:  # q rows padded to one per node (the last row has no child)
-            q_ids = torch.cat([q_ids, q_ids.new_full((B, 1, q_ids.shape[-1]), -1)], 1)
-            q_probs = torch.cat([q_probs, q_probs.new_zeros((B, 1, q_probs.shape[-1]))], 1)
-    path, tokens, acc, ntok = _run_nodes(
-        logits, is_tree=False, sample_mode=sample_mode, tok=draft, par=None, lengths=nd,
-        child_node=child_node, child_tok=child_tok, node_tok=node_tok, used=used, q_ids=q_ids, q_probs=q_probs,
-        temps=temps, top_k=tk, top_p=tp, min_p=mp, bonus_t=bonus_t, seeds=seeds, triton_path=triton_path)
-    return ChainVerdict(acc, tokens, ntok, "triton" if triton_path else "torch")
+    nb = NodeBatch(logits, False, sample_mode, tok=draft, parents=None, lengths=nd,
+                   has_child=torch.cat([live, live.new_zeros(B, 1)], 1), q_ids=q_ids, q_probs=q_probs,
+                   seeds=_seeds(B, sample_mode, seed, generator, dev), **knobs)
+    _, tokens, acc, ntok, taken = _run_nodes(nb, force_triton)
+    return ChainVerdict(acc, tokens, ntok, taken)
 
 
 def verify_tree(
@@ -381,17 +465,12 @@ def verify_tree(
     independently (with replacement: duplicates allowed and must all be sent). Bonus token
     at a fully accepted leaf when ``bonus``. Other arguments as in :func:`verify_chain`.
     """
-    logits = _logits(target_logits, "target_logits", 3)
+    logits, sample_mode, checks = _open(target_logits, mode)
     B, N, V = logits.shape
     dev = logits.device
-    if mode not in ("greedy", "sample"):
-        raise ValueError(f"mode: must be 'greedy' or 'sample', got {mode!r}")
-    sample_mode = mode == "sample"
     tok = _int_tensor(tokens, "tokens", (B, N), dev)
     par = _int_tensor(parents, "parents", (B, N), dev).long()
-    nn = (torch.full((B,), N, dtype=torch.int64, device=dev) if num_nodes is None
-          else _int_tensor(num_nodes, "num_nodes", (B,), dev).long())
-    checks = _Checks()
+    nn = _lengths(num_nodes, "num_nodes", B, N, dev)
     checks.add((nn < 1) | (nn > N), f"num_nodes: must be in [1, {N}] (node 0 is the root)")
     i = torch.arange(N, device=dev)
     live = (i[None, :] >= 1) & (i[None, :] < nn[:, None])
@@ -399,8 +478,7 @@ def verify_tree(
     checks.add(live & ((par < 0) | (par >= i[None, :])),
                "parents: parents[b, i] must be in [0, i) for 1 <= i < num_nodes[b] (nodes in topological order)")
     checks.add(live & ((tok < 0) | (tok >= V)), f"tokens: tokens must be in [0, {V})")
-    temps, tk, tp, mp = _params(B, dev, sample_mode, temperature, top_k, top_p, min_p, checks)
-    bonus_t = _bonus(bonus, B, dev)
+    knobs = _knobs(B, dev, sample_mode, checks, temperature, top_k, top_p, min_p, bonus)
     checks.run()
     parc = torch.where(live, par, 0).clamp(0, N - 1)
     # node n has a child iff some live node i points to it
@@ -414,18 +492,10 @@ def verify_tree(
         inq = ((pid == tok.long()[..., None]) & (pp > 0)).any(-1)
         checks.add(live & ~inq, "draft_topk_ids: each node's token must be in its parent's q ids with probability > 0")
         checks.run()
-    seeds = request_seeds(B, seed, generator, dev) if sample_mode else torch.zeros(B, dtype=torch.int64, device=dev)
-    triton_path = _use_triton(logits, force_triton) and not (sample_mode and q_ids.shape[-1] > TRITON_MAX_Q_ENTRIES)
-    child_node = child_tok = used = None
-    if not triton_path:
-        used = (i[None, :] < nn[:, None]) & (has_child | bonus_t[:, None])
-        child_node = _ref.tree_children(torch.where(i[None, :] < nn[:, None], par, -1), nn)
-        child_tok = tok.long().gather(1, child_node.clamp(min=0).flatten(1)).view_as(child_node)
-    path, tokens_out, acc, ntok = _run_nodes(
-        logits, is_tree=True, sample_mode=sample_mode, tok=tok, par=par, lengths=nn,
-        child_node=child_node, child_tok=child_tok, node_tok=tok, used=used, q_ids=q_ids, q_probs=q_probs,
-        temps=temps, top_k=tk, top_p=tp, min_p=mp, bonus_t=bonus_t, seeds=seeds, triton_path=triton_path)
-    return TreeVerdict(acc, path, tokens_out, ntok, "triton" if triton_path else "torch")
+    nb = NodeBatch(logits, True, sample_mode, tok=tok, parents=par, lengths=nn, has_child=has_child,
+                   q_ids=q_ids, q_probs=q_probs, seeds=_seeds(B, sample_mode, seed, generator, dev), **knobs)
+    path, tokens_out, acc, ntok, taken = _run_nodes(nb, force_triton)
+    return TreeVerdict(acc, path, tokens_out, ntok, taken)
 
 
 def sample(
@@ -441,8 +511,8 @@ def sample(
 ) -> torch.Tensor:
     """One token per row of ``logits [B, V]`` from ``filtered_probs(logits, ...)`` (parameters
     scalars or ``[B]``; ``temperature == 0`` = argmax, lowest index on ties). Returns int64 ``[B]``.
-    The draw is inverse CDF with ``u = philox(seed[b], 0, 1)``: reproducible, batch-independent
-    with ``[B]`` seeds."""
+    The draw is inverse CDF with ``u = philox(seed[b], 0, STREAM_DRAW)``: reproducible,
+    batch-independent with ``[B]`` seeds."""
     logits = _logits(logits, "logits", 2)
     B, V = logits.shape
     dev = logits.device
@@ -453,7 +523,7 @@ def sample(
     if _use_triton(logits, force_triton):
         from pipesd.kernels.sampling import sample_triton
 
-        out, bad = sample_triton(logits, temps, tk.clamp(max=2**31 - 1).to(torch.int32), tp, mp, seeds)
+        out, bad = sample_triton(logits, temps, _k32(tk), tp, mp, seeds)
         _raise_bad((bad != 0)[:, None], "row", "logits")
         return out
     _raise_bad(_ref.bad_rows(logits, temps)[:, None], "row", "logits")

@@ -7,8 +7,14 @@ representable). The kernels (``pipesd.kernels.rowops.philox_uniform``) compute t
 so both backends make the same draws for the same seeds, on any device.
 
 Counters: ``c0`` = tree node index (chain: draft ``j`` is node ``j + 1``, row ``j`` is node
-``j``), ``c1`` = stream: 0 = acceptance test of the node, 1 = the draw (correction, residual
-or bonus token) made at the node. ``sample()`` row ``b`` uses ``(0, 1)``.
+``j``), ``c1`` = the named stream below, defined here once and imported by the kernels
+(``pipesd.kernels.rowops`` wraps them as ``tl.constexpr``):
+
+* ``STREAM_ACCEPT`` (0): the acceptance test of node ``c0`` (a child, against its parent's row);
+* ``STREAM_DRAW`` (1): the one draw (correction, residual or bonus token) made at node ``c0``;
+  ``sample()`` row ``b`` uses ``(0, STREAM_DRAW)``.
+
+``_STREAM_DERIVE`` is used only to derive per-request seeds from an int seed.
 """
 from __future__ import annotations
 
@@ -18,8 +24,8 @@ import torch
 
 __all__ = ["philox4x32", "philox_uniform", "request_seeds", "STREAM_ACCEPT", "STREAM_DRAW"]
 
-STREAM_ACCEPT = 0
-STREAM_DRAW = 1
+STREAM_ACCEPT = 0  # acceptance test of a node
+STREAM_DRAW = 1  # the draw made at a node (and sample()'s draw)
 _STREAM_DERIVE = 0xFFFFFFFF  # counter word used only to derive per-request seeds from an int seed
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57

@@ -9,17 +9,22 @@ Everything is phrased per *node* of a token tree (a chain is a tree that is a pa
   ties). Sampling rows run multi-candidate rejection (SpecInfer): with residual ``r = p_n``
   and mass ``Z = 1``, child ``c`` with token ``x`` (drawn from ``q_n``, the draft's top-k
   (ids, probs) at node ``n``) is accepted iff ``(u_c * q_n(x)) * Z < r(x)``
-  (``u_c = philox(seed, c, 0)``: probability ``min(1, (r(x)/Z) / q_n(x))``); on rejection
-  ``r <- max(0, r - Z * q_n)`` and ``Z <- sum(r)``;
+  (``u_c = philox(seed, c, STREAM_ACCEPT)``: probability ``min(1, (r(x)/Z) / q_n(x))``); on
+  rejection ``r <- max(0, r - Z * q_n)`` and ``Z <- sum(r)``;
 * if no child is accepted, the node emits a token drawn by inverse CDF with
-  ``u = philox(seed, n, 1)`` from ``r`` (the residual after the rejected children; ``p_n``
-  itself for a leaf: the bonus token; ``p_n`` again in the measure-zero case ``sum(r) == 0``);
+  ``u = philox(seed, n, STREAM_DRAW)`` from ``r`` (the residual after the rejected children;
+  ``p_n`` itself for a leaf: the bonus token; ``p_n`` again in the measure-zero case ``sum(r) == 0``);
   a leaf emits nothing when the request's ``bonus`` is off;
 * the walk starts at node 0 (the last verified token) and follows accepted children.
 
-The Triton kernels compute exactly these decisions (same uniforms); only fp32 rounding of
-sums may differ, which can flip a decision only when a uniform lands within rounding of a
-boundary.
+The Triton kernels compute exactly these decisions (same uniforms, same stream constants
+from :mod:`pipesd.verify._rng`); only fp32 rounding of sums may differ, which can flip a
+decision only when a uniform lands within rounding of a boundary.
+
+Kernel beside each reference (``src/pipesd/kernels/``): :func:`node_decisions` ~
+``verify.verify_nodes_triton``, :func:`walk` ~ ``verify.walk_triton``, :func:`sample_ref` ~
+``sampling.sample_triton``, :func:`inverse_cdf` ~ ``rowops.row_draw``. Tests:
+``tests/test_verify_chain.py``, ``tests/test_verify_tree.py``, ``tests/test_sample.py``.
 """
 from __future__ import annotations
 
@@ -60,58 +65,67 @@ def node_decisions(rows, temps, top_k, top_p, min_p, child_node, child_tok, q_id
     seeds/node ``[R]``. Returns ``(acc_child[R], cand[R])``: the accepted child's node index
     (-1: none) and the token emitted when no child is accepted (-1 otherwise).
     """
-    R, V = rows.shape
+    R = rows.shape[0]
     dev = rows.device
     greedy = temps <= 0 if sample else torch.ones(R, dtype=torch.bool, device=dev)
-    amax = rows.float().argmax(-1)
-    valid = child_node >= 0
     acc = torch.full((R,), -1, dtype=torch.int64, device=dev)
     cand = torch.full((R,), -1, dtype=torch.int64, device=dev)
-    C = child_node.shape[1]
-    if bool(greedy.any()):
-        g = greedy
-        hit = valid[g] & (child_tok[g] == amax[g][:, None])
-        first = torch.where(hit, torch.arange(C, device=dev), C).amin(-1) if C else torch.zeros(int(g.sum()), dtype=torch.long, device=dev)
-        has = first < C
-        picked = child_node[g].gather(1, first.clamp(max=max(C - 1, 0))[:, None]).squeeze(1) if C else first
-        acc[g] = torch.where(has, picked, -1)
-        cand[g] = torch.where(has, -1, amax[g])
-    s = ~greedy
+    g, s = greedy, ~greedy
+    if bool(g.any()):
+        acc[g], cand[g] = _greedy_decisions(rows[g], child_node[g], child_tok[g])
     if bool(s.any()):
         p = filtered_probs(rows[s], temps[s], top_k[s], top_p[s], min_p[s])
-        Rs = p.shape[0]
-        ids = q_ids[s].long()
-        qv = torch.where(ids >= 0, q_probs[s].float(), 0.0)
-        idc = torch.where(ids >= 0, ids, V)  # padding -> a dummy column
-        r = torch.cat([p, p.new_zeros(Rs, 1)], 1)
-        Z = torch.ones(Rs, dtype=torch.float32, device=dev)
-        acc_s = torch.full((Rs,), -1, dtype=torch.int64, device=dev)
-        rej = torch.zeros(Rs, dtype=torch.bool, device=dev)
-        cn, ct, sd = child_node[s], child_tok[s].long(), seeds[s]
-        for c in range(C):
-            live = (cn[:, c] >= 0) & (acc_s < 0)
-            if not bool(live.any()):
-                continue
-            x = ct[:, c].clamp(0, V - 1)
-            qx = torch.where(ids == x[:, None], qv, 0.0).sum(-1)
-            rx = r.gather(1, x[:, None]).squeeze(1)
-            u = philox_uniform(sd, cn[:, c].clamp(min=0), STREAM_ACCEPT)
-            accept = live & ((u * qx) * Z < rx)
-            acc_s = torch.where(accept, cn[:, c], acc_s)
-            reject = live & ~accept
-            if bool(reject.any()):
-                rid = r.gather(1, idc)
-                new = torch.where(reject[:, None], torch.clamp(rid - Z[:, None] * qv, min=0.0), rid)
-                r.scatter_(1, idc, new)
-                r[:, V] = 0.0
-                Z = torch.where(reject, r[:, :V].sum(-1), Z)
-                rej |= reject
-        u = philox_uniform(sd, node[s], STREAM_DRAW)
-        w = torch.where((rej & (Z > 0))[:, None], r[:, :V], p)
-        drawn = inverse_cdf(w, u)
-        acc[s] = acc_s
-        cand[s] = torch.where(acc_s < 0, drawn, -1)
+        acc[s], cand[s] = _sampled_decisions(p, child_node[s], child_tok[s].long(), q_ids[s].long(),
+                                             q_probs[s].float(), seeds[s], node[s])
     return acc, cand
+
+
+def _greedy_decisions(rows, child_node, child_tok):
+    """Greedy rows: the first child whose token is the argmax, else emit the argmax."""
+    dev = rows.device
+    C = child_node.shape[1]
+    amax = rows.float().argmax(-1)
+    hit = (child_node >= 0) & (child_tok == amax[:, None])
+    first = torch.where(hit, torch.arange(C, device=dev), C).amin(-1) if C else torch.zeros(
+        rows.shape[0], dtype=torch.long, device=dev)
+    has = first < C
+    picked = child_node.gather(1, first.clamp(max=max(C - 1, 0))[:, None]).squeeze(1) if C else first
+    return torch.where(has, picked, -1), torch.where(has, -1, amax)
+
+
+def _sampled_decisions(p, cn, ct, ids, q_probs, sd, node):
+    """Sampled rows with target ``p [Rs, V]``: multi-candidate rejection over the children
+    ``cn``/``ct`` ``[Rs, C]`` against q (``ids``, ``q_probs`` ``[Rs, kq]``), then the draw."""
+    Rs, V = p.shape
+    dev = p.device
+    qv = torch.where(ids >= 0, q_probs, 0.0)
+    idc = torch.where(ids >= 0, ids, V)  # padding -> a dummy column
+    r = torch.cat([p, p.new_zeros(Rs, 1)], 1)
+    Z = torch.ones(Rs, dtype=torch.float32, device=dev)
+    acc_s = torch.full((Rs,), -1, dtype=torch.int64, device=dev)
+    rej = torch.zeros(Rs, dtype=torch.bool, device=dev)
+    for c in range(cn.shape[1]):
+        live = (cn[:, c] >= 0) & (acc_s < 0)
+        if not bool(live.any()):
+            continue
+        x = ct[:, c].clamp(0, V - 1)
+        qx = torch.where(ids == x[:, None], qv, 0.0).sum(-1)
+        rx = r.gather(1, x[:, None]).squeeze(1)
+        u = philox_uniform(sd, cn[:, c].clamp(min=0), STREAM_ACCEPT)
+        accept = live & ((u * qx) * Z < rx)
+        acc_s = torch.where(accept, cn[:, c], acc_s)
+        reject = live & ~accept
+        if bool(reject.any()):
+            rid = r.gather(1, idc)
+            new = torch.where(reject[:, None], torch.clamp(rid - Z[:, None] * qv, min=0.0), rid)
+            r.scatter_(1, idc, new)
+            r[:, V] = 0.0
+            Z = torch.where(reject, r[:, :V].sum(-1), Z)
+            rej |= reject
+    u = philox_uniform(sd, node, STREAM_DRAW)
+    w = torch.where((rej & (Z > 0))[:, None], r[:, :V], p)
+    drawn = inverse_cdf(w, u)
+    return acc_s, torch.where(acc_s < 0, drawn, -1)
 
 
 def walk(acc: torch.Tensor, cand: torch.Tensor, node_tok: torch.Tensor):
@@ -175,7 +189,7 @@ def tree_children(parents: torch.Tensor, num_nodes: torch.Tensor):
 
 def sample_ref(logits, temps, top_k, top_p, min_p, seeds) -> torch.Tensor:
     """Reference fused sampler: argmax for ``temperature == 0`` rows, else inverse CDF over
-    ``filtered_probs`` with ``u = philox(seed, 0, 1)``."""
+    ``filtered_probs`` with ``u = philox(seed, 0, STREAM_DRAW)``."""
     B, V = logits.shape
     out = logits.float().argmax(-1)
     s = temps > 0

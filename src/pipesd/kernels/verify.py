@@ -3,26 +3,32 @@
 Two launches per batch:
 
 1. ``_verify_nodes_kernel``, grid ``(B, N)``: program ``(b, n)`` reads node ``n``'s logits row
-   (a few passes: max/argmax/block stats, threshold search when top-k/top-p/min-p are on, the
-   residual mass and one block for a draw) and decides which child of ``n`` is accepted and,
-   if none, which token ``n`` emits. Every node is independent of the others, so all rows of
-   all requests stream in parallel.
+   (:func:`~pipesd.kernels.rowops.filtered_row`: max/argmax/block stats, threshold search when
+   top-k/top-p/min-p are on; then the residual mass and one block for a draw) and decides which
+   child of ``n`` is accepted and, if none, which token ``n`` emits. Every node is independent
+   of the others, so all rows of all requests stream in parallel.
 2. ``_walk_kernel``, grid ``(B,)``: follows accepted children from node 0 and writes the path,
    the tokens and the counts.
 
-Layouts (padded + lengths): logits ``[B, N, V]`` (last dim contiguous). Chain: ``N = K + 1``,
-``tok [B, K]`` drafts, ``len [B]`` = num_draft; node ``j`` is row ``j``, draft ``j`` is node
-``j + 1``. Tree: ``tok [B, N]`` node tokens (node 0 = last verified token, its token unused),
-``par [B, N]`` parents (``par[0] = -1``, ``par[i] < i``), ``len [B]`` = num_nodes. Draft
-distributions ``q`` as (ids, probs) ``[B, N_q, KQ]`` indexed by the *parent* node.
-The PyTorch reference is :mod:`pipesd.verify.reference`.
+Layouts (padded + lengths, the fields of :class:`pipesd.verify.NodeBatch`): logits
+``[B, N, V]`` (last dim contiguous). Chain: ``N = K + 1``, ``tok [B, K]`` drafts, ``len [B]`` =
+num_draft; node ``j`` is row ``j``, draft ``j`` is node ``j + 1``. Tree: ``tok [B, N]`` node
+tokens (node 0 = last verified token, its token unused), ``par [B, N]`` parents
+(``par[0] = -1``, ``par[i] < i``), ``len [B]`` = num_nodes. Draft distributions ``q`` as
+(ids, probs) ``[B, N_q, KQ]`` indexed by the *parent* node. Uniforms:
+``philox_uniform(seed, child, STREAM_ACCEPT)`` for the acceptance test of a child,
+``philox_uniform(seed, node, STREAM_DRAW)`` for the node's draw.
+
+Reference: :func:`pipesd.verify.reference.node_decisions` (``verify_nodes_triton``) and
+:func:`pipesd.verify.reference.walk` (``walk_triton``).
+Tests: ``tests/test_verify_chain.py``, ``tests/test_verify_tree.py``.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .rowops import (_pow2, block_weights, philox_uniform, row_config, row_draw, row_kept_blocks,
-                     row_pass_a, row_resid_out_blocks, row_threshold, scatter_to_blocks)
+from .rowops import (STREAM_ACCEPT, STREAM_DRAW, _pow2, filtered_row, kept, philox_uniform, row_block_mass,
+                     row_config, row_draw, row_e, scatter_to_blocks)
 from .sampling import _launch_opts
 
 __all__ = ["verify_nodes_triton", "walk_triton"]
@@ -36,18 +42,74 @@ def _mss_step(row, V, Ts, m, thr, S, ids, qv, rq, Z, rej, BS, acc, j, x, seed, q
     qx = tl.sum(tl.where(hit, qv, 0.0), 0)
     inq = tl.sum(hit.to(tl.int32), 0) > 0
     ex = tl.exp(tl.load(row + x).to(tl.float32) / Ts - m)
-    px = tl.where(ex.to(tl.int32, bitcast=True) >= thr, ex / S, 0.0)
+    px = tl.where(kept(ex, thr), ex / S, 0.0)
     rx = tl.where(inq, tl.sum(tl.where(hit, rq, 0.0), 0), px)
-    u = philox_uniform(seed, j, 0)
+    u = philox_uniform(seed, j, STREAM_ACCEPT)
     if (u * qx) * Z < rx:
         acc = j
     else:
         rq = tl.maximum(rq - Z * qv, 0.0)
         if rej == 0:
-            BS = row_resid_out_blocks(row, V, Ts, m, thr, S, qid_row, nq, BLOCK, NBLK)
+            BS = row_block_mass(row, V, Ts, m, thr, S, qid_row, nq, BLOCK, NBLK, True)
             rej = rej + 1
         Z = tl.sum(BS, 0) + tl.sum(rq, 0)
     return acc, rej, Z, rq, BS
+
+
+@triton.jit
+def _greedy_node(tok_row, par_row, n, nn, L, amax, IS_TREE: tl.constexpr):
+    """Greedy decision at node ``n``: ``(accepted child or -1, emitted token or -1)``."""
+    acc = n * 0 - 1
+    if IS_TREE:
+        for j in range(n + 1, nn):
+            pj = tl.load(par_row + j).to(tl.int32)
+            tj = tl.load(tok_row + j).to(tl.int32)
+            acc = tl.where((pj == n) & (tj == amax) & (acc < 0), j, acc)
+    else:
+        if n < L:
+            tj = tl.load(tok_row + n).to(tl.int32)
+            acc = tl.where(tj == amax, n + 1, acc)
+    return acc, tl.where(acc < 0, amax, -1)
+
+
+@triton.jit
+def _sample_node(row, V, Ts, m, thr, S, W, tok_row, par_row, n, nn, L, nq, qid_row, qp_row, seed,
+                 IS_TREE: tl.constexpr, BLOCK: tl.constexpr, NBLK: tl.constexpr, KQP: tl.constexpr):
+    """Sampled decision at node ``n``: multi-candidate rejection over its children against the
+    ``nq`` q entries at ``qid_row``/``qp_row``, then the draw if none is accepted.
+    Returns ``(accepted child or -1, emitted token or -1)``."""
+    qa = tl.arange(0, KQP)
+    qm = qa < nq
+    ids = tl.load(qid_row + qa, mask=qm, other=-1).to(tl.int32)
+    qv = tl.load(qp_row + qa, mask=qm, other=0.0).to(tl.float32)
+    idv = ids >= 0
+    qv = tl.where(idv, qv, 0.0)
+    ee = row_e(row, ids, idv, Ts, m)
+    rq = tl.where(idv & kept(ee, thr), ee / S, 0.0)
+    Z = S * 0.0 + 1.0
+    rej = n * 0
+    acc = n * 0 - 1
+    BS = tl.zeros([NBLK], dtype=tl.float32)
+    if IS_TREE:
+        for j in range(n + 1, nn):
+            pj = tl.load(par_row + j).to(tl.int32)
+            if (pj == n) & (acc < 0):
+                x = tl.load(tok_row + j).to(tl.int32)
+                acc, rej, Z, rq, BS = _mss_step(row, V, Ts, m, thr, S, ids, qv, rq, Z, rej, BS,
+                                                acc, j, x, seed, qid_row, nq, BLOCK, NBLK)
+    else:
+        if n < L:
+            x = tl.load(tok_row + n).to(tl.int32)
+            acc, rej, Z, rq, BS = _mss_step(row, V, Ts, m, thr, S, ids, qv, rq, Z, rej, BS,
+                                            acc, n + 1, x, seed, qid_row, nq, BLOCK, NBLK)
+    cand = n * 0 - 1
+    if acc < 0:
+        u = philox_uniform(seed, n, STREAM_DRAW)
+        resid = (rej > 0) & (Z > 0.0)
+        if resid:
+            W = BS + scatter_to_blocks(ids, rq, BLOCK, NBLK)
+        cand = row_draw(row, V, Ts, m, thr, S, W, u, qid_row, nq, rq, resid, BLOCK, NBLK, KQP)
+    return acc, cand
 
 
 @triton.jit
@@ -82,66 +144,19 @@ def _verify_nodes_kernel(
     bad = n * 0
     if (n < nn) & ((nchild > 0) | bonus):
         row = logits_ptr + b64 * stride_lb + n.to(tl.int64) * stride_ln
-        T = tl.load(temp_ptr + b).to(tl.float32)
-        greedy = T <= 0.0
-        Ts = tl.where(greedy, 1.0, T)
-        m, amax, bad, bmax, bsum = row_pass_a(row, V, Ts, greedy, BLOCK, NBLK, SAMPLE)
+        Ts, greedy, m, amax, bad, thr, S, W = filtered_row(row, V, b, temp_ptr, topk_ptr, topp_ptr, minp_ptr,
+                                                           SAMPLE, BLOCK, NBLK, PBLOCK, NPIV)
+        # row pointers formed after pass A: live across fewer loops (no stack use at sm_90)
+        tok_row = tok_ptr + b64 * stride_tb
+        par_row = par_ptr + b64 * stride_pb
         if greedy:
-            if IS_TREE:
-                for j in range(n + 1, nn):
-                    pj = tl.load(par_ptr + b64 * stride_pb + j).to(tl.int32)
-                    tj = tl.load(tok_ptr + b64 * stride_tb + j).to(tl.int32)
-                    acc = tl.where((pj == n) & (tj == amax) & (acc < 0), j, acc)
-            else:
-                if n < L:
-                    tj = tl.load(tok_ptr + b64 * stride_tb + n).to(tl.int32)
-                    acc = tl.where(tj == amax, n + 1, acc)
-            cand = tl.where(acc < 0, amax, -1)
+            acc, cand = _greedy_node(tok_row, par_row, n, nn, L, amax, IS_TREE)
         else:
             if SAMPLE:
-                k = tl.load(topk_ptr + b).to(tl.int32)
-                tp = tl.load(topp_ptr + b).to(tl.float32)
-                mp = tl.load(minp_ptr + b).to(tl.float32)
-                W = block_weights(bmax, bsum, m)
-                S = tl.sum(W, 0)
-                thr = row_threshold(row, V, Ts, m, S, k, tp, mp, PBLOCK, NPIV)
-                if thr > 0:
-                    W = row_kept_blocks(row, V, Ts, m, thr, BLOCK, NBLK)
-                    S = tl.sum(W, 0)
-                seed = tl.load(seed_ptr + b)
-                qa = tl.arange(0, KQP)
-                nq = tl.where(nchild > 0, KQ, 0)
-                qm = qa < nq
                 qbase = b64 * stride_qb + n.to(tl.int64) * stride_qn
-                qid_row = qid_ptr + qbase
-                ids = tl.load(qid_ptr + qbase + qa, mask=qm, other=-1).to(tl.int32)
-                qv = tl.load(qp_ptr + qbase + qa, mask=qm, other=0.0).to(tl.float32)
-                idv = ids >= 0
-                qv = tl.where(idv, qv, 0.0)
-                xe = tl.load(row + ids, mask=idv, other=float("-inf")).to(tl.float32)
-                ee = tl.exp(xe / Ts - m)
-                rq = tl.where(idv & (ee.to(tl.int32, bitcast=True) >= thr), ee / S, 0.0)
-                Z = S * 0.0 + 1.0
-                rej = n * 0
-                BS = tl.zeros([NBLK], dtype=tl.float32)
-                if IS_TREE:
-                    for j in range(n + 1, nn):
-                        pj = tl.load(par_ptr + b64 * stride_pb + j).to(tl.int32)
-                        if (pj == n) & (acc < 0):
-                            x = tl.load(tok_ptr + b64 * stride_tb + j).to(tl.int32)
-                            acc, rej, Z, rq, BS = _mss_step(row, V, Ts, m, thr, S, ids, qv, rq, Z, rej, BS,
-                                                            acc, j, x, seed, qid_row, nq, BLOCK, NBLK)
-                else:
-                    if n < L:
-                        x = tl.load(tok_ptr + b64 * stride_tb + n).to(tl.int32)
-                        acc, rej, Z, rq, BS = _mss_step(row, V, Ts, m, thr, S, ids, qv, rq, Z, rej, BS,
-                                                        acc, n + 1, x, seed, qid_row, nq, BLOCK, NBLK)
-                if acc < 0:
-                    u = philox_uniform(seed, n, 1)
-                    resid = (rej > 0) & (Z > 0.0)
-                    if resid:
-                        W = BS + scatter_to_blocks(ids, rq, BLOCK, NBLK)
-                    cand = row_draw(row, V, Ts, m, thr, S, W, u, qid_row, nq, rq, resid, BLOCK, NBLK, KQP)
+                acc, cand = _sample_node(row, V, Ts, m, thr, S, W, tok_row, par_row, n, nn, L,
+                                         tl.where(nchild > 0, KQ, 0), qid_ptr + qbase, qp_ptr + qbase,
+                                         tl.load(seed_ptr + b), IS_TREE, BLOCK, NBLK, KQP)
     o = b64 * N + n
     tl.store(acc_ptr + o, acc)
     tl.store(cand_ptr + o, cand)
@@ -182,11 +197,12 @@ def _walk_kernel(acc_ptr, cand_ptr, tok_ptr, stride_tb, path_ptr, tokens_ptr, na
 
 def verify_nodes_triton(logits, tok, par, lengths, q_ids, q_probs, temps, top_k, top_p, min_p, bonus, seeds,
                         *, is_tree: bool, sample: bool, block=None):
-    """Per-node decisions. All per-request tensors ``[B]`` on the logits' device (temps fp32,
-    top_k int32, top_p/min_p fp32, bonus int8, seeds int64). Returns ``(acc, cand, bad)`` ``[B, N]`` int32."""
+    """Per-node decisions (layout: the module docstring / :class:`pipesd.verify.NodeBatch`). All
+    per-request tensors ``[B]`` on the logits' device (temps fp32, top_k int32, top_p/min_p fp32,
+    bonus int8, seeds int64); ``par`` None for chains; ``q_ids``/``q_probs`` None when greedy.
+    Returns ``(acc, cand, bad)`` ``[B, N]`` int32."""
     B, N, V = logits.shape
     dev = logits.device
-    cfg = row_config(V, block)
     acc = torch.empty(B, N, dtype=torch.int32, device=dev)
     cand = torch.empty(B, N, dtype=torch.int32, device=dev)
     bad = torch.empty(B, N, dtype=torch.int32, device=dev)
@@ -206,9 +222,8 @@ def verify_nodes_triton(logits, tok, par, lengths, q_ids, q_probs, temps, top_k,
         q_ids, q_probs, q_ids.stride(0), q_ids.stride(1), KQ,
         temps, top_k, top_p, min_p, bonus, seeds,
         acc, cand, bad, N, V,
-        IS_TREE=is_tree, SAMPLE=sample,
-        BLOCK=cfg["BLOCK"], NBLK=cfg["NBLK"], PBLOCK=cfg["PBLOCK"], NPIV=cfg["NPIV"],
-        KQP=_pow2(KQ), NP=_pow2(N) if is_tree else 2, num_warps=cfg["num_warps"], **_launch_opts(dev))
+        IS_TREE=is_tree, SAMPLE=sample, KQP=_pow2(KQ), NP=_pow2(N) if is_tree else 2,
+        **row_config(V, block), **_launch_opts(dev))
     return acc, cand, bad
 
 

@@ -12,24 +12,39 @@ without sorting (see :func:`row_threshold`):
   renormalisation; ties at the edge all kept);
 * min-p: ``e >= min_p`` (``max e == 1``, so this is ``p >= min_p * max p``).
 
-Thresholds are searched over the IEEE bit patterns of ``e`` (non-negative floats order like
-their int32 bits) with ``NPIV`` pivots per pass over the row, each pass narrowing the interval
-``NPIV + 1``-fold: about 8 passes per threshold for ``NPIV = 16``. Draws are by inverse CDF
-with one uniform: per-block weights (kept in registers, ``NBLK`` of them) select the block,
-one more read of that block selects the token. Only tokens with positive weight are ever
-drawn, whatever the rounding.
+Every kernel opens its row with :func:`filtered_row` (temperature, pass A, and for sampled
+rows the filter: ``(thr, S, W)``). Thresholds are searched over the IEEE bit patterns of
+``e`` (non-negative floats order like their int32 bits) with ``NPIV`` pivots per pass over
+the row, each pass narrowing the interval ``NPIV + 1``-fold: about 8 passes per threshold for
+``NPIV = 16``. Draws are by inverse CDF with one uniform: per-block weights (kept in
+registers, ``NBLK`` of them, from :func:`row_block_mass`) select the block, one more read of
+that block selects the token. Only tokens with positive weight are ever drawn, whatever the
+rounding.
+
+Random numbers: :func:`philox_uniform` with the named streams ``STREAM_ACCEPT`` /
+``STREAM_DRAW`` of :mod:`pipesd.verify._rng` (one definition for both backends).
+
+Reference: :func:`pipesd.sampling.filtered_probs` (the filter),
+:func:`pipesd.verify.reference.inverse_cdf` (the draw), :func:`pipesd.verify._rng.philox_uniform`
+(the uniforms). Tests: ``tests/test_sample.py`` (Philox bits, filtered distribution, sampler).
 """
 import triton
 import triton.language as tl
 
+from ..verify import _rng
+
 ONE_BITS = tl.constexpr(0x3F800000)  # bit pattern of 1.0f
+#: Philox counter word ``c1`` of each random stream (values from :mod:`pipesd.verify._rng`)
+STREAM_ACCEPT = tl.constexpr(_rng.STREAM_ACCEPT)  # acceptance test of a child node
+STREAM_DRAW = tl.constexpr(_rng.STREAM_DRAW)  # the one draw at a node / a sampled row
 
 
 @triton.jit
 def philox_uniform(seed, c0, STREAM: tl.constexpr):
     """Uniform in (0, 1) from word 0 of Philox4x32-10, key = 64-bit ``seed``, counter = (c0, STREAM, 0, 0).
 
-    Bit-identical to :func:`pipesd.verify._rng.philox_uniform`.
+    ``STREAM`` is ``STREAM_ACCEPT`` or ``STREAM_DRAW``. Bit-identical to
+    :func:`pipesd.verify._rng.philox_uniform`.
     """
     s = seed.to(tl.int64)
     k0 = (s & 0xFFFFFFFF).to(tl.uint32)
@@ -93,6 +108,19 @@ def row_pass_a(row_ptr, V, T, greedy, BLOCK: tl.constexpr, NBLK: tl.constexpr, S
 
 
 @triton.jit
+def row_e(row_ptr, idx, msk, T, m):
+    """``e = exp(x / T - m)`` at ``idx`` (0 where ``msk`` is false)."""
+    x = tl.load(row_ptr + idx, mask=msk, other=float("-inf")).to(tl.float32)
+    return tl.exp(x / T - m)
+
+
+@triton.jit
+def kept(e, thr):
+    """Whether ``e`` survives the filter: ``bits(e) >= thr``."""
+    return e.to(tl.int32, bitcast=True) >= thr
+
+
+@triton.jit
 def block_weights(bmax, bsum, m):
     """Per-block unfiltered mass ``sum(e)`` from :func:`row_pass_a`'s block statistics."""
     return tl.where(bmax == float("-inf"), 0.0, bsum * tl.exp(bmax - m))
@@ -107,8 +135,7 @@ def _pivot_eval(row_ptr, V, T, m, piv, PBLOCK: tl.constexpr, NPIV: tl.constexpr)
     for start in range(0, V, PBLOCK):
         idx = start + offs
         msk = idx < V
-        x = tl.load(row_ptr + idx, mask=msk, other=float("-inf")).to(tl.float32)
-        e = tl.exp(x / T - m)
+        e = row_e(row_ptr, idx, msk, T, m)
         bits = e.to(tl.int32, bitcast=True)
         ge = (bits[:, None] >= piv[None, :]) & msk[:, None]
         cnt += tl.sum(ge.to(tl.int32), 0)
@@ -156,37 +183,60 @@ def row_threshold(row_ptr, V, T, m, S0, k, tp, mp, PBLOCK: tl.constexpr, NPIV: t
 
 
 @triton.jit
-def row_kept_blocks(row_ptr, V, T, m, thr, BLOCK: tl.constexpr, NBLK: tl.constexpr):
-    """Per-block kept mass ``sum(e * [bits(e) >= thr])``."""
+def row_block_mass(row_ptr, V, T, m, thr, S, qid_ptr, nq, BLOCK: tl.constexpr, NBLK: tl.constexpr,
+                   RESID: tl.constexpr):
+    """Per-block mass of the kept tokens, ``[NBLK]``.
+
+    ``RESID`` false: ``sum(e * kept)`` (``S``, ``qid_ptr``, ``nq`` unused); ``RESID`` true: the
+    filtered probability ``sum(e * kept / S)`` over tokens *not* among the ``nq`` ids at
+    ``qid_ptr`` (the residual's mass outside the draft's q).
+    """
     offs = tl.arange(0, BLOCK)
     bidx = tl.arange(0, NBLK)
-    W = tl.zeros([NBLK], dtype=tl.float32)
+    out = tl.zeros([NBLK], dtype=tl.float32)
     for blk in range(0, tl.cdiv(V, BLOCK)):
         idx = blk * BLOCK + offs
         msk = idx < V
-        x = tl.load(row_ptr + idx, mask=msk, other=float("-inf")).to(tl.float32)
-        e = tl.exp(x / T - m)
-        keep = msk & (e.to(tl.int32, bitcast=True) >= thr)
-        W = tl.where(bidx == blk, tl.sum(tl.where(keep, e, 0.0), 0), W)
-    return W
+        e = row_e(row_ptr, idx, msk, T, m)
+        keep = msk & kept(e, thr)
+        if RESID:
+            for jj in range(0, nq):
+                keep = keep & (idx != tl.load(qid_ptr + jj).to(tl.int32))
+            w = e / S
+        else:
+            w = e
+        out = tl.where(bidx == blk, tl.sum(tl.where(keep, w, 0.0), 0), out)
+    return out
 
 
 @triton.jit
-def row_resid_out_blocks(row_ptr, V, T, m, thr, S, qid_ptr, nq, BLOCK: tl.constexpr, NBLK: tl.constexpr):
-    """Per-block filtered probability mass ``sum(p)`` over tokens *not* among the ``nq`` ids at ``qid_ptr``."""
-    offs = tl.arange(0, BLOCK)
-    bidx = tl.arange(0, NBLK)
-    BS = tl.zeros([NBLK], dtype=tl.float32)
-    for blk in range(0, tl.cdiv(V, BLOCK)):
-        idx = blk * BLOCK + offs
-        msk = idx < V
-        x = tl.load(row_ptr + idx, mask=msk, other=float("-inf")).to(tl.float32)
-        e = tl.exp(x / T - m)
-        keep = msk & (e.to(tl.int32, bitcast=True) >= thr)
-        for jj in range(0, nq):
-            keep = keep & (idx != tl.load(qid_ptr + jj).to(tl.int32))
-        BS = tl.where(bidx == blk, tl.sum(tl.where(keep, e / S, 0.0), 0), BS)
-    return BS
+def filtered_row(row_ptr, V, b, temp_ptr, topk_ptr, topp_ptr, minp_ptr, FILTER: tl.constexpr,
+                 BLOCK: tl.constexpr, NBLK: tl.constexpr, PBLOCK: tl.constexpr, NPIV: tl.constexpr):
+    """The opening every kernel's row shares: request ``b``'s temperature, pass A and, if
+    ``FILTER`` and the row is sampled (``T > 0``), its top-k / top-p / min-p filter.
+
+    Returns ``(Ts, greedy, m, amax, bad, thr, S, W)``: the temperature used (1 for greedy rows),
+    the greedy flag, pass A's max / argmax / bad flag, the keep threshold (0: everything
+    kept), the kept mass ``S`` and the per-block kept masses ``W[NBLK]`` (in units of ``e``;
+    ``p = e * kept(e, thr) / S``). ``thr``, ``S`` and ``W`` are meaningful for sampled rows only.
+    """
+    T = tl.load(temp_ptr + b).to(tl.float32)
+    greedy = T <= 0.0
+    Ts = tl.where(greedy, 1.0, T)
+    m, amax, bad, bmax, bsum = row_pass_a(row_ptr, V, Ts, greedy, BLOCK, NBLK, FILTER)
+    W = block_weights(bmax, bsum, m)
+    S = tl.sum(W, 0)
+    thr = amax * 0
+    if FILTER:
+        if not greedy:
+            k = tl.load(topk_ptr + b).to(tl.int32)
+            tp = tl.load(topp_ptr + b).to(tl.float32)
+            mp = tl.load(minp_ptr + b).to(tl.float32)
+            thr = row_threshold(row_ptr, V, Ts, m, S, k, tp, mp, PBLOCK, NPIV)
+            if thr > 0:
+                W = row_block_mass(row_ptr, V, Ts, m, thr, S, topk_ptr, 0, BLOCK, NBLK, False)
+                S = tl.sum(W, 0)
+    return Ts, greedy, m, amax, bad, thr, S, W
 
 
 @triton.jit
@@ -223,10 +273,8 @@ def row_draw(row_ptr, V, T, m, thr, S, W, u, qid_ptr, nq, rq, resid,
     t2 = target - carry
     idx = beta * BLOCK + offs
     msk = idx < V
-    x = tl.load(row_ptr + idx, mask=msk, other=float("-inf")).to(tl.float32)
-    e = tl.exp(x / T - m)
-    keep = msk & (e.to(tl.int32, bitcast=True) >= thr)
-    w = tl.where(keep, tl.where(resid, e / S, e), 0.0)
+    e = row_e(row_ptr, idx, msk, T, m)
+    w = tl.where(msk & kept(e, thr), tl.where(resid, e / S, e), 0.0)
     if resid:
         for jj in range(0, nq):
             idj = tl.load(qid_ptr + jj).to(tl.int32)
@@ -245,7 +293,8 @@ def _pow2(n: int, lo: int = 2) -> int:
 
 
 def row_config(V: int, block: int | None = None) -> dict:
-    """Launch constants for rows of ``V`` logits (``block`` overrides the streaming block)."""
+    """Launch constants for rows of ``V`` logits (``block`` overrides the streaming block): the
+    keyword arguments ``BLOCK``, ``NBLK``, ``PBLOCK``, ``NPIV``, ``num_warps`` of a row kernel's launch."""
     import os
 
     if block is None:
