@@ -31,14 +31,15 @@ def _port(url):
 
 
 def _open(c, sid, prompt):
-    c.send(M.OpenSession(sid, np.array(prompt, np.int32), max_new_tokens=32))
+    c.send(M.OpenSession(session_id=sid, prompt_ids=np.array(prompt, np.int32), max_new_tokens=32))
     msg = c.recv(10)
     assert isinstance(msg, M.SessionOpened), msg
     return msg
 
 
-def _batch(sid, epoch, first, toks, verify=True, bonus=False):
-    return M.DraftBatch(sid, epoch, first, np.array(toks, np.int32), np.full(len(toks), 0.9, np.float32), verify, bonus)
+def _batch(sid, epoch, first, toks, verify=True):
+    return M.DraftBatch(session_id=sid, epoch=epoch, first_pos=first, tokens=np.array(toks, np.int32),
+                        probs=np.full(len(toks), 0.9, np.float32), verify=verify)
 
 
 def test_wrong_token_refused(server):
@@ -55,7 +56,7 @@ def test_stale_epoch_batches_are_dropped(pair, server):
     wrong = (ref[0] + 1) % 48
     c.send(_batch(1, 0, 0, [wrong, 5]))
     v = c.recv(10)
-    assert isinstance(v, M.Verdict) and v.accepted == 0 and v.correction == ref[0] and v.rejected
+    assert isinstance(v, M.Verdict) and v.accepted == 0 and v.token == ref[0] and v.rejected
     stale_before = srv.stats.stale_batches
     c.send(_batch(1, 0, 2, [7, 8]))  # built on the rejected token: old epoch
     c.send(_batch(1, 1, 1, [ref[1], ref[2]]))  # the corrected stream
@@ -92,7 +93,7 @@ def test_malformed_frames_close_only_that_connection(pair, server, frame):
 def test_hostile_fields_get_an_error_frame(server):
     srv, url = server
     c = conn.EdgeConnection.connect("127.0.0.1", _port(url), auth_token="tok")
-    c.send(M.OpenSession(5, np.array([1, 999], np.int32)))  # token outside the vocabulary
+    c.send(M.OpenSession(session_id=5, prompt_ids=np.array([1, 999], np.int32)))  # token outside the vocabulary
     assert isinstance(c.recv(10), M.Error)
     _open(c, 6, [1, 2])
     c.send(_batch(6, 0, 0, [12345]))  # draft id outside the vocabulary
@@ -122,9 +123,9 @@ def test_client_vanishing_mid_batch_frees_its_sessions(pair, server):
     srv, url = server
     open_before = srv.stats.sessions_open
     s = socket.create_connection(("127.0.0.1", _port(url)))
-    s.sendall(encode(M.Hello(M.PROTOCOL_VERSION, "tok", "")))
+    s.sendall(encode(M.Hello(version=M.PROTOCOL_VERSION, auth_token="tok", client_name="")))
     s.recv(4096)
-    s.sendall(encode(M.OpenSession(1, np.array([1, 2], np.int32))))
+    s.sendall(encode(M.OpenSession(session_id=1, prompt_ids=np.array([1, 2], np.int32))))
     time.sleep(0.2)
     frame = encode(_batch(1, 0, 0, [1, 2, 3, 4]))
     s.sendall(frame[: len(frame) // 2])  # half a frame, then gone

@@ -1,8 +1,10 @@
 """Wire codec: round trips of every message (hypothesis), incremental parsing, hostile input."""
 from __future__ import annotations
 
+import dataclasses
 import struct
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +13,9 @@ from hypothesis import strategies as st
 
 from pipesd.transport import codec
 from pipesd.transport import messages as M
-from pipesd.transport.codec import (FrameReader, ProtocolError, decode, decode_frame, decode_payload, encode,
-                                    encoded_size, validate_tokens)
+from pipesd.transport.fuzz_decoder import sample_messages
+from pipesd.transport.codec import (FrameReader, ProtocolError, check_token_ids, decode, decode_frame, decode_payload,
+                                    encode)
 
 U32 = st.integers(0, 2**32 - 1)
 FIN = st.floats(allow_nan=False, allow_infinity=False)
@@ -42,14 +45,18 @@ def q_dist(draw, n, dense=False):
     return ids, probs
 
 
-hellos = st.builds(M.Hello, st.integers(0, 65535), text(codec.MAX_AUTH_BYTES), text(codec.MAX_NAME_BYTES))
-hello_acks = st.builds(M.HelloAck, st.integers(0, 65535), text(codec.MAX_NAME_BYTES), U32, text(codec.MAX_NAME_BYTES),
-                       U32, U32, U32)
-opens = st.builds(M.OpenSession, U32, i32_array(), st.floats(0.0, 1e6), st.integers(0, 2**31 - 1), UNIT, UNIT,
-                  st.integers(0, 2**64 - 1), text(codec.MAX_NAME_BYTES), U32)
-openeds = st.builds(M.SessionOpened, U32)
-closes = st.builds(M.CloseSession, U32)
-errors = st.builds(M.Error, st.integers(0, 65535), text(codec.MAX_MESSAGE_BYTES), st.integers(-1, 2**63 - 1))
+hellos = st.builds(M.Hello, version=st.integers(0, 65535), auth_token=text(codec.MAX_AUTH_BYTES),
+                   client_name=text(codec.MAX_NAME_BYTES))
+hello_acks = st.builds(M.HelloAck, version=st.integers(0, 65535), server_name=text(codec.MAX_NAME_BYTES),
+                       vocab_size=U32, tokenizer_fingerprint=text(codec.MAX_NAME_BYTES), max_sessions=U32,
+                       max_prompt_tokens=U32, max_draft_in_flight=U32)
+opens = st.builds(M.OpenSession, session_id=U32, prompt_ids=i32_array(), temperature=st.floats(0.0, 1e6),
+                  top_k=st.integers(0, 2**31 - 1), top_p=UNIT, min_p=UNIT, seed=st.integers(0, 2**64 - 1),
+                  tokenizer_fingerprint=text(codec.MAX_NAME_BYTES), max_new_tokens=U32)
+openeds = st.builds(M.SessionOpened, session_id=U32)
+closes = st.builds(M.CloseSession, session_id=U32)
+errors = st.builds(M.Error, code=st.integers(0, 65535), message=text(codec.MAX_MESSAGE_BYTES),
+                   session_id=st.integers(-1, 2**63 - 1))
 
 
 @st.composite
@@ -57,12 +64,13 @@ def drafts(draw):
     n = draw(st.integers(0, 12))
     toks = np.array(draw(st.lists(st.integers(0, 2**31 - 1), min_size=n, max_size=n)), np.int32)
     probs = np.array(draw(st.lists(UNIT, min_size=n, max_size=n)), np.float32)
+    hint = n > 0 and draw(st.booleans())
     q = draw(st.sampled_from(["none", "topk", "dense"]))
     qi = qp = None
     if q != "none":
-        qi, qp = draw(q_dist(n, dense=(q == "dense")))
-    return M.DraftBatch(draw(U32), draw(U32), draw(U32), toks, probs, draw(st.booleans()), draw(st.booleans()),
-                        qi, qp, draw(FIN))
+        qi, qp = draw(q_dist(n - hint, dense=(q == "dense")))
+    return M.DraftBatch(session_id=draw(U32), epoch=draw(U32), first_pos=draw(U32), tokens=toks, probs=probs,
+                        verify=draw(st.booleans()), hint=hint, q_ids=qi, q_probs=qp, sent_at=draw(FIN))
 
 
 @st.composite
@@ -71,9 +79,13 @@ def verdicts(draw):
     length = draw(st.integers(0, 1000))
     rejected = length > 0 and draw(st.booleans())
     acc = draw(st.integers(0, length - 1 if rejected else length))
-    corr = draw(st.integers(0, 2**31 - 1)) if rejected else draw(st.integers(-1, 2**31 - 1))
-    return M.Verdict(draw(U32), draw(U32), start, start + length, acc, corr, rejected, draw(U32), draw(st.booleans()),
-                     draw(U32), draw(st.floats(0.0, 1e9)), draw(FIN))
+    token = draw(st.integers(0, 2**31 - 1)) if rejected else draw(st.integers(-1, 2**31 - 1))
+    bonus = not rejected and token >= 0 and acc == length
+    settled = draw(st.sampled_from([M.SETTLED_NONE, M.SETTLED_KEPT, M.SETTLED_VOID])) if bonus else M.SETTLED_NONE
+    return M.Verdict(session_id=draw(U32), epoch=draw(U32), start_pos=start, end_pos=start + length, accepted=acc,
+                     token=token, rejected=rejected, verified_len=draw(U32), finished=draw(st.booleans()),
+                     settled=settled, target_forwards=draw(U32), verify_s=draw(st.floats(0.0, 1e9)),
+                     echo_sent_at=draw(FIN))
 
 
 any_message = st.one_of(hellos, hello_acks, opens, openeds, drafts(), verdicts(), closes, errors)
@@ -91,23 +103,11 @@ def assert_same(a, b):
 
 
 def fixed_samples():
-    qi = np.array([[4, 9, 2], [1, 0, 3]], np.int32)
-    qp = np.array([[0.5, 0.3, 0.2], [0.6, 0.4, 0.0]], np.float32)
-    dense = np.full((2, 5), 0.2, np.float32)
-    return [
-        M.Hello(1, "sekrit", "edge-1"),
-        M.HelloAck(1, "cloud", 4096, "abcd", 8, 4096, 256),
-        M.OpenSession(3, np.array([1, 2, 3], np.int32), 0.7, 40, 0.9, 0.05, 12345, "abcd", 64),
-        M.SessionOpened(3),
-        M.DraftBatch(3, 2, 17, np.array([5, 6], np.int32), np.array([0.5, 1.0], np.float32), True, False, qi, qp, 1.5),
-        M.DraftBatch(3, 2, 17, np.array([5, 6], np.int32), np.array([0.5, 1.0], np.float32), False, False,
-                     np.tile(np.arange(5, dtype=np.int32), (2, 1)), dense),
-        M.DraftBatch(3, 0, 0, np.zeros(0, np.int32), np.zeros(0, np.float32), True, True),
-        M.Verdict(3, 2, 17, 22, 3, 99, True, 21, False, 5, 0.012, 1.5),
-        M.Verdict(3, 2, 17, 17, 0, 7, False, 18, True, 1, 0.0, 0.0),
-        M.CloseSession(3),
-        M.Error(M.E_AUTH, "nope", -1),
-    ]
+    return sample_messages()  # one of every type, the q, hint and empty DraftBatch variants, two Verdicts
+
+
+def sample(cls, i=0):
+    return [m for m in fixed_samples() if type(m) is cls][i]
 
 
 # --------------------------------------------------------------------------- round trips
@@ -115,52 +115,56 @@ def fixed_samples():
 @given(msg=any_message)
 def test_round_trip_every_message_type(msg):
     frame = encode(msg)
-    assert len(frame) == encoded_size(msg)
     assert struct.unpack(">I", frame[:4])[0] == len(frame) - 4
     assert_same(msg, decode_frame(frame))
     assert_same(msg, decode(frame[5:], frame[4]))
-    assert_same(msg, decode(frame[4], frame[5:]))  # older argument order
     assert_same(msg, decode_payload(frame[4:]))
 
 
 @pytest.mark.parametrize("msg", fixed_samples(), ids=lambda m: type(m).__name__)
 def test_round_trip_fixed(msg):
     assert_same(msg, decode_frame(encode(msg)))
-    assert len(encode(msg)) == encoded_size(msg)
 
 
 def test_frame_header_and_type_tags():
-    tags = [M.T_HELLO, M.T_HELLO_ACK, M.T_OPEN, M.T_OPENED, M.T_DRAFT, M.T_DRAFT, M.T_DRAFT, M.T_VERDICT,
-            M.T_VERDICT, M.T_CLOSE, M.T_ERROR]
-    for msg, tag in zip(fixed_samples(), tags):
-        f = encode(msg)
-        assert f[4] == tag
-    assert encode(M.SessionOpened(7)) == b"\x00\x00\x00\x05\x04\x07\x00\x00\x00"
+    tags = {M.Hello: M.T_HELLO, M.HelloAck: M.T_HELLO_ACK, M.OpenSession: M.T_OPEN, M.SessionOpened: M.T_OPENED,
+            M.DraftBatch: M.T_DRAFT, M.Verdict: M.T_VERDICT, M.CloseSession: M.T_CLOSE, M.Error: M.T_ERROR}
+    assert {type(m) for m in fixed_samples()} == set(tags) == set(codec.SCHEMAS)
+    for msg in fixed_samples():
+        assert encode(msg)[4] == tags[type(msg)] == codec.SCHEMAS[type(msg)].tag
+    assert encode(M.SessionOpened(session_id=7)) == b"\x00\x00\x00\x05\x04\x07\x00\x00\x00"
+    assert len(encode(sample(M.Verdict))) == codec.FRAME_OVERHEAD + 50  # Verdict: fixed size
+
+
+def test_messages_are_keyword_only():
+    with pytest.raises(TypeError):
+        M.SessionOpened(7)
+    with pytest.raises(TypeError):
+        M.Verdict(3, 2, 17, 22, 3, 99, True, 21)
 
 
 def test_dense_q_halves_the_bytes_and_decodes_as_arange():
     n, V = 3, 1000
     p = np.full((n, V), 1.0 / V, np.float32)
-    dense = M.DraftBatch(1, 0, 0, np.arange(n, dtype=np.int32), np.ones(n, np.float32), False, False,
-                         np.broadcast_to(np.arange(V, dtype=np.int32), (n, V)), p)
-    explicit = M.DraftBatch(1, 0, 0, np.arange(n, dtype=np.int32), np.ones(n, np.float32), False, False,
-                            np.tile(np.arange(V, dtype=np.int32)[::-1], (n, 1)), p)
-    assert encoded_size(dense) == codec.FRAME_OVERHEAD + 32 - 1 + 8 * n + 4 * n * V
-    assert encoded_size(explicit) == codec.FRAME_OVERHEAD + 32 - 1 + 8 * n + 8 * n * V
+    base = dict(session_id=1, epoch=0, first_pos=0, tokens=np.arange(n, dtype=np.int32), probs=np.ones(n, np.float32))
+    dense = M.DraftBatch(**base, q_ids=np.broadcast_to(np.arange(V, dtype=np.int32), (n, V)), q_probs=p)
+    explicit = M.DraftBatch(**base, q_ids=np.tile(np.arange(V, dtype=np.int32)[::-1], (n, 1)), q_probs=p)
+    assert len(encode(dense)) == codec.FRAME_OVERHEAD + 32 - 1 + 8 * n + 4 * n * V
+    assert len(encode(explicit)) == codec.FRAME_OVERHEAD + 32 - 1 + 8 * n + 8 * n * V
     got = decode_frame(encode(dense))
     np.testing.assert_array_equal(got.q_ids, np.broadcast_to(np.arange(V), (n, V)))
     assert got.q_ids.dtype == np.int32
 
 
 def test_arrays_are_aligned_zero_copy_views():
-    msg = fixed_samples()[4]
+    msg = sample(M.DraftBatch)  # with a top-k q
     payload = bytearray(encode(msg)[4:])  # what a reader holds: type byte + body, fresh buffer
     got = decode_payload(payload)
     for a in (got.tokens, got.probs, got.q_ids, got.q_probs):
         assert a.ctypes.data % 4 == 0
     payload[32] = 42  # first token, little-endian low byte (type byte + 31-byte header)
     assert got.tokens[0] == 42  # a view of the buffer, not a copy
-    op = decode_payload(bytearray(encode(fixed_samples()[2])[4:]))
+    op = decode_payload(bytearray(encode(sample(M.OpenSession))[4:]))
     assert op.prompt_ids.ctypes.data % 4 == 0
 
 
@@ -190,7 +194,7 @@ def test_frame_reader_byte_by_byte_and_partial():
 
 
 def test_frame_reader_returns_good_messages_before_a_bad_frame_then_raises():
-    good = encode(M.SessionOpened(1)) + encode(M.CloseSession(2))
+    good = encode(M.SessionOpened(session_id=1)) + encode(M.CloseSession(session_id=2))
     bad = b"\x00\x00\x00\x02\x63\x00"  # unknown type 0x63
     r = FrameReader()
     out = r.feed(good + bad)
@@ -198,7 +202,7 @@ def test_frame_reader_returns_good_messages_before_a_bad_frame_then_raises():
     with pytest.raises(ProtocolError, match="unknown message type"):
         r.feed(b"")
     with pytest.raises(ProtocolError):  # stays broken: the stream is out of sync
-        r.feed(encode(M.SessionOpened(3)))
+        r.feed(encode(M.SessionOpened(session_id=3)))
 
 
 # --------------------------------------------------------------------------- hostile input
@@ -269,7 +273,7 @@ def test_huge_declared_length_refused_before_allocation(length):
 def test_huge_array_counts_refused_without_allocation(field):
     n, k = (2**32 - 1, 0) if field == "n" else ((1, 2**20) if field == "k" else (2**32 - 1, 2**20))
     flags = codec.F_HAS_Q | codec.F_Q_DENSE if field != "n" else 0
-    body = codec._DRAFT.pack(1, 0, 0, flags, 0.0, n, k) + b"\0\0" + b"\0" * 64
+    body = codec.SCHEMAS[M.DraftBatch].head.pack(1, 0, 0, flags, 0.0, n, k) + b"\0" * 64  # padding included
     tracemalloc.start()
     try:
         with pytest.raises(ProtocolError):
@@ -293,8 +297,9 @@ def test_zero_length_and_short_frames():
 def _draft_frame(tokens=(1, 2), probs=(0.5, 0.5), q=True, qp=None, flags_or=0):
     qi = np.array([[1, 2], [3, 4]], np.int32)
     qp = np.array([[0.5, 0.5], [0.9, 0.1]], np.float32) if qp is None else np.asarray(qp, np.float32)
-    msg = M.DraftBatch(1, 0, 0, np.asarray(tokens, np.int32), np.asarray(probs, np.float32), True, False,
-                       qi if q else None, qp if q else None)
+    msg = M.DraftBatch(session_id=1, epoch=0, first_pos=0, tokens=np.asarray(tokens, np.int32),
+                       probs=np.asarray(probs, np.float32), verify=True, q_ids=qi if q else None,
+                       q_probs=qp if q else None)
     f = bytearray(encode(msg))
     f[5 + 12] |= flags_or
     return bytes(f)
@@ -324,6 +329,7 @@ QP0 = QID0 + 16
     ("nan q prob", lambda: _with_array_value(_draft_frame(), QP0, "<f", float("nan")), M.E_BAD_FIELD),
     ("negative q id", lambda: _with_array_value(_draft_frame(), QID0, "<i", -1), M.E_BAD_FIELD),
     ("unknown draft flag", lambda: _draft_frame(flags_or=0x80), M.E_BAD_FIELD),
+    ("bonus flag (protocol 2)", lambda: _draft_frame(flags_or=2), M.E_BAD_FIELD),
     ("dense flag without q", lambda: _draft_frame(q=False, flags_or=codec.F_Q_DENSE), M.E_BAD_FIELD),
     ("q width without q", lambda: _with_array_value(_draft_frame(q=False), 5 + 25, "<I", 3), M.E_BAD_FIELD),
     ("nan sent_at", lambda: _with_array_value(_draft_frame(), 5 + 13, "<d", float("nan")), M.E_BAD_FIELD),
@@ -336,7 +342,7 @@ def test_field_rules(case, frame, code):
 
 
 def _hello_frame(token: bytes) -> bytes:
-    body = codec._HELLO.pack(1) + struct.pack("<H", len(token)) + token + b"\x00\x00"
+    body = codec.SCHEMAS[M.Hello].head.pack(1) + struct.pack("<H", len(token)) + token + b"\x00\x00"
     return struct.pack(">I", len(body) + 1) + bytes([M.T_HELLO]) + body
 
 
@@ -365,7 +371,7 @@ def test_open_session_rules(kw):
 
 
 def test_prompt_length_limit():
-    body = codec._OPEN.pack(1, 0.0, 0, 1.0, 0.0, 0, 1, (1 << 20) + 1) + b"\0\0\0"
+    body = codec.SCHEMAS[M.OpenSession].head.pack(1, 0.0, 0, 1.0, 0.0, 0, 1, (1 << 20) + 1)
     with pytest.raises(ProtocolError) as e:
         decode(body, M.T_OPEN)
     assert e.value.code == M.E_LIMIT
@@ -374,14 +380,18 @@ def test_prompt_length_limit():
 @pytest.mark.parametrize("fields", [
     dict(start_pos=10, end_pos=5),  # end before start
     dict(accepted=6),  # more accepted than the segment
-    dict(correction=-2),
-    dict(rejected=True, correction=-1),  # rejection without a correction
+    dict(token=-2),
+    dict(rejected=True, token=-1),  # rejection without a correction
     dict(rejected=True, accepted=5),  # rejection with everything accepted
+    dict(settled=3),  # unknown settled code
+    dict(settled=M.SETTLED_KEPT),  # settled without a full acceptance
+    dict(settled=M.SETTLED_KEPT, accepted=5, token=-1),  # settled without a bonus
+    dict(settled=M.SETTLED_VOID, accepted=4, rejected=True),  # settled after a rejection
     dict(verify_s=-1.0),
     dict(echo_sent_at=float("nan")),
 ])
 def test_verdict_rules(fields):
-    base = dict(session_id=1, epoch=0, start_pos=0, end_pos=5, accepted=2, correction=3, rejected=False,
+    base = dict(session_id=1, epoch=0, start_pos=0, end_pos=5, accepted=2, token=3, rejected=False,
                 verified_len=3)
     base.update(fields)
     with pytest.raises(ProtocolError) as e:
@@ -391,24 +401,32 @@ def test_verdict_rules(fields):
 
 def test_error_session_id_and_message_cut_at_a_character_boundary():
     long = "€" * 5000  # 3 bytes each
-    got = decode_frame(encode(M.Error(M.E_INTERNAL, long, 4)))
+    got = decode_frame(encode(M.Error(code=M.E_INTERNAL, message=long, session_id=4)))
     assert got.message == "€" * (codec.MAX_MESSAGE_BYTES // 3) and got.session_id == 4
-    assert encoded_size(M.Error(M.E_INTERNAL, long)) == len(encode(M.Error(M.E_INTERNAL, long)))
-    body = codec._ERROR.pack(1, -2) + b"\x00\x00"
+    body = codec.SCHEMAS[M.Error].head.pack(1, -2) + b"\x00\x00"
     with pytest.raises(ProtocolError):
         decode(body, M.T_ERROR)
 
 
+_DRAFT0 = dict(session_id=1, epoch=0, first_pos=0)
+
+
 @pytest.mark.parametrize("msg,exc", [
-    (M.SessionOpened(-1), ValueError),
-    (M.SessionOpened(2**32), ValueError),
-    (M.Hello(1, "x" * 257), ValueError),
-    (M.HelloAck(1, "s" * 300, 1, "", 1, 1, 1), ValueError),
-    (M.DraftBatch(1, 0, 0, np.array([1, 2], np.int32), np.array([0.5], np.float32)), ValueError),
-    (M.DraftBatch(1, 0, 0, np.array([1], np.int32), np.array([0.5], np.float32), q_ids=np.array([[1]], np.int32)),
-     ValueError),
-    (M.DraftBatch(1, 0, 0, np.array([1.5]), np.array([0.5], np.float32)), TypeError),
-    (M.Verdict(1, 0, 0, 1, 1, -1, False, -5), ValueError),
+    (M.SessionOpened(session_id=-1), ValueError),
+    (M.SessionOpened(session_id=2**32), ValueError),
+    (M.Hello(version=1, auth_token="x" * 257), ValueError),
+    (M.HelloAck(version=1, server_name="s" * 300, vocab_size=1, tokenizer_fingerprint="", max_sessions=1,
+                max_prompt_tokens=1, max_draft_in_flight=1), ValueError),
+    (M.DraftBatch(**_DRAFT0, tokens=np.array([1, 2], np.int32), probs=np.array([0.5], np.float32)), ValueError),
+    (M.DraftBatch(**_DRAFT0, tokens=np.array([1], np.int32), probs=np.array([0.5], np.float32),
+                  q_ids=np.array([[1]], np.int32)), ValueError),
+    (M.DraftBatch(**_DRAFT0, tokens=np.array([1], np.int32), probs=np.array([0.5], np.float32),
+                  q_ids=np.array([[1]], np.int32), q_probs=np.array([1.0], np.float32)), ValueError),  # q_probs 1-D
+    (M.DraftBatch(**_DRAFT0, tokens=np.array([1.5]), probs=np.array([0.5], np.float32)), TypeError),
+    (M.DraftBatch(**_DRAFT0, tokens=np.zeros(0, np.int32), probs=np.zeros(0, np.float32), hint=True), ValueError),
+    (M.OpenSession(session_id=1, prompt_ids=np.zeros(codec.MAX_PROMPT_TOKENS + 1, np.int32)), ValueError),
+    (M.Verdict(session_id=1, epoch=0, start_pos=0, end_pos=1, accepted=1, token=-1, rejected=False,
+               verified_len=-5), ValueError),
     ("not a message", TypeError),
 ])
 def test_encode_refuses_unrepresentable_messages(msg, exc):
@@ -416,13 +434,45 @@ def test_encode_refuses_unrepresentable_messages(msg, exc):
         encode(msg)
 
 
-def test_validate_tokens():
-    validate_tokens(np.array([0, 5, 9]), 10)
-    validate_tokens(np.zeros(0, np.int32), 10)
+def test_check_token_ids():
+    check_token_ids(np.array([0, 5, 9]), 10, "draft token ids")
+    check_token_ids(np.zeros(0, np.int32), 10, "draft token ids")
     for bad in ([10], [-1], [3, 11]):
         with pytest.raises(ProtocolError) as e:
-            validate_tokens(np.array(bad), 10, "draft tokens")
-        assert e.value.code == M.E_BAD_FIELD and "draft tokens" in str(e.value)
+            check_token_ids(np.array(bad), 10, "draft token ids")
+        assert e.value.code == M.E_BAD_FIELD and str(e.value) == "draft token ids outside [0, 10)"
+
+
+# --------------------------------------------------------------------------- schema and docs
+WIRE_MD = Path(__file__).resolve().parents[1] / "docs" / "wire.md"
+
+
+def test_wire_doc_tables_match_the_schema():
+    text = WIRE_MD.read_text(encoding="utf-8")
+    assert codec.render_wire_doc(text) == text, (
+        "docs/wire.md's message tables differ from codec.SCHEMAS; regenerate them with "
+        "python -c 'from pipesd.transport import codec; codec.write_wire_doc(\"docs/wire.md\")'")
+
+
+def test_wire_doc_needs_a_block_per_message_and_follows_the_schema(monkeypatch):
+    text = WIRE_MD.read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="no wire block for Verdict"):
+        codec.render_wire_doc(text.replace("<!-- wire:Verdict", "<!-- gone:Verdict"))
+    s = codec.SCHEMAS[M.Verdict]
+    monkeypatch.setattr(s, "fields", s.fields[:-1])  # a schema change shows in the rendered doc
+    assert codec.render_wire_doc(text) != text
+    assert "| 0 | u32 | session_id |" in codec.schema_markdown(s)
+
+
+def test_schema_covers_every_dataclass_field():
+    for cls, s in codec.SCHEMAS.items():
+        named = {f.name for f in s.fields if hasattr(f, "name")}
+        named |= {n for f in s.fields if isinstance(f, codec.Flags) for _, n in f.bits}
+        assert {f.name for f in dataclasses.fields(cls)} <= named, cls.__name__
+        assert s.tag in (M.T_HELLO, M.T_HELLO_ACK, M.T_OPEN, M.T_OPENED, M.T_DRAFT, M.T_VERDICT, M.T_CLOSE, M.T_ERROR)
+    bad = codec.Schema(M.SessionOpened, 99, "nobody", (codec.Scalar("sid", "u32"),))
+    with pytest.raises(TypeError, match="do not cover"):
+        codec._validate(bad)
 
 
 def test_protocol_error_is_a_value_error_and_pickles():

@@ -16,25 +16,30 @@ import pytest
 
 from pipesd.transport import codec, conn
 from pipesd.transport import messages as M
-from pipesd.transport.codec import ProtocolError, encode, encoded_size
+from pipesd.transport.codec import ProtocolError, encode
 from pipesd.transport.conn import ConnectionClosed, EdgeConnection, HandshakeError
 from pipesd.transport.link import LinkEmulator, LinkProfile
 
 TOKEN = "tok-\u00e9"
-INFO = M.HelloAck(M.PROTOCOL_VERSION, "test-cloud", 100, "fp", 4, 1024, 64)
+INFO = M.HelloAck(version=M.PROTOCOL_VERSION, server_name="test-cloud", vocab_size=100, tokenizer_fingerprint="fp",
+                  max_sessions=4, max_prompt_tokens=1024, max_draft_in_flight=64)
 
 
 def sample_messages():
     qi = np.array([[4, 9], [1, 0]], np.int32)
     qp = np.array([[0.5, 0.5], [0.75, 0.25]], np.float32)
     return [
-        M.OpenSession(3, np.array([1, 2, 3], np.int32), 0.7, 40, 0.9, 0.05, 12345, "fp", 64),
-        M.SessionOpened(3),
-        M.DraftBatch(3, 2, 17, np.array([5, 6], np.int32), np.array([0.5, 1.0], np.float32), True, False, qi, qp, 1.5),
-        M.DraftBatch(3, 0, 0, np.zeros(0, np.int32), np.zeros(0, np.float32), True, True),
-        M.Verdict(3, 2, 17, 22, 3, 99, True, 21, False, 5, 0.012, 1.5),
-        M.CloseSession(3),
-        M.Error(M.E_UNKNOWN_SESSION, "no such session", 9),
+        M.OpenSession(session_id=3, prompt_ids=np.array([1, 2, 3], np.int32), temperature=0.7, top_k=40, top_p=0.9,
+                      min_p=0.05, seed=12345, tokenizer_fingerprint="fp", max_new_tokens=64),
+        M.SessionOpened(session_id=3),
+        M.DraftBatch(session_id=3, epoch=2, first_pos=17, tokens=np.array([5, 6], np.int32),
+                     probs=np.array([0.5, 1.0], np.float32), verify=True, q_ids=qi, q_probs=qp, sent_at=1.5),
+        M.DraftBatch(session_id=3, epoch=0, first_pos=0, tokens=np.zeros(0, np.int32), probs=np.zeros(0, np.float32),
+                     verify=True),
+        M.Verdict(session_id=3, epoch=2, start_pos=17, end_pos=22, accepted=3, token=99, rejected=True,
+                  verified_len=21, finished=False, target_forwards=5, verify_s=0.012, echo_sent_at=1.5),
+        M.CloseSession(session_id=3),
+        M.Error(code=M.E_UNKNOWN_SESSION, message="no such session", session_id=9),
     ]
 
 
@@ -51,8 +56,9 @@ def same(a, b):
 class Server:
     """An asyncio server on loopback in a background thread.
 
-    ``behaviour(sc, hello)`` runs after a successful handshake (default: echo every frame).
-    ``events`` records what happened, for assertions.
+    ``behaviour(reader, writer, hello)`` runs after a successful handshake (default: echo every
+    frame), reading and writing as the cloud does (``conn.read_message`` / ``conn.write_message``).
+    ``events`` records what happened, for assertions; ``echoed`` the bytes and messages echoed.
     """
 
     def __init__(self, behaviour=None, info=INFO, handshake_timeout_s=5.0, raw=None):
@@ -61,7 +67,7 @@ class Server:
         self.handshake_timeout_s = handshake_timeout_s
         self.raw = raw  # raw(reader, writer) replaces the handshake entirely
         self.events: list = []
-        self.conns: list[conn.ServerConnection] = []
+        self.echoed = {"bytes": 0, "messages": 0}
         self.ready = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
         self.thread.start()
@@ -91,19 +97,18 @@ class Server:
             self.events.append(("refused", getattr(e, "code", None), str(e)))
             return
         self.events.append(("hello", hello))
-        sc = conn.ServerConnection(reader, writer)
-        self.conns.append(sc)
         try:
-            await self.behaviour(sc, hello)
+            await self.behaviour(reader, writer, hello)
         except (asyncio.IncompleteReadError, ConnectionError):
             self.events.append(("eof",))
         finally:
             writer.close()  # synchronous: also runs when the task is cancelled at shutdown
 
-    @staticmethod
-    async def echo(sc, hello):
+    async def echo(self, reader, writer, hello):
         while True:
-            await sc.write(await sc.read())
+            msg = await conn.read_message(reader)
+            self.echoed["bytes"] += await conn.write_message(writer, msg)
+            self.echoed["messages"] += 1
 
     def close(self):
         self.loop.call_soon_threadsafe(self.stop.set)
@@ -160,8 +165,8 @@ def _raw_exchange(port, frames: bytes, timeout=5.0):
 
 
 @pytest.mark.parametrize("frames,code", [
-    (encode(M.Hello(99, TOKEN)), M.E_VERSION),
-    (encode(M.SessionOpened(1)), M.E_BAD_FRAME),
+    (encode(M.Hello(version=99, auth_token=TOKEN)), M.E_VERSION),
+    (encode(M.SessionOpened(session_id=1)), M.E_BAD_FRAME),
     (b"\x00\x00\x00\x03\x01\xff\xff", M.E_BAD_FRAME),
     (struct.pack(">I", 1 << 20) + b"\x01", M.E_LIMIT),  # hello far over the handshake limit
 ])
@@ -181,7 +186,8 @@ def test_server_handshake_timeout():
 
 
 def test_edge_refuses_a_cloud_of_another_version():
-    info = M.HelloAck(M.PROTOCOL_VERSION + 1, "future", 100, "", 1, 1, 1)
+    info = M.HelloAck(version=M.PROTOCOL_VERSION + 1, server_name="future", vocab_size=100, tokenizer_fingerprint="",
+                      max_sessions=1, max_prompt_tokens=1, max_draft_in_flight=1)
     with Server(info=info) as srv:
         with pytest.raises(HandshakeError, match="version") as e:
             connect(srv)
@@ -232,20 +238,18 @@ def test_frames_both_ways_and_byte_counters():
                 c.send(m)
                 same(m, c.recv(5.0))
             assert c.recv(0.05) is None  # nothing more: timeout
-            hello_bytes = encoded_size(M.Hello(M.PROTOCOL_VERSION, TOKEN, ""))
-            payload = sum(encoded_size(m) for m in msgs)
+            hello_bytes = len(encode(M.Hello(version=M.PROTOCOL_VERSION, auth_token=TOKEN, client_name="")))
+            payload = sum(len(encode(m)) for m in msgs)
             assert c.bytes_sent == hello_bytes + payload and c.messages_sent == len(msgs) + 1
-            assert c.bytes_received == encoded_size(INFO) + payload and c.messages_received == len(msgs) + 1
-            sc = srv.conns[0]
-            assert sc.bytes_received == payload and sc.bytes_sent == payload
-            assert sc.messages_received == sc.messages_sent == len(msgs)
+            assert c.bytes_received == len(encode(INFO)) + payload and c.messages_received == len(msgs) + 1
+            assert srv.echoed == {"bytes": payload, "messages": len(msgs)}
 
 
 def test_concurrent_senders():
     with Server() as srv, connect(srv) as c:
         def worker(base):
             for i in range(50):
-                c.send(M.CloseSession(base + i))
+                c.send(M.CloseSession(session_id=base + i))
 
         ts = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(3)]
         for t in ts:
@@ -260,33 +264,34 @@ def test_concurrent_senders():
 
 
 def test_messages_before_the_peer_closed_are_delivered_then_closed():
-    async def say_and_leave(sc, hello):
-        await sc.write(M.Error(M.E_INTERNAL, "going away"))
-        await sc.write(M.SessionOpened(5))
+    async def say_and_leave(reader, writer, hello):
+        await conn.write_message(writer, M.Error(code=M.E_INTERNAL, message="going away"))
+        await conn.write_message(writer, M.SessionOpened(session_id=5))
 
     with Server(say_and_leave) as srv:
         c = connect(srv)
         first, second = c.recv(5.0), c.recv(5.0)
-        assert isinstance(first, M.Error) and first.message == "going away" and second == M.SessionOpened(5)
+        assert isinstance(first, M.Error) and first.message == "going away"
+        assert second == M.SessionOpened(session_id=5)
         for _ in range(2):  # keeps reporting the closure
             with pytest.raises(ConnectionClosed):
                 c.recv(5.0)
         assert wait_for(lambda: c.closed)
         with pytest.raises(ConnectionClosed):
-            c.send(M.CloseSession(5))
+            c.send(M.CloseSession(session_id=5))
         c.close()
 
 
 def test_malformed_frame_from_the_cloud():
-    async def garble(sc, hello):
-        await sc.write(M.SessionOpened(1))
-        sc.writer.write(b"\x00\x00\x00\x02\x63\x00")
-        await sc.writer.drain()
+    async def garble(reader, writer, hello):
+        await conn.write_message(writer, M.SessionOpened(session_id=1))
+        writer.write(b"\x00\x00\x00\x02\x63\x00")
+        await writer.drain()
         await asyncio.sleep(5)
 
     with Server(garble) as srv:
         c = connect(srv)
-        assert c.recv(5.0) == M.SessionOpened(1)
+        assert c.recv(5.0) == M.SessionOpened(session_id=1)
         with pytest.raises(ProtocolError, match="malformed frame from the cloud"):
             c.recv(5.0)
         with pytest.raises(ConnectionClosed):
@@ -295,8 +300,8 @@ def test_malformed_frame_from_the_cloud():
 
 
 def test_oversized_frame_from_the_cloud_is_refused_before_reading_it():
-    async def big(sc, hello):
-        await sc.write(M.OpenSession(1, np.zeros(5000, np.int32)))
+    async def big(reader, writer, hello):
+        await conn.write_message(writer, M.OpenSession(session_id=1, prompt_ids=np.zeros(5000, np.int32)))
         await asyncio.sleep(5)
 
     with Server(big) as srv:
@@ -311,13 +316,13 @@ def test_send_after_close_and_unencodable_messages():
     with Server() as srv:
         c = connect(srv)
         with pytest.raises(ValueError):
-            c.send(M.SessionOpened(-1))
-        c.send(M.SessionOpened(1))  # the connection survived the refused message
-        assert c.recv(5.0) == M.SessionOpened(1)
+            c.send(M.SessionOpened(session_id=-1))
+        c.send(M.SessionOpened(session_id=1))  # the connection survived the refused message
+        assert c.recv(5.0) == M.SessionOpened(session_id=1)
         c.close()
         c.close()  # idempotent
         with pytest.raises(ConnectionClosed):
-            c.send(M.SessionOpened(2))
+            c.send(M.SessionOpened(session_id=2))
         with pytest.raises(ConnectionClosed):
             c.recv(1.0)
 
@@ -329,7 +334,8 @@ def test_emulated_link_preserves_order_both_ways():
     msgs = []
     for i in range(30):
         n = int(rng.integers(0, 200))
-        msgs.append(M.DraftBatch(1, 0, i, rng.integers(0, 1000, n).astype(np.int32), np.full(n, 0.5, np.float32)))
+        msgs.append(M.DraftBatch(session_id=1, epoch=0, first_pos=i, tokens=rng.integers(0, 1000, n).astype(np.int32),
+                                 probs=np.full(n, 0.5, np.float32)))
     with Server() as srv, connect(srv, link=link) as c:
         for m in msgs:
             c.send(m)
@@ -345,8 +351,8 @@ def test_emulated_link_lower_bounds():
     up = LinkProfile(1e6, delay_s=0.03, per_message_s=0.001)
     down = LinkProfile(1e6, delay_s=0.02)
     with Server() as srv, connect(srv, link=LinkEmulator(up, down)) as c:
-        msg = M.OpenSession(1, np.zeros(600, np.int32))  # ~2.5 KB: 20 ms at 1 Mbit/s each way
-        size = encoded_size(msg)
+        msg = M.OpenSession(session_id=1, prompt_ids=np.zeros(600, np.int32))  # ~2.5 KB: 20 ms at 1 Mbit/s each way
+        size = len(encode(msg))
         t0 = time.monotonic()
         c.send(msg)
         t_sent = time.monotonic()
@@ -361,15 +367,15 @@ def test_send_returns_before_delivery_and_close_flushes_the_wire():
     """The sender is free once the frame has left; propagation happens in the pacer."""
     got = []
 
-    async def record(sc, hello):
+    async def record(reader, writer, hello):
         while True:
-            got.append(await sc.read())
+            got.append(await conn.read_message(reader))
 
     link = LinkEmulator(LinkProfile(1e9, delay_s=0.3), LinkProfile(1e9))
     with Server(record) as srv:
         c = connect(srv, link=link)
-        c.send(M.CloseSession(42))
+        c.send(M.CloseSession(session_id=42))
         pending = len(c._out)  # still on the emulated wire (0.3 s of propagation left)
         c.close()  # delivers what is on the wire before closing
         assert wait_for(lambda: got)
-    assert pending == 1 and got == [M.CloseSession(42)]
+    assert pending == 1 and got == [M.CloseSession(session_id=42)]

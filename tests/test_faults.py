@@ -91,7 +91,7 @@ def _raw_client(port: int, rcvbuf: int = 0) -> socket.socket:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     s.settimeout(10)
     s.connect(("127.0.0.1", port))
-    s.sendall(encode(M.Hello(M.PROTOCOL_VERSION, TOKEN, "raw")))
+    s.sendall(encode(M.Hello(version=M.PROTOCOL_VERSION, auth_token=TOKEN, client_name="raw")))
     r = FrameReader()
     msgs: list = []
     while not msgs:
@@ -103,7 +103,8 @@ def _raw_client(port: int, rcvbuf: int = 0) -> socket.socket:
 
 
 def _batch(sid, epoch, first, toks, verify=True):
-    return M.DraftBatch(sid, epoch, first, np.array(toks, np.int32), np.full(len(toks), 0.9, np.float32), verify)
+    return M.DraftBatch(session_id=sid, epoch=epoch, first_pos=first, tokens=np.array(toks, np.int32),
+                        probs=np.full(len(toks), 0.9, np.float32), verify=verify)
 
 
 # --------------------------------------------------------------------------- replay / duplicate / stale
@@ -155,7 +156,7 @@ def test_reordered_batches_fail_that_session_only(pair, ref):
     with running_server(pair[1], auth_token=TOKEN) as (srv, url):
         c = conn.EdgeConnection.connect("127.0.0.1", _port(url), auth_token=TOKEN, tls=False)
         for sid in (1, 2):
-            c.send(M.OpenSession(sid, np.array(PROMPT, np.int32), max_new_tokens=16))
+            c.send(M.OpenSession(session_id=sid, prompt_ids=np.array(PROMPT, np.int32), max_new_tokens=16))
             assert isinstance(c.recv(10), M.SessionOpened)
         c.send(_batch(1, 0, 2, r[2:4]))  # [2, 4) overtakes [0, 2)
         c.send(_batch(1, 0, 0, r[0:2]))
@@ -217,7 +218,8 @@ def test_disconnect_with_open_sessions_frees_sessions_and_kv(pair, ref, draft2, 
             s = _raw_client(_port(url))
             r = ref[16]
             for sid in (1, 2, 3):
-                s.sendall(encode(M.OpenSession(sid, np.array(PROMPT, np.int32), max_new_tokens=16)))
+                s.sendall(encode(M.OpenSession(session_id=sid, prompt_ids=np.array(PROMPT, np.int32),
+                                               max_new_tokens=16)))
                 s.sendall(encode(_batch(sid, 0, 0, r[:4])))
             reader, verdicts = FrameReader(), 0
             while verdicts < 3:
@@ -245,7 +247,7 @@ def test_disconnect_with_open_sessions_frees_sessions_and_kv(pair, ref, draft2, 
 
 def test_vanishing_during_the_handshake(pair):
     with running_server(pair[1], auth_token=TOKEN, handshake_timeout_s=2.0) as (srv, url):
-        f = encode(M.Hello(M.PROTOCOL_VERSION, TOKEN, "x"))
+        f = encode(M.Hello(version=M.PROTOCOL_VERSION, auth_token=TOKEN, client_name="x"))
         for cut in (0, 3, len(f) // 2):
             with socket.create_connection(("127.0.0.1", _port(url)), timeout=10) as s:
                 s.sendall(f[:cut])
@@ -293,15 +295,17 @@ def test_a_failing_session_does_not_fail_the_others_in_its_launch(pair, ref, mon
     r = ref[16]
     with running_server(pair[1], auth_token=TOKEN, verify_pad_s=0.3) as (srv, url):
         c = conn.EdgeConnection.connect("127.0.0.1", _port(url), auth_token=TOKEN, tls=False)
-        c.send(M.OpenSession(1, np.array(PROMPT, np.int32), max_new_tokens=16))  # keeps the verifier busy
-        c.send(M.OpenSession(2, np.array(PROMPT, np.int32), temperature=1e-40, max_new_tokens=16))
-        c.send(M.OpenSession(3, np.array(PROMPT, np.int32), max_new_tokens=16))
+        prompt = np.array(PROMPT, np.int32)
+        c.send(M.OpenSession(session_id=1, prompt_ids=prompt, max_new_tokens=16))  # keeps the verifier busy
+        c.send(M.OpenSession(session_id=2, prompt_ids=prompt, temperature=1e-40, max_new_tokens=16))
+        c.send(M.OpenSession(session_id=3, prompt_ids=prompt, max_new_tokens=16))
         assert all(isinstance(c.recv(10), M.SessionOpened) for _ in range(3))
         q = (np.arange(4, dtype=np.int32)[None].repeat(2, 0), np.full((2, 4), 0.25, np.float32))
         c.send(_batch(1, 0, 0, r[:2]))
         _wait(lambda: any(x.busy for k in list(srv._clients) for x in list(k.sessions.values())),
               what="the first verification to start")
-        c.send(M.DraftBatch(2, 0, 0, np.array(r[:2], np.int32), np.ones(2, np.float32), True, False, *q))
+        c.send(M.DraftBatch(session_id=2, epoch=0, first_pos=0, tokens=np.array(r[:2], np.int32),
+                            probs=np.ones(2, np.float32), verify=True, q_ids=q[0], q_probs=q[1]))
         c.send(_batch(3, 0, 0, r[:6]))
         got = {}
         deadline = time.monotonic() + 30

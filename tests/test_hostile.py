@@ -63,7 +63,7 @@ def _bounded_decode(body: bytes, tag: int):
        ints=st.lists(st.integers(-2**31, 2**31 - 1), max_size=24), floats=st.lists(FLOATS, max_size=24),
        tail=st.binary(max_size=8))
 def test_structured_draft_frames(flags, sent_at, n, k, ints, floats, tail):
-    head = codec._DRAFT.pack(7, 1, 3, flags, sent_at, n, k) + b"\0" * codec._DRAFT_PAD
+    head = codec.SCHEMAS[M.DraftBatch].head.pack(7, 1, 3, flags, sent_at, n, k)  # padding included
     arrays = np.array(ints, "<i4").tobytes() + np.array(floats, "<f4").tobytes()
     msg = _bounded_decode(head + arrays + tail, M.T_DRAFT)
     if msg is None:
@@ -73,7 +73,7 @@ def test_structured_draft_frames(flags, sent_at, n, k, ints, floats, tail):
     assert len(msg.tokens) == len(msg.probs) == n and (n == 0 or msg.tokens.min() >= 0)
     assert np.all((msg.probs >= 0) & (msg.probs <= 1 + codec.PROB_SLACK))
     if msg.q_ids is not None:
-        assert msg.q_ids.shape == msg.q_probs.shape == (n, k) and 1 <= k <= codec.MAX_Q_WIDTH
+        assert msg.q_ids.shape == msg.q_probs.shape == (n - msg.hint, k) and 1 <= k <= codec.MAX_Q_WIDTH
         assert np.all(np.isfinite(msg.q_probs)) and (n == 0 or msg.q_ids.min() >= 0)
         assert np.all(np.abs(msg.q_probs.sum(1, dtype=np.float64) - 1) <= codec.Q_SUM_TOL)
 
@@ -83,7 +83,7 @@ def test_structured_draft_frames(flags, sent_at, n, k, ints, floats, tail):
        top_p=st.floats(allow_nan=True, allow_infinity=True), min_p=st.floats(allow_nan=True, allow_infinity=True),
        n=COUNT, ids=st.lists(st.integers(-2**31, 2**31 - 1), max_size=8), fp=st.binary(max_size=8))
 def test_structured_open_frames(temp, top_k, top_p, min_p, n, ids, fp):
-    head = codec._OPEN.pack(1, temp, top_k, top_p, min_p, 5, 16, n) + b"\0" * codec._OPEN_PAD
+    head = codec.SCHEMAS[M.OpenSession].head.pack(1, temp, top_k, top_p, min_p, 5, 16, n)
     body = head + np.array(ids, "<i4").tobytes() + struct.pack("<H", len(fp)) + fp
     msg = _bounded_decode(body, M.T_OPEN)
     if msg is None:
@@ -95,7 +95,7 @@ def test_structured_open_frames(temp, top_k, top_p, min_p, n, ids, fp):
 
 def test_dense_q_with_no_tokens_allocates_nothing():
     """Found by these properties: an empty dense-q batch of width 2**20 built a 4 MiB arange."""
-    body = codec._DRAFT.pack(1, 0, 0, codec.F_HAS_Q | codec.F_Q_DENSE, 0.0, 0, 2**20) + b"\0" * codec._DRAFT_PAD
+    body = codec.SCHEMAS[M.DraftBatch].head.pack(1, 0, 0, codec.F_HAS_Q | codec.F_Q_DENSE, 0.0, 0, 2**20)
     msg = _bounded_decode(body, M.T_DRAFT)
     assert msg is not None and msg.q_ids.shape == (0, 2**20)
     assert codec.decode_frame(codec.encode(msg)).q_ids.shape == (0, 2**20)  # still round-trips
@@ -133,23 +133,30 @@ def hostile_drafts(draw):
         qp = np.array(draw(st.lists(FLOATS, min_size=n * k, max_size=n * k)), np.float32).reshape(n, k)
         if draw(st.booleans()):  # a proper distribution, to reach the server's own checks
             qp = np.full((n, k), 1.0 / k, np.float32)
-    return M.DraftBatch(draw(SIDS), draw(st.integers(0, 3)), draw(st.sampled_from([0, 1, 5, 63, 2**31])), toks, probs,
-                        draw(st.booleans()), draw(st.booleans()), qi, qp, draw(st.floats(0, 1e9)))
+    return M.DraftBatch(session_id=draw(SIDS), epoch=draw(st.integers(0, 3)),
+                        first_pos=draw(st.sampled_from([0, 1, 5, 63, 2**31])), tokens=toks, probs=probs,
+                        verify=draw(st.booleans()), q_ids=qi, q_probs=qp, sent_at=draw(st.floats(0, 1e9)))
 
 
-hostile_opens = st.builds(
-    M.OpenSession, SIDS, st.lists(TOKS, min_size=0, max_size=6).map(lambda x: np.array(x, np.int32)),
-    st.sampled_from([0.0, 0.0, 0.7, 1e-40, 1e-7, 1e30]), st.integers(0, 100), st.sampled_from([1.0, 0.5, 1e-9]),
-    st.sampled_from([0.0, 0.2, 0.999]), st.integers(0, 2**64 - 1), st.sampled_from(["", "other-tokenizer"]),
-    st.sampled_from([0, 1, 8, 2**32 - 1]))
+hostile_opens = st.builds(M.OpenSession, session_id=SIDS,
+                          prompt_ids=st.lists(TOKS, min_size=0, max_size=6).map(lambda x: np.array(x, np.int32)),
+                          temperature=st.sampled_from([0.0, 0.0, 0.7, 1e-40, 1e-7, 1e30]), top_k=st.integers(0, 100),
+                          top_p=st.sampled_from([1.0, 0.5, 1e-9]), min_p=st.sampled_from([0.0, 0.2, 0.999]),
+                          seed=st.integers(0, 2**64 - 1),
+                          tokenizer_fingerprint=st.sampled_from(["", "other-tokenizer"]),
+                          max_new_tokens=st.sampled_from([0, 1, 8, 2**32 - 1]))
 wrong_direction = st.one_of(
-    st.builds(M.Hello, st.integers(0, 3), st.just(TOKEN)),
-    st.builds(M.HelloAck, st.just(1), st.just("x"), st.just(VOCAB), st.just(""), st.just(1), st.just(1), st.just(1)),
-    st.builds(M.Verdict, SIDS, st.just(0), st.just(0), st.just(1), st.just(1), st.just(-1), st.just(False),
-              st.just(1)),
-    st.builds(M.SessionOpened, SIDS), st.builds(M.Error, st.integers(0, 9), st.just("?"), st.just(-1)))
+    st.builds(M.Hello, version=st.integers(0, 3), auth_token=st.just(TOKEN)),
+    st.builds(M.HelloAck, version=st.just(1), server_name=st.just("x"), vocab_size=st.just(VOCAB),
+              tokenizer_fingerprint=st.just(""), max_sessions=st.just(1), max_prompt_tokens=st.just(1),
+              max_draft_in_flight=st.just(1)),
+    st.builds(M.Verdict, session_id=SIDS, epoch=st.just(0), start_pos=st.just(0), end_pos=st.just(1),
+              accepted=st.just(1), token=st.just(-1), rejected=st.just(False), verified_len=st.just(1)),
+    st.builds(M.SessionOpened, session_id=SIDS), st.builds(M.Error, code=st.integers(0, 9), message=st.just("?"),
+                                                session_id=st.just(-1)))
 hostile_frames = st.one_of(hostile_drafts().map(codec.encode), hostile_opens.map(codec.encode),
-                           st.builds(M.CloseSession, SIDS).map(codec.encode), wrong_direction.map(codec.encode),
+                           st.builds(M.CloseSession, session_id=SIDS).map(codec.encode),
+                           wrong_direction.map(codec.encode),
                            # Raw frames: random payloads under a consistent length (a shorter frame
                            # would just be waited for: that is the vanish-mid-frame case of
                            # test_faults.py), lengths over the limit, the empty frame.
@@ -193,16 +200,16 @@ def _fire(att: Attacker, frames: list[bytes], opened_sids: set) -> list:
             break
     got = []
     try:
-        c.send(M.OpenSession(PROBE, np.array([1, 2], np.int32), max_new_tokens=4))
+        c.send(M.OpenSession(session_id=PROBE, prompt_ids=np.array([1, 2], np.int32), max_new_tokens=4))
         while True:
             msg = c.recv(10)
             assert msg is not None, "the server did not answer within 10 s"
             if isinstance(msg, M.SessionOpened) and msg.session_id == PROBE:
                 break
             got.append(msg)
-        c.send(M.CloseSession(PROBE))
+        c.send(M.CloseSession(session_id=PROBE))
         for sid in opened_sids:  # keep under max_sessions_per_client
-            c.send(M.CloseSession(sid))
+            c.send(M.CloseSession(session_id=sid))
     except (conn.ConnectionClosed, ProtocolError):
         got.append("closed")
     return got
@@ -215,9 +222,10 @@ def test_server_handlers_under_a_hostile_barrage(pair, server):
     ref = reference_greedy(pair[2], [5, 6, 7], 12)
     # A healthy raw client holds session 3 (a sid the attacker also uses) mid-generation.
     healthy = conn.EdgeConnection.connect("127.0.0.1", port, auth_token=TOKEN, tls=False)
-    healthy.send(M.OpenSession(3, np.array([5, 6, 7], np.int32), max_new_tokens=12))
+    healthy.send(M.OpenSession(session_id=3, prompt_ids=np.array([5, 6, 7], np.int32), max_new_tokens=12))
     assert isinstance(healthy.recv(10), M.SessionOpened)
-    healthy.send(M.DraftBatch(3, 0, 0, np.array(ref[:3], np.int32), np.ones(3, np.float32), True))
+    healthy.send(M.DraftBatch(session_id=3, epoch=0, first_pos=0, tokens=np.array(ref[:3], np.int32),
+                              probs=np.ones(3, np.float32), verify=True))
     v = healthy.recv(10)
     assert isinstance(v, M.Verdict) and v.accepted == 3
     att = Attacker(port)
@@ -246,7 +254,8 @@ def test_server_handlers_under_a_hostile_barrage(pair, server):
         att.close()
     assert seen["errors"] > 0
     # Session 3 of the healthy client is untouched: it finishes with exactly the target's tokens.
-    healthy.send(M.DraftBatch(3, 0, 3, np.array(ref[3:12], np.int32), np.ones(9, np.float32), True))
+    healthy.send(M.DraftBatch(session_id=3, epoch=0, first_pos=3, tokens=np.array(ref[3:12], np.int32),
+                              probs=np.ones(9, np.float32), verify=True))
     v = healthy.recv(10)
     # (the previous verdict's bonus equals ref[3], so the batch's first token is trimmed)
     assert isinstance(v, M.Verdict) and (v.start_pos, v.accepted, v.verified_len) == (4, 8, 12) and v.finished
@@ -261,7 +270,7 @@ def test_server_handlers_under_a_hostile_barrage(pair, server):
 def test_wrong_tokens_and_versions_are_refused(server, token, version):
     srv, url = server
     with socket.create_connection(("127.0.0.1", _port(url)), timeout=10) as s:
-        s.sendall(codec.encode(M.Hello(version, token, "x")))
+        s.sendall(codec.encode(M.Hello(version=version, auth_token=token, client_name="x")))
         r = codec.FrameReader()
         msgs = []
         while not msgs:
@@ -279,12 +288,14 @@ def test_session_of_another_client_is_invisible(server):
     a = conn.EdgeConnection.connect("127.0.0.1", _port(url), auth_token=TOKEN, tls=False)
     b = conn.EdgeConnection.connect("127.0.0.1", _port(url), auth_token=TOKEN, tls=False)
     for c in (a, b):
-        c.send(M.OpenSession(4, np.array([1, 2], np.int32), max_new_tokens=8))
+        c.send(M.OpenSession(session_id=4, prompt_ids=np.array([1, 2], np.int32), max_new_tokens=8))
         assert isinstance(c.recv(10), M.SessionOpened)
-    b.send(M.DraftBatch(4, 0, 0, np.array([999], np.int32), np.ones(1, np.float32), True))  # b breaks its own 4
+    b.send(M.DraftBatch(session_id=4, epoch=0, first_pos=0, tokens=np.array([999], np.int32),
+                        probs=np.ones(1, np.float32), verify=True))  # b breaks its own 4
     assert isinstance(b.recv(10), M.Error)
-    b.send(M.CloseSession(4))
-    a.send(M.DraftBatch(4, 0, 0, np.array([1], np.int32), np.ones(1, np.float32), True))  # a's 4 lives on
+    b.send(M.CloseSession(session_id=4))
+    a.send(M.DraftBatch(session_id=4, epoch=0, first_pos=0, tokens=np.array([1], np.int32),
+                        probs=np.ones(1, np.float32), verify=True))  # a's 4 lives on
     assert isinstance(a.recv(10), M.Verdict)
     a.close()
     b.close()
@@ -294,7 +305,7 @@ def test_tiny_temperature_is_refused(server):
     """1e-40 passes SamplingParams (finite, >= 0) but logits / 1e-40 overflow to inf: refused at open."""
     srv, url = server
     c = conn.EdgeConnection.connect("127.0.0.1", _port(url), auth_token=TOKEN, tls=False)
-    c.send(M.OpenSession(1, np.array([1, 2], np.int32), temperature=1e-40))
+    c.send(M.OpenSession(session_id=1, prompt_ids=np.array([1, 2], np.int32), temperature=1e-40))
     e = c.recv(10)
     assert isinstance(e, M.Error) and e.code == M.E_BAD_FIELD and "temperature" in e.message
     c.close()
@@ -327,10 +338,11 @@ def test_token_bucket_throttles_without_refusing(pair):
     ref = reference_greedy(pair[2], [1, 2, 3], 40)
     with running_server(pair[1], auth_token=TOKEN, max_tokens_per_s=400.0, tokens_burst=16) as (srv, url):
         c = conn.EdgeConnection.connect("127.0.0.1", _port(url), auth_token=TOKEN, tls=False)
-        c.send(M.OpenSession(1, np.array([1, 2, 3], np.int32), max_new_tokens=40))
+        c.send(M.OpenSession(session_id=1, prompt_ids=np.array([1, 2, 3], np.int32), max_new_tokens=40))
         assert isinstance(c.recv(10), M.SessionOpened)
         for i in range(0, 40, 10):  # 40 tokens against a burst of 16: the rest waits for the bucket
-            c.send(M.DraftBatch(1, 0, i, np.array(ref[i:i + 10], np.int32), np.ones(10, np.float32), i == 30))
+            c.send(M.DraftBatch(session_id=1, epoch=0, first_pos=i, tokens=np.array(ref[i:i + 10], np.int32),
+                                probs=np.ones(10, np.float32), verify=i == 30))
         v = c.recv(30)
         assert isinstance(v, M.Verdict) and v.accepted == 40 and v.finished
         assert srv.stats.throttled_s > 0 and srv.stats.protocol_errors == 0
@@ -342,10 +354,12 @@ def test_inflight_bytes_and_connection_limits(pair):
         port = _port(url)
         a = conn.EdgeConnection.connect("127.0.0.1", port, auth_token=TOKEN, tls=False)
         for sid in (1, 2):
-            a.send(M.OpenSession(sid, np.array([1, 2], np.int32), max_new_tokens=64))
+            a.send(M.OpenSession(session_id=sid, prompt_ids=np.array([1, 2], np.int32), max_new_tokens=64))
             assert isinstance(a.recv(10), M.SessionOpened)
-        a.send(M.DraftBatch(1, 0, 0, np.ones(10, np.int32), np.ones(10, np.float32)))  # 80 bytes held
-        a.send(M.DraftBatch(2, 0, 0, np.ones(5, np.int32), np.ones(5, np.float32)))  # +40 > 100: refused
+        a.send(M.DraftBatch(session_id=1, epoch=0, first_pos=0, tokens=np.ones(10, np.int32),
+                            probs=np.ones(10, np.float32)))  # 80 bytes held
+        a.send(M.DraftBatch(session_id=2, epoch=0, first_pos=0, tokens=np.ones(5, np.int32),
+                            probs=np.ones(5, np.float32)))  # +40 > 100: refused
         e = a.recv(10)
         assert isinstance(e, M.Error) and e.code == M.E_LIMIT and e.session_id == 2
         assert "max_inflight_bytes_per_client" in e.message
@@ -354,7 +368,8 @@ def test_inflight_bytes_and_connection_limits(pair):
             conn.EdgeConnection.connect("127.0.0.1", port, auth_token=TOKEN, tls=False)
         assert ex.value.code == M.E_LIMIT and "connections" in str(ex.value)
         assert srv.stats.clients_refused == 1
-        a.send(M.DraftBatch(1, 0, 10, np.ones(0, np.int32), np.ones(0, np.float32), True))  # session 1 still fine
+        a.send(M.DraftBatch(session_id=1, epoch=0, first_pos=10, tokens=np.ones(0, np.int32),
+                            probs=np.ones(0, np.float32), verify=True))  # session 1 still fine
         assert isinstance(a.recv(10), M.Verdict)
         a.close()
         b.close()

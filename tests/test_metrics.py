@@ -126,12 +126,12 @@ def test_cloud_sessions_open_while_a_session_is_open():
         reg = CollectorRegistry()
         reg.register(CloudCollector(server))
         with EdgeClient(url, draft) as client:
-            client.conn.send(M.OpenSession(7, np.asarray([1, 2, 3], dtype=np.int32)))
+            client.conn.send(M.OpenSession(session_id=7, prompt_ids=np.asarray([1, 2, 3], dtype=np.int32)))
             msg = client.conn.recv(10.0)
             assert isinstance(msg, M.SessionOpened) and msg.session_id == 7
             assert reg.get_sample_value("pipesd_cloud_sessions_open") == 1
             assert reg.get_sample_value("pipesd_cloud_clients_connected") == 1
-            client.conn.send(M.CloseSession(7))
+            client.conn.send(M.CloseSession(session_id=7))
             assert _wait(lambda: reg.get_sample_value("pipesd_cloud_sessions_open") == 0)
         assert reg.get_sample_value("pipesd_cloud_sessions_opened_total") == 1
 

@@ -80,7 +80,8 @@ def test_thread_returns_to_its_namespace_and_namespaces_are_removed():
 @needs_netns
 def test_edge_connection_through_the_shaped_link():
     token = "tok"
-    info = M.HelloAck(M.PROTOCOL_VERSION, "ns-cloud", 100, "", 1, 1, 1)
+    info = M.HelloAck(version=M.PROTOCOL_VERSION, server_name="ns-cloud", vocab_size=100, tokenizer_fingerprint="",
+                      max_sessions=1, max_prompt_tokens=1, max_draft_in_flight=1)
     with NetnsLink(rate_bps=20e6, down_rate_bps=200e6) as nl:
         ready = threading.Event()
         box: dict = {}
@@ -107,7 +108,8 @@ def test_edge_connection_through_the_shaped_link():
             c = conn.EdgeConnection.connect(nl.cloud_ip, box["port"], auth_token=token)
         try:
             assert c.hello_ack.server_name == "ns-cloud"
-            msg = M.DraftBatch(1, 0, 0, np.arange(50, dtype=np.int32), np.full(50, 0.5, np.float32), True)
+            msg = M.DraftBatch(session_id=1, epoch=0, first_pos=0, tokens=np.arange(50, dtype=np.int32),
+                               probs=np.full(50, 0.5, np.float32), verify=True)
             c.send(msg)
             back = c.recv(10)
             np.testing.assert_array_equal(back.tokens, msg.tokens)

@@ -25,8 +25,8 @@ from pipesd.transport import messages as M
 from pipesd.transport.codec import HEADER, ProtocolError
 from pipesd.transport.link import LinkEmulator
 
-__all__ = ["EdgeConnection", "ConnectionClosed", "HandshakeError", "ServerConnection", "read_message",
-           "write_message", "serve_handshake", "HELLO_MAX_BYTES", "client_ssl_context", "server_ssl_context"]
+__all__ = ["EdgeConnection", "ConnectionClosed", "HandshakeError", "read_message", "write_message",
+           "serve_handshake", "HELLO_MAX_BYTES", "client_ssl_context", "server_ssl_context"]
 
 HELLO_MAX_BYTES = 4096
 """Frame limit while waiting for a Hello (before the peer is authenticated)."""
@@ -265,7 +265,7 @@ class EdgeConnection:
         closed: Optional[ConnectionClosed] = None
         try:
             try:
-                c.send(M.Hello(M.PROTOCOL_VERSION, auth_token, client_name))
+                c.send(M.Hello(version=M.PROTOCOL_VERSION, auth_token=auth_token, client_name=client_name))
             except ConnectionClosed:
                 pass  # the cloud spoke or left first: recv says why
             msg = c.recv(timeout_s)
@@ -450,17 +450,12 @@ class EdgeConnection:
 
 
 # ----------------------------------------------------------------------------- cloud side
-async def _read_payload(reader: asyncio.StreamReader, max_frame_bytes: int) -> bytes:
-    head = await reader.readexactly(HEADER.size)
-    (n,) = HEADER.unpack(head)
-    codec.check_length(n, max_frame_bytes)
-    return await reader.readexactly(n)
-
-
 async def read_message(reader: asyncio.StreamReader, max_frame_bytes: int = codec.MAX_FRAME_BYTES) -> M.Message:
     """Read one message. Raises :class:`ProtocolError` on a bad frame (the stream is then out of
     sync: answer with an Error and close) and ``asyncio.IncompleteReadError`` when the peer left."""
-    return codec.decode_payload(await _read_payload(reader, max_frame_bytes))
+    (n,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    codec.check_length(n, max_frame_bytes)  # before reading (allocating) n bytes
+    return codec.decode_payload(await reader.readexactly(n))
 
 
 async def write_message(writer: asyncio.StreamWriter, msg: M.Message) -> int:
@@ -469,40 +464,6 @@ async def write_message(writer: asyncio.StreamWriter, msg: M.Message) -> int:
     writer.write(data)
     await writer.drain()
     return len(data)
-
-
-class ServerConnection:
-    """Cloud-side wrapper of one stream pair with byte/message counters and a write lock."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 max_frame_bytes: int = codec.MAX_FRAME_BYTES) -> None:
-        self.reader, self.writer = reader, writer
-        self.max_frame_bytes = max_frame_bytes
-        self.peer = writer.get_extra_info("peername")
-        self.bytes_sent = self.bytes_received = 0
-        self.messages_sent = self.messages_received = 0
-        self._write_lock = asyncio.Lock()
-
-    async def read(self) -> M.Message:
-        """Next message (see :func:`read_message` for the errors)."""
-        payload = await _read_payload(self.reader, self.max_frame_bytes)
-        msg = codec.decode_payload(payload)
-        self.bytes_received += HEADER.size + len(payload)
-        self.messages_received += 1
-        return msg
-
-    async def write(self, msg: M.Message) -> None:
-        """Send one message; concurrent writers are serialised."""
-        data = codec.encode(msg)
-        async with self._write_lock:
-            self.writer.write(data)
-            await self.writer.drain()
-        self.bytes_sent += len(data)
-        self.messages_sent += 1
-
-    async def close(self, timeout_s: float = 2.0) -> None:
-        """Close the stream (bounded wait)."""
-        await _close(self.writer, timeout_s)
 
 
 async def _close(writer: asyncio.StreamWriter, timeout_s: float = 2.0) -> None:
@@ -547,7 +508,7 @@ async def serve_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWr
             await write_message(writer, server_info)
             return hello
     try:
-        await asyncio.wait_for(write_message(writer, M.Error(err.code, str(err))), 2.0)
+        await asyncio.wait_for(write_message(writer, M.Error(code=err.code, message=str(err))), 2.0)
     except Exception:  # the peer may already be gone; the refusal stands
         pass
     await _close(writer)

@@ -33,28 +33,41 @@ except ImportError:  # pragma: no cover - the fuzz extra is optional
 from pipesd.transport import codec
 from pipesd.transport import messages as M
 
-__all__ = ["check_input", "seed_frames", "main"]
+__all__ = ["check_input", "sample_messages", "seed_frames", "main"]
 
 
-def seed_frames() -> list[bytes]:
-    """One valid frame of every message type (and the q variants of DraftBatch)."""
+def sample_messages() -> list:
+    """One valid message of every type (and the q and hint variants of DraftBatch, a rejection
+    and a settled bonus Verdict)."""
     qi = np.array([[4, 9, 2], [1, 0, 3]], np.int32)
     qp = np.array([[0.5, 0.3, 0.2], [0.6, 0.4, 0.0]], np.float32)
     toks, probs = np.array([5, 6], np.int32), np.array([0.5, 1.0], np.float32)
-    msgs = [
-        M.Hello(1, "sekrit", "edge-1"),
-        M.HelloAck(1, "cloud", 4096, "abcd", 8, 4096, 256),
-        M.OpenSession(3, np.array([1, 2, 3], np.int32), 0.7, 40, 0.9, 0.05, 12345, "abcd", 64),
-        M.SessionOpened(3),
-        M.DraftBatch(3, 2, 17, toks, probs, True, False, qi, qp, 1.5),
-        M.DraftBatch(3, 2, 17, toks, probs, False, False, np.tile(np.arange(5, dtype=np.int32), (2, 1)),
-                     np.full((2, 5), 0.2, np.float32)),
-        M.DraftBatch(3, 0, 0, np.zeros(0, np.int32), np.zeros(0, np.float32), True, True),
-        M.Verdict(3, 2, 17, 22, 3, 99, True, 21, False, 5, 0.012, 1.5),
-        M.CloseSession(3),
-        M.Error(M.E_AUTH, "nope", -1),
+    draft = dict(session_id=3, epoch=2, first_pos=17, tokens=toks, probs=probs)
+    return [
+        M.Hello(version=1, auth_token="sekrit", client_name="edge-1"),
+        M.HelloAck(version=1, server_name="cloud", vocab_size=4096, tokenizer_fingerprint="abcd", max_sessions=8,
+                   max_prompt_tokens=4096, max_draft_in_flight=256),
+        M.OpenSession(session_id=3, prompt_ids=np.array([1, 2, 3], np.int32), temperature=0.7, top_k=40, top_p=0.9,
+                      min_p=0.05, seed=12345, tokenizer_fingerprint="abcd", max_new_tokens=64),
+        M.SessionOpened(session_id=3),
+        M.DraftBatch(**draft, verify=True, q_ids=qi, q_probs=qp, sent_at=1.5),
+        M.DraftBatch(**draft, q_ids=np.tile(np.arange(5, dtype=np.int32), (2, 1)),
+                     q_probs=np.full((2, 5), 0.2, np.float32)),
+        M.DraftBatch(**draft, verify=True, hint=True, q_ids=qi[:1], q_probs=qp[:1]),
+        M.DraftBatch(session_id=3, epoch=0, first_pos=0, tokens=np.zeros(0, np.int32), probs=np.zeros(0, np.float32),
+                     verify=True),
+        M.Verdict(session_id=3, epoch=2, start_pos=17, end_pos=22, accepted=3, token=99, rejected=True,
+                  verified_len=21, target_forwards=5, verify_s=0.012, echo_sent_at=1.5),
+        M.Verdict(session_id=3, epoch=2, start_pos=17, end_pos=17, accepted=0, token=7, rejected=False,
+                  verified_len=18, finished=True, settled=M.SETTLED_VOID, target_forwards=1),
+        M.CloseSession(session_id=3),
+        M.Error(code=M.E_AUTH, message="nope", session_id=-1),
     ]
-    return [codec.encode(m) for m in msgs]
+
+
+def seed_frames() -> list[bytes]:
+    """The frames of :func:`sample_messages`."""
+    return [codec.encode(m) for m in sample_messages()]
 
 
 def _expect_protocol_error(fn, *args):
@@ -90,12 +103,13 @@ def check_input(data: bytes) -> None:
 
 
 def _instrument_codec() -> None:
-    """Coverage for the codec's own code. ``atheris.instrument_imports`` cannot do it: running
-    ``-m pipesd.transport.fuzz_decoder`` imports the package, hence the codec, first."""
+    """Coverage for the codec's own code, the encoders and decoders generated from its schemas
+    included. ``atheris.instrument_imports`` cannot do it: running ``-m
+    pipesd.transport.fuzz_decoder`` imports the package, hence the codec, first."""
     import inspect
 
     seen = set()
-    funcs = [*vars(codec).values(), *codec._DECODERS.values()]
+    funcs = [*vars(codec).values(), *codec._DECODERS.values(), *codec._ENCODERS.values()]
     for cls in (codec._Reader, codec.FrameReader):
         funcs += list(vars(cls).values())
     for f in funcs:

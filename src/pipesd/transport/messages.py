@@ -1,5 +1,8 @@
 """The messages edge and cloud exchange. The codec (``pipesd.transport.codec``) turns them
-into length-prefixed binary frames and back, validating every field on receipt.
+into length-prefixed binary frames and back, validating every field on receipt; its
+``SCHEMAS`` give each message's wire layout and rules (rendered in ``docs/wire.md``).
+
+Messages are keyword-only dataclasses: ``Verdict(session_id=3, epoch=0, ...)``.
 
 Positions are absolute indices in the *generated* sequence (prompt excluded): position 0 is
 the first token after the prompt. Epochs count rollbacks of a session: both sides start at 0
@@ -9,12 +12,12 @@ with an older epoch is stale and dropped.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-PROTOCOL_VERSION = 2  # 2: the continuation rule (a bonus on every full acceptance)
+PROTOCOL_VERSION = 3  # 2: the continuation rule (a bonus on every full acceptance); 3: Verdict.settled, no bonus flag
 
 # Message type tags (one byte on the wire).
 T_HELLO = 1
@@ -26,8 +29,13 @@ T_VERDICT = 6
 T_CLOSE = 7
 T_ERROR = 8
 
+# Verdict.settled: what the cloud knew of the edge's draft at ``end_pos`` (the bonus position).
+SETTLED_NONE = 0  # not received yet (the edge's next batch settles it), or not a full acceptance
+SETTLED_KEPT = 1  # received and equal to the bonus: it and the drafts after it stand, epoch unchanged
+SETTLED_VOID = 2  # received and different: the drafts past the bonus are void, the epoch bumps
 
-@dataclass
+
+@dataclass(kw_only=True)
 class Hello:
     """Edge -> cloud, first frame on a connection: version and auth token."""
 
@@ -36,7 +44,7 @@ class Hello:
     client_name: str = ""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class HelloAck:
     """Cloud -> edge: accepted; what the cloud serves."""
 
@@ -49,9 +57,10 @@ class HelloAck:
     max_draft_in_flight: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OpenSession:
-    """Edge -> cloud: start a generation stream. ``mode`` is ``"greedy"`` or ``"sample"``."""
+    """Edge -> cloud: start a generation stream. ``temperature`` 0 is greedy decoding, above
+    0 sampling with ``top_k`` (0 = off), ``top_p``, ``min_p`` and ``seed``."""
 
     session_id: int
     prompt_ids: np.ndarray  # int32 [n]
@@ -64,20 +73,31 @@ class OpenSession:
     max_new_tokens: int = 256
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SessionOpened:
+    """Cloud -> edge: the session of an ``OpenSession`` is open; drafts may follow."""
+
     session_id: int
 
 
-@dataclass
+@dataclass(kw_only=True)
+class CloseSession:
+    """Edge -> cloud: the session is over (finished or abandoned); the cloud frees it, no answer."""
+
+    session_id: int
+
+
+@dataclass(kw_only=True)
 class DraftBatch:
     """Edge -> cloud: draft tokens ``[first_pos, first_pos + n)`` of one session.
 
     ``verify`` asks the cloud to verify everything pending up to the end of this batch now
-    (the trigger fired). ``bonus`` says the edge has not drafted past this batch (vanilla SD,
-    lookahead cap, target-only with ``n == 0``); informational since protocol 2, where every
-    full acceptance carries a bonus token (the continuation rule, ``pipesd.cloud.server``). ``q_ids``/``q_probs`` carry the draft's top-k truncated distribution per
-    token (sampling mode; ``q_count`` = k used), or the full-vocabulary q when ``k == V``.
+    (the trigger fired); ``n == 0`` with ``verify`` asks for the target's next token alone.
+    ``q_ids``/``q_probs`` (sampling mode) carry the draft's distribution per token, truncated
+    to its top k (``[n, k]``), or the full-vocabulary q when ``k == V``. With ``hint``,
+    ``tokens[0]`` is the edge's draft at the bonus position of its last verify request, sent
+    without q (the q arrays have ``n - 1`` rows): it is never verified, only compared with
+    that bonus (the continuation rule; the cloud verifies up to a hint, never across it).
     """
 
     session_id: int
@@ -86,27 +106,26 @@ class DraftBatch:
     tokens: np.ndarray  # int32 [n]
     probs: np.ndarray  # float32 [n], draft confidence of each token
     verify: bool = False
-    bonus: bool = False
+    hint: bool = False
     q_ids: Optional[np.ndarray] = None  # int32 [n, k] ([n - 1, k] with ``hint``)
     q_probs: Optional[np.ndarray] = None  # float32 [n, k] ([n - 1, k] with ``hint``)
     sent_at: float = 0.0  # edge clock, echoed back for RTT estimates
-    # ``tokens[0]`` is the edge's draft at the bonus position of its last verify request, sent
-    # without q: it is never verified, only compared with that bonus (the continuation rule;
-    # the cloud verifies up to a hint, never across it), so its q need not cross the wire.
-    hint: bool = False
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Verdict:
     """Cloud -> edge: outcome of verifying the pending segment ``[start_pos, end_pos)``.
 
     ``accepted`` drafts were accepted (positions ``start_pos .. start_pos+accepted-1``).
-    ``correction`` >= 0 is the target's token at ``start_pos + accepted`` (a correction after
-    a rejection, or a bonus after full acceptance); -1 means none. A correction after a
-    rejection bumps the session epoch to ``epoch + 1`` on both sides: drafts past it are void.
-    A bonus bumps it only when the edge's draft at ``end_pos`` differs from it (the
-    continuation rule). ``rejected`` says whether a draft was rejected.
-    ``verified_len`` is the session's verified length after applying this verdict.
+    ``token`` >= 0 is the target's token at ``start_pos + accepted``: a correction after a
+    rejection (``rejected``), or the bonus after full acceptance; -1 means none. A correction
+    bumps the session epoch to ``epoch + 1`` on both sides: drafts past it are void. A bonus
+    bumps it only when the edge's draft at ``end_pos`` differs from it (the continuation
+    rule); ``settled`` says what the cloud knew of that draft when it produced this verdict:
+    ``SETTLED_NONE`` (0) not received yet, the edge's next batch settles it; ``SETTLED_KEPT``
+    (1) received and equal to the bonus, kept, epoch unchanged; ``SETTLED_VOID`` (2) received
+    and different, void, the epoch bumps. It is 0 for anything but a full acceptance with a
+    bonus. ``verified_len`` is the session's verified length after applying this verdict.
     """
 
     session_id: int
@@ -114,21 +133,17 @@ class Verdict:
     start_pos: int
     end_pos: int
     accepted: int
-    correction: int
+    token: int
     rejected: bool
     verified_len: int
     finished: bool = False  # EOS verified or max_new_tokens reached
+    settled: int = SETTLED_NONE
     target_forwards: int = 0  # target token-forwards spent on this verification
     verify_s: float = 0.0  # cloud time spent (forward + kernel)
     echo_sent_at: float = 0.0
 
 
-@dataclass
-class CloseSession:
-    session_id: int
-
-
-@dataclass
+@dataclass(kw_only=True)
 class Error:
     """Either way. ``session_id`` -1: connection-level (the connection is closed after it)."""
 
