@@ -21,7 +21,7 @@ import weakref
 import numpy as np
 import pytest
 
-from pipesd.cloud import server as cloud_server
+from pipesd.cloud import sessions as cloud_sessions
 from pipesd.edge import EdgeClient, EdgeConfig
 from pipesd.models.runners import _cache_kvs
 from pipesd.transport import conn
@@ -291,7 +291,7 @@ def test_a_failing_session_does_not_fail_the_others_in_its_launch(pair, ref, mon
     """A session whose logits overflow (temperature 1e-40, refused since; forced here) was
     batched with healthy sessions: the launch failed and every session in it got E_INTERNAL.
     Now the launch is retried session by session: only the bad one fails."""
-    monkeypatch.setattr(cloud_server, "MIN_TEMPERATURE", 0.0)
+    monkeypatch.setattr(cloud_sessions, "MIN_TEMPERATURE", 0.0)  # where sessions are opened
     r = ref[16]
     with running_server(pair[1], auth_token=TOKEN, verify_pad_s=0.3) as (srv, url):
         c = conn.EdgeConnection.connect("127.0.0.1", _port(url), auth_token=TOKEN, tls=False)

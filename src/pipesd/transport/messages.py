@@ -30,9 +30,7 @@ T_CLOSE = 7
 T_ERROR = 8
 
 # Verdict.settled: what the cloud knew of the edge's draft at ``end_pos`` (the bonus position).
-SETTLED_NONE = 0  # not received yet (the edge's next batch settles it), or not a full acceptance
-SETTLED_KEPT = 1  # received and equal to the bonus: it and the drafts after it stand, epoch unchanged
-SETTLED_VOID = 2  # received and different: the drafts past the bonus are void, the epoch bumps
+from pipesd.protocol.common import SETTLED_KEPT, SETTLED_NONE, SETTLED_VOID  # noqa: E402  (defined with the rule)
 
 
 @dataclass(kw_only=True)

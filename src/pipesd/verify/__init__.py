@@ -200,7 +200,7 @@ def _params(B: int, device, sample_mode: bool, temperature, top_k, top_p, min_p,
     return t, k, p, mp
 
 
-def _check_q(q_ids, q_probs, lead: tuple, V: int, device, checks: _Checks):
+def _check_q(q_ids, q_probs, lead: tuple, device):
     """Validate the draft's top-k q (ids, probs) ``[*lead, kq]``; returns (ids int64, probs fp32)."""
     if q_ids is None or q_probs is None:
         raise ValueError("draft_topk_ids/draft_topk_probs: required in sample mode (the draft's top-k q)")
@@ -421,7 +421,7 @@ def verify_chain(
     knobs = _knobs(B, dev, sample_mode, checks, temperature, top_k, top_p, min_p, bonus)
     q_ids = q_probs = None
     if sample_mode:
-        q_ids, q_probs = _check_q(draft_topk_ids, draft_topk_probs, (B, K), V, dev, checks)
+        q_ids, q_probs = _check_q(draft_topk_ids, draft_topk_probs, (B, K), dev)
         _check_q_rows(q_ids, q_probs, live, V, checks)
         inq = ((q_ids == draft[..., None]) & (q_probs > 0)).any(-1)
         checks.add(live & ~inq, "draft_topk_ids: each draft token must be in its q ids with probability > 0")
@@ -485,7 +485,7 @@ def verify_tree(
     has_child = torch.zeros(B, N, dtype=torch.int64, device=dev).scatter_add_(1, parc, live.long()) > 0
     q_ids = q_probs = None
     if sample_mode:
-        q_ids, q_probs = _check_q(draft_topk_ids, draft_topk_probs, (B, N), V, dev, checks)
+        q_ids, q_probs = _check_q(draft_topk_ids, draft_topk_probs, (B, N), dev)
         _check_q_rows(q_ids, q_probs, has_child, V, checks)
         pid = q_ids.gather(1, parc[..., None].expand(-1, -1, q_ids.shape[-1]))
         pp = q_probs.gather(1, parc[..., None].expand(-1, -1, q_ids.shape[-1]))

@@ -1,0 +1,155 @@
+"""The cloud's sessions: opening (validated), draft batches into the protocol, closing.
+
+A :class:`Session` pairs the protocol state (:class:`pipesd.protocol.CloudSession`: positions,
+epoch, pending drafts, hints, the continuation rule) with what the model needs (the target's
+KV-cache session, sampling parameters, the session's RNG). The :class:`SessionStore` checks
+every field the protocol does not (token ids, q shapes, limits) and owns the counts.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from pipesd.protocol import CloudSession, ProtocolViolation
+from pipesd.sampling import SamplingParams
+from pipesd.transport import codec
+from pipesd.transport import messages as M
+
+log = logging.getLogger("pipesd.cloud")
+
+__all__ = ["MIN_TEMPERATURE", "Session", "SessionStore"]
+
+MIN_TEMPERATURE = 1e-6
+"""Smallest non-zero sampling temperature a session may ask for: logits / 1e-38 overflow float32
+to inf and NaN probabilities. Use 0 for greedy."""
+
+_VIOLATION_CODE = {"field": M.E_BAD_FIELD, "limit": M.E_LIMIT}
+
+
+@dataclass(eq=False)
+class Session:
+    sid: int
+    client: object  # cloud.connection.ClientConn
+    tsession: object  # pipesd.models.TargetSession
+    params: SamplingParams
+    generator: torch.Generator
+    proto: CloudSession
+    queued: bool = False  # in the verifier's ready queue (at most once)
+    closed: bool = False
+
+    @property
+    def busy(self) -> bool:
+        return self.proto.busy
+
+    @property
+    def generated(self) -> list:
+        return self.proto.generated
+
+
+class SessionStore:
+    """Open sessions across clients, and the per-session checks of every frame."""
+
+    def __init__(self, target, config, stats, fingerprint: str, eos_id: Optional[int],
+                 release: Callable[[Session], None]) -> None:
+        self.target, self.config, self.stats = target, config, stats
+        self.fingerprint, self.eos_id = fingerprint, eos_id
+        self.vocab_size = int(target.vocab_size)
+        self.release = release  # frees a session's KV cache on the verifier thread
+        self.count = 0
+
+    def open(self, client, msg: M.OpenSession) -> Optional[Session]:
+        """A new session, or None when over the limits (the client gets E_LIMIT)."""
+        cfg, sid = self.config, msg.session_id
+        if sid in client.sessions:
+            raise codec.ProtocolError(M.E_BAD_FIELD, f"session {sid} is already open on this connection")
+        if len(client.sessions) >= cfg.max_sessions_per_client or self.count >= cfg.max_sessions:
+            client.send(M.Error(code=M.E_LIMIT, message="too many sessions", session_id=sid))
+            return None
+        prompt = np.asarray(msg.prompt_ids)
+        if len(prompt) == 0 or len(prompt) > cfg.max_prompt_tokens:
+            raise codec.ProtocolError(M.E_LIMIT, f"prompt length {len(prompt)} outside [1, {cfg.max_prompt_tokens}]")
+        codec.check_token_ids(prompt, self.vocab_size, "prompt token ids")
+        if msg.tokenizer_fingerprint and self.fingerprint and msg.tokenizer_fingerprint != self.fingerprint:
+            raise codec.ProtocolError(M.E_TOKENIZER, "tokenizer fingerprint differs from the cloud's: "
+                                      f"edge {msg.tokenizer_fingerprint}, cloud {self.fingerprint}")
+        params = self._params(msg)
+        if not (1 <= msg.max_new_tokens <= cfg.max_new_tokens):
+            raise codec.ProtocolError(M.E_LIMIT, f"max_new_tokens {msg.max_new_tokens} outside [1, {cfg.max_new_tokens}]")
+        gen = torch.Generator()
+        gen.manual_seed(int(msg.seed))
+        proto = CloudSession(int(msg.max_new_tokens), self.eos_id, cfg.max_draft_in_flight)
+        s = Session(sid, client, self.target.new_session([int(t) for t in prompt]), params, gen, proto)
+        client.sessions[sid] = s
+        self.count += 1
+        self.stats.sessions_opened += 1
+        self.stats.sessions_open = self.count
+        log.info("session %d opened by %s: %d prompt tokens, up to %d new", sid, client.peer, len(prompt),
+                 msg.max_new_tokens, extra={"session": sid, "peer": client.peer})
+        return s
+
+    @staticmethod
+    def _params(msg: M.OpenSession) -> SamplingParams:
+        try:
+            params = SamplingParams(float(msg.temperature), int(msg.top_k), float(msg.top_p), float(msg.min_p),
+                                    int(msg.seed))
+        except ValueError as e:
+            raise codec.ProtocolError(M.E_BAD_FIELD, str(e)) from None
+        if 0.0 < params.temperature < MIN_TEMPERATURE:
+            raise codec.ProtocolError(M.E_BAD_FIELD, f"temperature {params.temperature} is below {MIN_TEMPERATURE} "
+                                                     "(use 0 for greedy)")
+        return params
+
+    def close(self, s: Session) -> None:
+        if s.closed:
+            return
+        s.closed = True
+        log.info("session %d closed: %d tokens verified", s.sid, len(s.generated), extra={"session": s.sid})
+        s.client.sessions.pop(s.sid, None)
+        s.client.inflight_bytes -= s.proto.pending.total_bytes
+        s.proto.pending.clear()  # a verification in flight holds its own copy
+        self.count -= 1
+        self.stats.sessions_open = self.count
+        if not s.busy:
+            self.release(s)
+
+    def on_draft(self, client, b: M.DraftBatch) -> Optional[Session]:
+        """Check a batch and hand it to the protocol; returns the session when it asks to verify."""
+        s = client.sessions.get(b.session_id)
+        if s is None:
+            raise codec.ProtocolError(M.E_UNKNOWN_SESSION, f"unknown session {b.session_id}")
+        n = len(b.tokens)
+        per_token = self._check_draft(s, b) if n else 8
+        limit = self.config.max_inflight_bytes_per_client
+        if client.inflight_bytes + n * per_token > limit:
+            raise codec.ProtocolError(M.E_LIMIT, f"more than {limit} bytes of drafts awaiting verification "
+                                                 "on this connection (max_inflight_bytes_per_client)")
+        held = s.proto.pending.total_bytes
+        qi, qp = (b.q_ids, b.q_probs) if not s.params.greedy else (None, None)
+        try:
+            res = s.proto.on_batch(b.epoch, b.first_pos, b.tokens, qi, qp, verify=b.verify, hint=b.hint,
+                                   sent_at=b.sent_at, nbytes=per_token)
+        except ProtocolViolation as e:
+            raise codec.ProtocolError(_VIOLATION_CODE[e.kind], str(e)) from None
+        client.inflight_bytes += s.proto.pending.total_bytes - held
+        if res in ("stale", "settled"):
+            self.stats.stale_batches += 1
+        elif res == "duplicate":
+            self.stats.duplicate_batches += 1
+        return s if res == "taken" and b.verify else None
+
+    def _check_draft(self, s: Session, b: M.DraftBatch) -> int:
+        """Token ids and (sampling) q rows; returns the wire bytes each draft holds."""
+        codec.check_token_ids(b.tokens, self.vocab_size, "draft token ids")
+        if s.params.greedy:
+            return 8  # token + prob
+        rows = len(b.tokens) - (1 if b.hint else 0)  # a hint carries no q
+        if rows and (b.q_ids is None or b.q_probs is None):
+            raise codec.ProtocolError(M.E_BAD_FIELD, "sampling mode needs the draft's q (q_ids, q_probs)")
+        if b.q_ids is None:
+            return 8
+        codec.check_token_ids(b.q_ids, self.vocab_size, "q ids")
+        return 8 + 8 * int(np.asarray(b.q_ids).shape[1])
