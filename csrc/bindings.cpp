@@ -99,8 +99,10 @@ class PyRing {
           ids_(ring_.capacity() * std::max<std::size_t>(1, k_)),
           probs_(ring_.capacity() * std::max<std::size_t>(1, k_)) {}
 
-    bool push(int64_t pos, int32_t token, float prob, const py::object& ids_o, const py::object& probs_o) {
-        if (ids_o.is_none() && probs_o.is_none()) return ring_.push(pos, token, prob, nullptr, nullptr, 0);
+    bool push(int64_t pos, int32_t token, float prob, const py::object& ids_o, const py::object& probs_o,
+              uint32_t flags) {
+        if (ids_o.is_none() && probs_o.is_none())
+            return ring_.push(pos, token, prob, nullptr, nullptr, 0, flags);
         if (ids_o.is_none() || probs_o.is_none()) throw py::value_error("topk_ids and topk_probs must be given together");
         auto a = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(ids_o);
         if (!a || a.ndim() != 1) {
@@ -118,7 +120,25 @@ class PyRing {
         if (static_cast<std::size_t>(a.shape(0)) > k_)
             throw py::value_error("topk_ids has " + std::to_string(a.shape(0)) + " entries, more than topk_max (" +
                                   std::to_string(k_) + ")");
-        return ring_.push(pos, token, prob, a.data(), b.data(), static_cast<int>(a.shape(0)));
+        return ring_.push(pos, token, prob, a.data(), b.data(), static_cast<int>(a.shape(0)), flags);
+    }
+
+    // push as a callable without `self`, bound to this ring (pipesd.ring.TokenRing calls it).
+    // Why: pybind11 keeps a call's arguments in a small vector with inline room for 6
+    // (pybind11 3.x arg_vector_small_size); the method push has 7 with self and heap-allocates
+    // on every call (+~35 ns, a third of a push). Six arguments fit, and the caller skips the
+    // self -> PyRing* conversion. The closure holds a reference to the ring object, so `r`
+    // cannot dangle.
+    static py::cpp_function make_pusher(py::object self) {
+        PyRing* r = self.cast<PyRing*>();
+        return py::cpp_function(
+            [r, keep = std::move(self)](int64_t pos, int32_t token, float prob, const py::object& ids_o,
+                                        const py::object& probs_o, uint32_t flags) {
+                (void)keep;
+                return r->push(pos, token, prob, ids_o, probs_o, flags);
+            },
+            py::name("push"), py::arg("position"), py::arg("token"), py::arg("prob"),
+            py::arg("topk_ids") = py::none(), py::arg("topk_probs") = py::none(), py::arg("flags") = 0u);
     }
 
     py::object pop_batch(long long max_n, double timeout_s) {
@@ -139,14 +159,14 @@ class PyRing {
         ConsumerGuard guard(busy_);
         if (ring_.pop_into(1, recs_.data(), ids_.data(), probs_.data()) == 0) return py::none();
         const TokenRecord& r = recs_[0];
-        const auto cnt = static_cast<py::ssize_t>(r.topk_count);
-        py::array_t<int32_t> ids(cnt);
-        py::array_t<float> probs(cnt);
+        const Py_intptr_t cnt = r.topk_count;
+        auto ids = new_array<int32_t>(1, &cnt);
+        auto probs = new_array<float>(1, &cnt);
         if (cnt > 0) {
             std::memcpy(ids.mutable_data(), ids_.data(), sizeof(int32_t) * cnt);
             std::memcpy(probs.mutable_data(), probs_.data(), sizeof(float) * cnt);
         }
-        return py::make_tuple(r.position, r.token, r.prob, r.epoch, ids, probs);
+        return py::make_tuple(r.position, r.token, r.prob, r.epoch, ids, probs, r.flags);
     }
 
     TokenRing& ring() { return ring_; }
@@ -164,32 +184,46 @@ class PyRing {
         ~ConsumerGuard() { f.store(false, std::memory_order_release); }
     };
 
+    // A new C-contiguous numpy array straight from the numpy C API. py::array_t(shape) builds
+    // std::vector shape and strides on the heap for every array; pop_batch makes eight per
+    // call, so this saves a measurable share of a small pop (see docs/native.md).
+    template <class T>
+    static py::array_t<T> new_array(int nd, const Py_intptr_t* dims) {
+        auto& api = py::detail::npy_api::get();
+        // NewFromDescr steals the descriptor reference: hand it one of its own.
+        PyObject* a = api.PyArray_NewFromDescr_(api.PyArray_Type_, py::dtype::of<T>().release().ptr(), nd, dims,
+                                                nullptr, nullptr, 0, nullptr);
+        if (!a) throw py::error_already_set();
+        return py::reinterpret_steal<py::array_t<T>>(a);
+    }
+
     py::tuple pack(std::size_t n) {
-        const auto sn = static_cast<py::ssize_t>(n);
-        const auto sk = static_cast<py::ssize_t>(k_);
-        py::array_t<int64_t> position(sn);
-        py::array_t<int32_t> token(sn), count(sn);
-        py::array_t<float> prob(sn);
-        py::array_t<uint32_t> epoch(sn);
-        py::array_t<int32_t> tid({sn, sk});
-        py::array_t<float> tpr({sn, sk});
+        const Py_intptr_t dims[2] = {static_cast<Py_intptr_t>(n), static_cast<Py_intptr_t>(k_)};
+        auto position = new_array<int64_t>(1, dims);
+        auto token = new_array<int32_t>(1, dims), count = new_array<int32_t>(1, dims);
+        auto prob = new_array<float>(1, dims);
+        auto epoch = new_array<uint32_t>(1, dims), flags = new_array<uint32_t>(1, dims);
+        auto tid = new_array<int32_t>(2, dims);
+        auto tpr = new_array<float>(2, dims);
         int64_t* P = position.mutable_data();
         int32_t* T = token.mutable_data();
         int32_t* C = count.mutable_data();
         float* Q = prob.mutable_data();
         uint32_t* E = epoch.mutable_data();
+        uint32_t* F = flags.mutable_data();
         for (std::size_t i = 0; i < n; ++i) {
             P[i] = recs_[i].position;
             T[i] = recs_[i].token;
             Q[i] = recs_[i].prob;
             E[i] = recs_[i].epoch;
             C[i] = recs_[i].topk_count;
+            F[i] = recs_[i].flags;
         }
         if (k_ > 0 && n > 0) {
             std::memcpy(tid.mutable_data(), ids_.data(), sizeof(int32_t) * n * k_);
             std::memcpy(tpr.mutable_data(), probs_.data(), sizeof(float) * n * k_);
         }
-        return py::make_tuple(position, token, prob, epoch, tid, tpr, count);
+        return py::make_tuple(position, token, prob, epoch, tid, tpr, count, flags);
     }
 
     TokenRing ring_;
@@ -201,10 +235,15 @@ class PyRing {
 };
 
 // Producer and consumer std::threads through one ring. Record i carries position i, token
-// 7*i, topk_count i % (topk+1) with ids i+j and probs j; with bump_every > 0 the producer
-// bumps the epoch after every bump_every pushes, so record i must carry epoch
-// i / bump_every. The consumer checks order (strictly increasing positions; consecutive when
-// nothing is bumped), payload, padding and epochs; delivered + dropped must equal n.
+// 7*i, flags selftest_flags(i), topk_count i % (topk+1) with ids i+j and probs j; with
+// bump_every > 0 the producer bumps the epoch after every bump_every pushes, so record i
+// must carry epoch i / bump_every. The consumer checks order (strictly increasing
+// positions; consecutive when nothing is bumped), payload, flags, padding and epochs;
+// delivered + dropped must equal n.
+inline uint32_t selftest_flags(uint64_t i) {
+    return static_cast<uint32_t>(i * 0x9E3779B1u) ^ static_cast<uint32_t>(i >> 32);  // all 32 bits vary
+}
+
 py::dict ring_selftest(long long n_records, long long capacity, int topk, long long batch, long long bump_every) {
     if (n_records < 0) throw py::value_error("n_records must be >= 0");
     if (batch < 1) throw py::value_error("batch must be >= 1");
@@ -238,7 +277,7 @@ py::dict ring_selftest(long long n_records, long long capacity, int topk, long l
                     pr[j] = static_cast<float>(j);
                 }
                 for (int spin = 0; !ring.push(static_cast<int64_t>(i), static_cast<int32_t>(i * 7), 0.5f, ids.data(),
-                                              pr.data(), cnt);
+                                              pr.data(), cnt, selftest_flags(i));
                      ++spin) {
                     ++full_spins;
                     if (spin < 64)
@@ -259,6 +298,7 @@ py::dict ring_selftest(long long n_records, long long capacity, int topk, long l
                 if (pos <= last || (bump_every == 0 && pos != last + 1))
                     fail("order: got position " + std::to_string(pos) + " after " + std::to_string(last));
                 if (r.token != static_cast<int32_t>(static_cast<uint64_t>(pos) * 7)) fail("token payload");
+                if (r.flags != selftest_flags(static_cast<uint64_t>(pos))) fail("flags");
                 const uint32_t want_epoch = bump_every > 0 ? static_cast<uint32_t>(pos / bump_every) : 0u;
                 if (r.epoch != want_epoch) fail("epoch stamp");
                 if (r.epoch < last_epoch) fail("epoch went backwards");
@@ -331,7 +371,10 @@ PYBIND11_MODULE(_native, m) {
     py::class_<PyRing>(m, "TokenRing")
         .def(py::init<long long, int>(), py::arg("capacity"), py::arg("topk_max"))
         .def("push", &PyRing::push, py::arg("position"), py::arg("token"), py::arg("prob"),
-             py::arg("topk_ids") = py::none(), py::arg("topk_probs") = py::none())
+             py::arg("topk_ids") = py::none(), py::arg("topk_probs") = py::none(), py::arg("flags") = 0u)
+        .def("pusher", &PyRing::make_pusher,
+             "push(position, token, prob, topk_ids=None, topk_probs=None, flags=0) bound to this ring: "
+             "the same call, cheaper (no self; fits pybind11's inline argument storage).")
         .def("pop_batch", &PyRing::pop_batch, py::arg("max_n"), py::arg("timeout_s"))
         .def("try_pop", &PyRing::try_pop)
         .def("close", [](PyRing& r) { r.ring().close(); })
@@ -345,6 +388,7 @@ PYBIND11_MODULE(_native, m) {
 
     m.def("ring_selftest", &ring_selftest, py::arg("n_records"), py::arg("capacity") = 1024, py::arg("topk") = 0,
           py::arg("batch") = 256, py::arg("bump_every") = 0,
-          "Producer and consumer std::threads through one ring; checks order, loss, duplication, epochs, payload. "
+          "Producer and consumer std::threads through one ring; checks order, loss, duplication, epochs, "
+          "payload, flags. "
           "Also the C++-to-C++ throughput benchmark (records_per_s).");
 }

@@ -1,15 +1,36 @@
 // Lock-free single-producer single-consumer ring of draft-token records.
 //
-// The producer (edge compute thread) pushes; the consumer (edge send thread) pops. The
-// producer publishes a slot with a release store of `tail`, the consumer frees slots with a
-// release store of `head`; each side keeps a private cached copy of the other's index on its
-// own cache line and refreshes it (acquire) only when the cache says full/empty, so in steady
-// state the two cores share no written cache line except through the indices themselves.
+// The producer (edge compute thread) pushes; the consumer (edge send thread) pops. In PipeSD
+// this ring is the only channel from the compute thread to the send thread: besides the
+// token payload, each record carries a `flags` word (the meaning of its bits is defined by
+// the Python face, pipesd.ring: FLAG_VERIFY, FLAG_STOP, FLAG_HINT; the ring itself never
+// interprets them, it only carries them).
+//
+// Memory ordering. The producer fills a whole slot (the record, flags included, and its
+// top-k rows) with plain stores and then publishes it with a release store of `tail`; the
+// consumer acquires `tail` before reading any slot below it, so it sees every field of the
+// record exactly as written, flags included (no field needs its own atomic). The consumer
+// frees slots with a release store of `head`; the producer acquires `head` before reusing a
+// slot, so it never overwrites a slot the consumer is still reading. Each side keeps a
+// private cached copy of the other's index on its own cache line and refreshes it (acquire)
+// only when the cache says full/empty, so in steady state the two cores share no written
+// cache line except through the indices themselves and the slots they hand over.
 // All storage is allocated in the constructor; push and pop neither lock nor allocate.
+//
+// Record layout (TokenRecord, 32 bytes, naturally aligned, no implicit padding):
+//   offset  0  int64  position    token position in the sequence
+//   offset  8  int32  token       draft token id
+//   offset 12  float  prob        draft probability of `token`
+//   offset 16  uint32 epoch       epoch in force when pushed (stamped by push)
+//   offset 20  int32  topk_count  valid entries in this slot's top-k rows (<= topk_max)
+//   offset 24  uint32 flags       caller's bits, carried unchanged from push to pop
+//   offset 28  uint32 reserved    always 0 (explicit padding to a 32-byte record)
+// The top-k (id int32, prob float32) pairs live in two side arrays, topk_max per slot.
 //
 // Rollback: `bump_epoch()` advances an atomic epoch (any one thread may call it; in PipeSD it
 // is the thread applying a verdict). Each record is stamped with the epoch in force when it
-// was pushed, and the consumer drops records whose epoch is older than the current one.
+// was pushed, and the consumer drops records whose epoch is older than the current one,
+// whatever their flags (a stale FLAG_VERIFY record is dropped like any other).
 // Because the consumer reads the epoch *after* acquiring `tail`, every record it can see has
 // an epoch <= the one it compares against, so "stale" is exactly "pushed before the bump"
 // (modulo the unavoidable race of a push that reads the epoch just before a bump).
@@ -22,6 +43,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -46,8 +68,13 @@ struct TokenRecord {
     float prob;
     uint32_t epoch;
     int32_t topk_count;
+    uint32_t flags;
+    uint32_t reserved;
 };
-static_assert(sizeof(TokenRecord) == 24, "TokenRecord layout");
+static_assert(sizeof(TokenRecord) == 32, "TokenRecord layout");
+static_assert(offsetof(TokenRecord, epoch) == 16 && offsetof(TokenRecord, topk_count) == 20 &&
+                  offsetof(TokenRecord, flags) == 24 && offsetof(TokenRecord, reserved) == 28,
+              "TokenRecord field offsets");
 
 constexpr std::size_t kMaxRingCapacity = std::size_t(1) << 24;
 constexpr int kMaxTopk = 256;
@@ -93,8 +120,10 @@ class TokenRing {
     // Stale records the consumer has dropped so far.
     uint64_t stale_dropped() const { return stale_.load(std::memory_order_relaxed); }
 
-    // Producer only. False when full or closed; never blocks. `count` <= topk_max.
-    bool push(int64_t position, int32_t token, float prob, const int32_t* ids, const float* probs, int count) {
+    // Producer only. False when full or closed; never blocks. `count` <= topk_max. `flags`
+    // is carried unchanged to the consumer (pop_into copies it with the record).
+    bool push(int64_t position, int32_t token, float prob, const int32_t* ids, const float* probs, int count,
+              uint32_t flags = 0) {
         if (count < 0 || count > topk_max_) throw std::invalid_argument("topk count out of range");
         if (closed_.load(std::memory_order_acquire)) return false;
         const uint64_t t = tail_.load(std::memory_order_relaxed);
@@ -103,12 +132,9 @@ class TokenRing {
             if (t - head_cache_ >= cap_) return false;
         }
         const std::size_t slot = static_cast<std::size_t>(t & mask_);
-        TokenRecord& r = recs_[slot];
-        r.position = position;
-        r.token = token;
-        r.prob = prob;
-        r.epoch = epoch_.load(std::memory_order_acquire);
-        r.topk_count = count;
+        // Plain stores into a slot the consumer cannot see yet (it is at or past tail);
+        // published, with its top-k rows, by the release store of tail below.
+        recs_[slot] = TokenRecord{position, token, prob, epoch_.load(std::memory_order_acquire), count, flags, 0u};
         if (count > 0) {
             std::memcpy(&ids_[slot * topk_max_], ids, sizeof(int32_t) * count);
             std::memcpy(&probs_[slot * topk_max_], probs, sizeof(float) * count);
@@ -137,7 +163,7 @@ class TokenRing {
             const std::size_t slot = static_cast<std::size_t>((h + i) & mask_);
             const TokenRecord& r = recs_[slot];
             if (epoch_before(r.epoch, cur)) continue;  // stale: dropped
-            out[taken] = r;
+            out[taken] = r;  // the whole record, flags included
             if (k > 0) {
                 const std::size_t cnt = static_cast<std::size_t>(r.topk_count);
                 int32_t* di = out_ids + taken * k;

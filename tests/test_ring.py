@@ -167,11 +167,13 @@ def test_try_pop_record_and_batch_layout():
     b = ring.pop_batch(4, 0.0)
     assert isinstance(b, TokenBatch) and len(b) == 1
     assert b.position.dtype == np.int64 and b.token.dtype == np.int32 and b.prob.dtype == np.float32
-    assert b.epoch.dtype == np.uint32 and b.topk_count.dtype == np.int32
+    assert b.epoch.dtype == np.uint32 and b.topk_count.dtype == np.int32 and b.flags.dtype == np.uint32
+    assert b.flags.shape == (1,) and b.flags.tolist() == [0]
     assert b.topk_ids.shape == (1, 3) and b.topk_ids.dtype == np.int32
     assert b.topk_probs.shape == (1, 3) and b.topk_probs.dtype == np.float32
     empty = ring.pop_batch(4, 0.0)
     assert len(empty) == 0 and empty.topk_ids.shape == (0, 3)
+    assert empty.flags.shape == (0,) and empty.flags.dtype == np.uint32
 
 
 def test_pop_batch_takes_what_is_there_up_to_max_n():
@@ -296,3 +298,142 @@ def test_push_after_close_is_refused_and_state_reported():
     assert not ring.push(1, 1, 0.5)
     assert ring.pop_batch(4, 0.0) is None
     assert ring.try_pop() is None
+
+
+# ----------------------------------------------------------------------------------- flags
+import pipesd.ring as ring_mod  # noqa: E402
+from pipesd.ring import FLAG_HINT, FLAG_STOP, FLAG_VERIFY  # noqa: E402
+
+
+def test_flag_constants():
+    assert (FLAG_VERIFY, FLAG_STOP, FLAG_HINT) == (1, 2, 4)
+    assert {"FLAG_VERIFY", "FLAG_STOP", "FLAG_HINT"} <= set(ring_mod.__all__)
+    for name in ("FLAG_VERIFY", "FLAG_STOP", "FLAG_HINT"):
+        assert name in ring_mod.__doc__
+
+
+def test_flags_round_trip_try_pop_and_pop_batch():
+    ring = TokenRing(16, 2)
+    assert ring.push(0, 10, 0.5)  # no flags: 0
+    assert ring.push(1, 11, 0.5, [7, 8], [0.75, 0.25], flags=FLAG_VERIFY)
+    assert ring.push(2, 12, 0.5, None, None, FLAG_VERIFY | FLAG_STOP)  # 6th positional
+    assert ring.push(3, 13, 0.5, flags=FLAG_HINT)
+    assert ring.push(4, 14, 0.5, flags=2**32 - 1)  # every bit is carried
+    assert ring.push(5, 15, 0.5, flags=np.uint32(FLAG_STOP))
+    rec = ring.try_pop()
+    assert rec.flags == 0 and rec.position == 0
+    rec = ring.try_pop()
+    assert isinstance(rec.flags, int) and rec.flags == FLAG_VERIFY
+    pos, tok, prob, ep, ids, probs = rec[:6]  # leading fields unpack as before
+    assert (pos, tok, prob, ep) == (1, 11, 0.5, 0) and ids.tolist() == [7, 8]
+    assert rec[-1] == rec.flags
+    b = ring.pop_batch(16, 0.0)
+    assert b.position.tolist() == [2, 3, 4, 5]
+    assert b.flags.dtype == np.uint32 and b.flags.shape == (4,)
+    assert b.flags.tolist() == [FLAG_VERIFY | FLAG_STOP, FLAG_HINT, 2**32 - 1, FLAG_STOP]
+    assert (b.flags & FLAG_VERIFY).astype(bool).tolist() == [True, False, True, False]
+
+
+def test_flags_default_zero_everywhere():
+    ring = TokenRing(8, 1)
+    ring.push(0, 0, 0.5)
+    ring.push(1, 1, 0.5, [3], [1.0])
+    assert ring.try_pop().flags == 0
+    assert ring.pop_batch(8, 0.0).flags.tolist() == [0]
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, 1.5, "1"])
+def test_flags_out_of_range_refused(bad):
+    ring = TokenRing(8, 0)
+    with pytest.raises(TypeError):
+        ring.push(0, 0, 0.5, flags=bad)
+    assert len(ring) == 0  # nothing was pushed
+
+
+def test_flags_survive_slot_reuse():
+    ring = TokenRing(4, 0)
+    for rnd in range(6):
+        want = [(FLAG_VERIFY << (i % 3)) if rnd % 2 == 0 else 0 for i in range(4)]
+        for i in range(4):
+            assert ring.push(i, i, 0.5, flags=want[i])
+        assert ring.pop_batch(4, 0.0).flags.tolist() == want  # no stale flags from the slot's last record
+
+
+def test_stale_records_dropped_whatever_their_flags():
+    ring = TokenRing(16, 0)
+    ring.push(0, 0, 0.5)
+    ring.push(1, 1, 0.5, flags=FLAG_VERIFY)
+    ring.push(2, 2, 0.5, flags=FLAG_STOP | FLAG_VERIFY)
+    ring.bump_epoch()
+    ring.push(1, 7, 0.5, flags=FLAG_STOP)
+    b = ring.pop_batch(16, 0.0)
+    assert b.position.tolist() == [1] and b.token.tolist() == [7]
+    assert b.flags.tolist() == [FLAG_STOP] and b.epoch.tolist() == [1]
+    assert ring.stale_dropped == 3
+    ring.push(3, 3, 0.5, flags=FLAG_VERIFY)
+    ring.bump_epoch()
+    assert ring.try_pop() is None and ring.stale_dropped == 4
+
+
+def test_flags_across_python_threads_with_epoch_bumps():
+    ring = TokenRing(64, 1)
+    n, every = 40_000, 700
+    got = []
+
+    def consumer():
+        while (b := ring.pop_batch(256, 1.0)) is not None:
+            got.append((b.position.copy(), b.flags.copy(), b.epoch.copy()))
+
+    t = threading.Thread(target=consumer)
+    t.start()
+    for i in range(n):
+        while not ring.push(i, i, 0.5, [i], [0.5], flags=(i * 2654435761) & 0xFFFFFFFF):
+            time.sleep(0)
+        if (i + 1) % every == 0:
+            ring.bump_epoch()
+    ring.close()
+    t.join(30)
+    assert not t.is_alive()
+    pos = np.concatenate([g[0] for g in got])
+    flags = np.concatenate([g[1] for g in got])
+    ep = np.concatenate([g[2] for g in got])
+    assert (np.diff(pos) > 0).all()
+    assert (flags == ((pos.astype(np.uint64) * 2654435761) & 0xFFFFFFFF).astype(np.uint32)).all()
+    assert (ep == pos // every).all()
+    assert len(pos) + ring.stale_dropped == n
+
+
+def test_native_push_and_bound_pusher_agree():
+    # TokenRing.push goes through _native.TokenRing.pusher() (a self-less callable: cheaper);
+    # the plain method stays, with the same signature and checks.
+    raw = _native.TokenRing(8, 2)
+    p = raw.pusher()
+    assert raw.push(0, 1, 0.5, [1, 2], [0.5, 0.5], FLAG_VERIFY)
+    assert p(1, 2, 0.5, [3], [1.0], flags=FLAG_STOP)
+    assert p(2, 3, 0.5)
+    assert raw.push(3, 4, 0.5, flags=FLAG_HINT)
+    for call in (raw.push, p):
+        with pytest.raises(ValueError, match="together"):
+            call(9, 9, 0.5, None, [0.5])
+        with pytest.raises(ValueError, match="topk_max"):
+            call(9, 9, 0.5, [1, 2, 3], [0.1, 0.1, 0.1])
+        with pytest.raises(TypeError):
+            call(9, 9, 0.5, flags=-1)
+    b = TokenBatch(*raw.pop_batch(8, 0.0))
+    assert b.position.tolist() == [0, 1, 2, 3]
+    assert b.flags.tolist() == [FLAG_VERIFY, FLAG_STOP, 0, FLAG_HINT]
+    assert b.topk_count.tolist() == [2, 1, 0, 0]
+
+
+def test_bound_pusher_keeps_its_ring_alive():
+    import gc
+
+    p = _native.TokenRing(4, 0).pusher()  # the only reference to the ring is inside p
+    gc.collect()
+    assert p(5, 6, 0.5, flags=3)
+    assert p(6, 7, 0.5)
+    ring = TokenRing(4, 0)
+    push = ring.push
+    del ring
+    gc.collect()
+    assert push(1, 1, 0.5, flags=FLAG_VERIFY)  # bound method keeps wrapper and ring alive

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -196,6 +197,61 @@ struct Out {
     Out(std::size_t n, int k) : recs(n), ids(n * std::max(1, k)), probs(n * std::max(1, k)) {}
 };
 
+// Flags that exercise all 32 bits across records (the ring carries them opaquely).
+uint32_t flags_for(uint64_t i) { return static_cast<uint32_t>(i * 0x9E3779B1u) ^ static_cast<uint32_t>(i >> 32); }
+
+void test_ring_record_layout() {
+    CHECK(sizeof(TokenRecord) == 32);
+    CHECK(alignof(TokenRecord) == 8);
+    CHECK(offsetof(TokenRecord, position) == 0);
+    CHECK(offsetof(TokenRecord, token) == 8);
+    CHECK(offsetof(TokenRecord, prob) == 12);
+    CHECK(offsetof(TokenRecord, epoch) == 16);
+    CHECK(offsetof(TokenRecord, topk_count) == 20);
+    CHECK(offsetof(TokenRecord, flags) == 24);
+    CHECK(offsetof(TokenRecord, reserved) == 28);
+}
+
+void test_ring_flags() {
+    TokenRing r(8, 2);
+    Out o(8, 2);
+    int32_t ids[2] = {3, 4};
+    float pr[2] = {0.75f, 0.25f};
+    CHECK(r.push(0, 10, 0.5f, nullptr, nullptr, 0));  // default: 0
+    CHECK(r.push(1, 11, 0.5f, ids, pr, 2, 1u));
+    CHECK(r.push(2, 12, 0.5f, nullptr, nullptr, 0, 2u | 4u));
+    CHECK(r.push(3, 13, 0.5f, ids, pr, 1, 0xFFFFFFFFu));  // every bit survives
+    CHECK(r.push(4, 14, 0.5f, nullptr, nullptr, 0, 0x80000000u));
+    CHECK(r.pop_into(8, o.recs.data(), o.ids.data(), o.probs.data()) == 5);
+    const uint32_t want[5] = {0u, 1u, 6u, 0xFFFFFFFFu, 0x80000000u};
+    for (int i = 0; i < 5; ++i) {
+        CHECK(o.recs[i].position == i && o.recs[i].token == 10 + i);
+        CHECK(o.recs[i].flags == want[i]);
+        CHECK(o.recs[i].reserved == 0u);
+    }
+    CHECK(o.recs[1].topk_count == 2 && o.ids[2] == 3 && o.ids[3] == 4);
+    // A slot reused after wrap-around carries the new record's flags, not the old ones.
+    for (int round = 0; round < 5; ++round) {
+        for (int i = 0; i < 8; ++i) CHECK(r.push(i, 0, 0.f, nullptr, nullptr, 0, (round % 2) ? 0u : flags_for(i + 1)));
+        CHECK(!r.push(8, 0, 0.f, nullptr, nullptr, 0, 1u));  // full
+        CHECK(r.pop_into(8, o.recs.data(), o.ids.data(), o.probs.data()) == 8);
+        for (int i = 0; i < 8; ++i) CHECK(o.recs[i].flags == ((round % 2) ? 0u : flags_for(i + 1)));
+    }
+    // Stale records are dropped whatever their flags; current ones keep theirs.
+    CHECK(r.push(20, 0, 0.f, nullptr, nullptr, 0, 1u));  // VERIFY, then rolled back
+    CHECK(r.push(21, 0, 0.f, nullptr, nullptr, 0, 2u));
+    r.bump_epoch();
+    CHECK(r.push(22, 0, 0.f, nullptr, nullptr, 0, 3u));
+    const uint64_t stale_before = r.stale_dropped();
+    CHECK(r.pop_into(8, o.recs.data(), o.ids.data(), o.probs.data()) == 1);
+    CHECK(o.recs[0].position == 22 && o.recs[0].flags == 3u && o.recs[0].epoch == 1u);
+    CHECK(r.stale_dropped() == stale_before + 2);
+    // pop_wait carries them too.
+    CHECK(r.push(23, 0, 0.f, nullptr, nullptr, 0, 4u));
+    CHECK(r.pop_wait(8, 1.0, o.recs.data(), o.ids.data(), o.probs.data()) == 1);
+    CHECK(o.recs[0].flags == 4u);
+}
+
 void test_ring_validation() {
     CHECK(throws_invalid([] { TokenRing r(0, 0); }));
     CHECK(throws_invalid([] { TokenRing r(1, 0); }));
@@ -298,7 +354,8 @@ struct StressResult {
     double seconds = 0.0;
 };
 
-// Producer and consumer threads; see ring_selftest in bindings.cpp for the record scheme.
+// Producer and consumer threads; see ring_selftest in bindings.cpp for the record scheme
+// (record i also carries flags_for(i), checked on every delivered record).
 StressResult stress(uint64_t n, std::size_t capacity, int topk, std::size_t batch, uint64_t bump_every) {
     TokenRing ring(capacity, topk);
     const std::size_t K = static_cast<std::size_t>(topk);
@@ -314,7 +371,8 @@ StressResult stress(uint64_t n, std::size_t capacity, int topk, std::size_t batc
                 ids[j] = static_cast<int32_t>(i + j);
                 pr[j] = static_cast<float>(j);
             }
-            for (int spin = 0; !ring.push(static_cast<int64_t>(i), static_cast<int32_t>(i * 7), 0.5f, ids.data(), pr.data(), cnt);
+            for (int spin = 0; !ring.push(static_cast<int64_t>(i), static_cast<int32_t>(i * 7), 0.5f, ids.data(),
+                                          pr.data(), cnt, flags_for(i));
                  ++spin) {
                 if (spin < 64)
                     PIPESD_CPU_RELAX();
@@ -334,6 +392,7 @@ StressResult stress(uint64_t n, std::size_t capacity, int topk, std::size_t batc
             const int64_t pos = r.position;
             bool good = pos > last && (bump_every || pos == last + 1);
             good = good && r.token == static_cast<int32_t>(static_cast<uint64_t>(pos) * 7);
+            good = good && r.flags == flags_for(static_cast<uint64_t>(pos)) && r.reserved == 0u;
             good = good && r.epoch == (bump_every ? static_cast<uint32_t>(pos / static_cast<int64_t>(bump_every)) : 0u);
             const int cnt = K ? static_cast<int>(static_cast<uint64_t>(pos) % (K + 1)) : 0;
             good = good && r.topk_count == cnt;
@@ -421,6 +480,8 @@ int main(int argc, char** argv) {
         {"plan_validation", test_plan_validation},
         {"expected_brute_force", [&] { test_expected_brute_force(rng); }},
         {"robust_fit", test_robust_fit},
+        {"ring_record_layout", test_ring_record_layout},
+        {"ring_flags", test_ring_flags},
         {"ring_validation", test_ring_validation},
         {"ring_edges", test_ring_edges},
         {"ring_epoch", test_ring_epoch},

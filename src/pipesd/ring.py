@@ -3,13 +3,30 @@
 Why: the compute thread must never wait for the wire. It pushes each draft token into this
 ring (a few hundred nanoseconds, no lock, no allocation, never blocks) and the send thread
 drains it in batches, blocking in :meth:`TokenRing.pop_batch` *without the GIL*, so the
-drafting thread keeps the interpreter while the sender waits.
+drafting thread keeps the interpreter while the sender waits. The ring is the *only* channel
+from the compute thread to the send thread: what the sender must do with a token (verify
+now, expect no more drafts) travels with the token, in its ``flags``.
 
 A thin face over the C++ SPSC ring in ``pipesd._native`` (``csrc/ring.hpp``): fixed-layout
-records (position int64, token int32, draft probability float32, rollback epoch uint32, and
-up to ``topk_max`` (id, prob) pairs of the draft's top-k distribution q with their count).
-Exactly one producer thread and one consumer thread; a second concurrent consumer gets a
-``RuntimeError`` instead of corrupted data.
+records (position int64, token int32, draft probability float32, rollback epoch uint32,
+flags uint32, and up to ``topk_max`` (id, prob) pairs of the draft's top-k distribution q
+with their count). Exactly one producer thread and one consumer thread; a second concurrent
+consumer gets a ``RuntimeError`` instead of corrupted data.
+
+Flags: a uint32 bit set per record, given to :meth:`TokenRing.push` (``flags=``, default 0)
+and returned unchanged by :meth:`TokenRing.try_pop` (``TokenRecord.flags``) and
+:meth:`TokenRing.pop_batch` (``TokenBatch.flags``). The ring never interprets them; the edge
+uses these bits (the others are free, and carried just the same):
+
+``FLAG_VERIFY`` (1)
+    The trigger fired at this token: verify everything pending through it now.
+``FLAG_STOP`` (2)
+    The edge stops drafting after this token until a verdict arrives (lookahead cap reached,
+    end of generation, EOS, or a serial method that drafts one round at a time).
+``FLAG_HINT`` (4)
+    Reserved: this record is the draft at the bonus position of a verification in flight.
+
+A record made stale by :meth:`TokenRing.bump_epoch` is dropped whatever its flags.
 
 Rollback without locks: :meth:`TokenRing.bump_epoch` advances the ring's epoch (one thread,
 e.g. the one applying a verdict); records are stamped with the epoch in force when pushed
@@ -34,10 +51,19 @@ import numpy as np
 
 from pipesd import _native
 
-__all__ = ["TokenRing", "TokenBatch", "TokenRecord", "MAX_RING_CAPACITY", "MAX_TOPK"]
+__all__ = ["TokenRing", "TokenBatch", "TokenRecord", "MAX_RING_CAPACITY", "MAX_TOPK", "FLAG_VERIFY", "FLAG_STOP",
+           "FLAG_HINT"]
 
 MAX_RING_CAPACITY: int = int(_native.MAX_RING_CAPACITY)
 MAX_TOPK: int = int(_native.MAX_TOPK)
+
+#: The trigger fired at this token: verify everything pending through it now.
+FLAG_VERIFY: int = 1
+#: The edge stops drafting after this token until a verdict (lookahead cap, end, EOS, or a
+#: serial method).
+FLAG_STOP: int = 2
+#: Reserved: this record is the draft at the bonus position of a verification in flight.
+FLAG_HINT: int = 4
 
 ArrayLike = Union[np.ndarray, Sequence[float], Sequence[int]]
 
@@ -53,13 +79,15 @@ class TokenBatch:
     topk_ids: np.ndarray  # int32 [n, topk_max], zero past topk_count
     topk_probs: np.ndarray  # float32 [n, topk_max], zero past topk_count
     topk_count: np.ndarray  # int32 [n]
+    flags: np.ndarray  # uint32 [n], FLAG_* bits as pushed
 
     def __len__(self) -> int:
         return len(self.position)
 
 
 class TokenRecord(NamedTuple):
-    """One record (:meth:`TokenRing.try_pop`); top-k arrays have exactly ``topk_count`` entries."""
+    """One record (:meth:`TokenRing.try_pop`); top-k arrays have exactly ``topk_count`` entries.
+    ``flags`` is last so unpacking the leading fields keeps working."""
 
     position: int
     token: int
@@ -67,6 +95,7 @@ class TokenRecord(NamedTuple):
     epoch: int
     topk_ids: np.ndarray  # int32 [count]
     topk_probs: np.ndarray  # float32 [count]
+    flags: int  # FLAG_* bits as pushed
 
 
 class TokenRing:
@@ -88,14 +117,15 @@ class TokenRing:
         if capacity < 2 or capacity > MAX_RING_CAPACITY or capacity & (capacity - 1):
             raise ValueError(f"capacity must be a power of two in [2, {MAX_RING_CAPACITY}], got {capacity}")
         self._r = _native.TokenRing(int(capacity), int(topk_max))
-        self._push = self._r.push
+        self._push = self._r.pusher()  # = self._r.push, bound: cheaper per call (see bindings.cpp)
 
     def push(self, position: int, token: int, prob: float, topk_ids: Optional[ArrayLike] = None,
-             topk_probs: Optional[ArrayLike] = None) -> bool:
+             topk_probs: Optional[ArrayLike] = None, flags: int = 0) -> bool:
         """Producer: append a record stamped with the current epoch. Returns ``False`` when the
         ring is full or closed (never blocks). ``topk_ids``/``topk_probs``: both or neither, 1-D,
-        at most ``topk_max`` long (``ValueError`` otherwise)."""
-        return self._push(position, token, prob, topk_ids, topk_probs)
+        at most ``topk_max`` long (``ValueError`` otherwise). ``flags``: an int in [0, 2**32)
+        (``FLAG_*`` bits; ``TypeError`` outside that range), carried unchanged to the consumer."""
+        return self._push(position, token, prob, topk_ids, topk_probs, flags)
 
     def try_pop(self) -> Optional[TokenRecord]:
         """Consumer: the next current-epoch record, or ``None`` if there is none (never blocks)."""
