@@ -7,13 +7,15 @@
   :meth:`pipesd.edge.EdgeClient.stream_events`: verified text, unverified (draft-only) text,
   and the retraction of unverified text. Verified text is never retracted.
 
-The policy itself (``EdgeConfig.offline_policy``) lives in the client; docs/reliability.md
-describes it.
+- :func:`recover`, :func:`draft_offline`, :func:`reconcile`: the policy itself
+  (``EdgeConfig.offline_policy``), described in docs/reliability.md.
 """
 from __future__ import annotations
 
+import logging
 import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -26,6 +28,8 @@ OFFLINE_POLICIES = ("draft", "wait", "fail")
 """``draft``: keep generating with the draft alone, flagged unverified, and reconcile when the
 cloud returns; ``wait``: pause and reconnect with backoff until ``offline_wait_s``; ``fail``:
 raise :class:`CloudUnavailableError` at once."""
+
+log = logging.getLogger("pipesd.edge")
 
 _PERMANENT_CODES = (M.E_AUTH, M.E_VERSION)  # a refusal that retrying cannot change
 
@@ -226,3 +230,121 @@ class EventText:
             self.verified([], final=True)
         if self._u_held:
             self.unverified([], final=True)
+
+
+# ---------------------------------------------------------------------- the policy
+def recover(edge, run, cause: BaseException) -> bool:
+    """The cloud is lost. Returns True with a new connection in ``edge.conn``, False when the
+    run ended offline (policy "draft"); raises :class:`CloudUnavailableError` when the policy
+    gives up."""
+    cfg, st = run.cfg, run.stats
+    run.wire_mark(edge.conn)
+    edge.conn.close(flush_timeout_s=0.5)
+    # Drafts that were never shown (in flight when the link went) are dropped: offline
+    # drafting redoes them with their q kept, and the user saw none of them.
+    del run.seq[run.committed + run.shown_unverified:]
+    if cfg.offline_policy == "fail":
+        raise CloudUnavailableError(f"lost the cloud at {edge.cloud_url}: {cause} (offline_policy 'fail')",
+                                    cause) from cause
+    if run.offline_since is None:
+        run.offline_since = time.monotonic()
+        st.offline_episodes += 1
+        log.warning("session %d: lost the cloud at %s (%s); offline policy %r", run.sid, edge.cloud_url, cause,
+                    cfg.offline_policy, extra={"session": run.sid, "cloud": edge.cloud_url})
+    rc = Reconnector(edge._dial, run.backoff, run.backoff.next()).start()
+    try:
+        if cfg.offline_policy == "wait":
+            conn = rc.wait(run.offline_since + cfg.offline_wait_s - time.monotonic())
+            if conn is None:
+                raise CloudUnavailableError(f"the cloud at {edge.cloud_url} did not come back within "
+                                            f"offline_wait_s={cfg.offline_wait_s} s (last error: "
+                                            f"{rc.last_error or cause})", cause) from cause
+        else:
+            conn = draft_offline(edge, run, rc)
+            if conn is None:
+                st.offline_s += time.monotonic() - run.offline_since
+                return False
+    finally:
+        rc.stop()
+    edge.conn = conn
+    run.wire_mark0 = (conn.bytes_sent, conn.bytes_received, conn.messages_sent)
+    st.reconnects += 1
+    log.info("session %d: reconnected to %s after %d attempt(s)", run.sid, edge.cloud_url, rc.attempts,
+             extra={"session": run.sid, "cloud": edge.cloud_url})
+    return True
+
+
+def draft_offline(edge, run, rc: Reconnector):
+    """Draft alone, emitting unverified tokens, until the reconnector has a connection (returned)
+    or the run reaches max_new / EOS (None)."""
+    from pipesd.edge.pipeline import _pad
+
+    d, eos = edge.draft, run.eos_id
+    d.reset(run.prompt + run.seq)
+    while True:
+        conn = rc.poll()
+        if conn is not None:
+            return conn
+        if len(run.seq) >= run.max_new or (run.shown_unverified and run.seq[-1] == eos):
+            return None
+        t0 = time.perf_counter()
+        st = d.step(run.params, run.gen)
+        _pad(t0, run.cfg.draft_step_s)
+        run.seq.append(st.token)
+        run.uq.append((st.prob, st.q_ids, st.q_probs))
+        run.shown_unverified += 1
+        run.stats.offline_tokens += 1
+        run.stats.drafted += 1
+        if st.token == eos:
+            run.finish_reason = "eos"
+        run.emit("unverified", [st.token])
+
+
+def reconcile(edge, run) -> None:
+    """Have the unverified suffix verified by the re-opened session: what the target accepts
+    becomes verified, the first rejected token is replaced by the target's, the rest is void."""
+    from pipesd.edge.session import apply_verdict, wait_verdict
+
+    run.finish_reason = "length"  # a drafted EOS counts only once the target agrees
+    edge.draft.reset(run.prompt + run.seq)
+    chunk = max(1, min(getattr(edge.conn.hello_ack, "max_draft_in_flight", 0) or 256, 128))
+    while run.shown_unverified and not run.complete:
+        start, n_tail = run.committed, run.shown_unverified
+        n = min(n_tail, chunk)
+        edge.conn.send(_unverified_batch(run, start, n))
+        run.stats.batch_sizes.append(n)
+        v = wait_verdict(edge.conn, run)
+        tail = run.seq[start: start + n_tail]
+        out = apply_verdict(run, edge.draft, v, before_commit=lambda: run.emit("retract", tail))
+        if out.stale:
+            raise RuntimeError(f"the cloud answered the unverified suffix out of order (verdict for "
+                               f"{v.start_pos}, epoch {v.epoch}; expected {run.proto.wire_pos(start)}, "
+                               f"epoch {run.proto.epoch})")
+        if out.moved or run.complete:  # the tail past the verdict is void
+            run.shown_unverified = 0
+            run.uq.clear()
+            del run.seq[run.committed:]
+        else:  # a chunk fully accepted: the rest of the tail is still unverified
+            left = max(0, len(run.seq) - run.committed)
+            del run.uq[: len(run.uq) - left]
+            run.shown_unverified = left
+            run.emit("unverified", run.seq[run.committed:])
+
+
+def _unverified_batch(run, start: int, n: int) -> M.DraftBatch:
+    """``n`` unverified tokens from run position ``start`` as one verify request, with q."""
+    import numpy as np
+
+    recs = run.uq[:n]
+    q_ids = q_probs = None
+    if not run.params.greedy or run.cfg.wire_q != "auto":
+        k = max(len(r[1]) for r in recs)
+        q_ids = np.zeros((n, k), dtype=np.int32)
+        q_probs = np.zeros((n, k), dtype=np.float32)
+        for i, r in enumerate(recs):
+            q_ids[i, : len(r[1])] = r[1]
+            q_probs[i, : len(r[2])] = r[2]
+    return M.DraftBatch(session_id=run.sid, epoch=run.proto.epoch, first_pos=run.proto.wire_pos(start),
+                        tokens=np.asarray(run.seq[start: start + n], dtype=np.int32),
+                        probs=np.asarray([r[0] for r in recs], dtype=np.float32), verify=True,
+                        q_ids=q_ids, q_probs=q_probs, sent_at=time.perf_counter())

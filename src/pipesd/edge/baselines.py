@@ -1,0 +1,51 @@
+"""The two methods that are not the pipeline: ``target-only`` (the cloud decodes, one round
+trip per token) and ``edge-only`` (the draft alone: a speed reference, not the target's output)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from pipesd.edge.pipeline import _pad
+from pipesd.edge.session import Run, apply_verdict, wait_verdict
+from pipesd.transport import messages as M
+
+__all__ = ["edge_only", "target_only"]
+
+_EMPTY_I = np.zeros(0, dtype=np.int32)
+_EMPTY_F = np.zeros(0, dtype=np.float32)
+
+
+def target_only(edge, run: Run) -> None:
+    """Ask for one token per round trip: an empty verify request; the verdict's bonus is the
+    target's next token (nothing drafted there, so the epoch stays)."""
+    while not run.complete:
+        edge.conn.send(M.DraftBatch(session_id=run.sid, epoch=run.proto.epoch,
+                                    first_pos=run.proto.wire_pos(run.committed), tokens=_EMPTY_I, probs=_EMPTY_F,
+                                    verify=True, sent_at=time.perf_counter()))
+        apply_verdict(run, None, wait_verdict(edge.conn, run))
+    run.stats.wall_s = time.perf_counter() - run.t0
+    run.wire_stats(edge.conn)
+
+
+def edge_only(edge, run: Run) -> None:
+    """The draft alone, no cloud."""
+    d = edge.draft
+    d.reset(run.prompt)
+    gen = torch.Generator()
+    gen.manual_seed(run.params.seed or 0)
+    p = run.proto
+    t0 = time.perf_counter()
+    while p.committed < run.max_new:
+        ts = time.perf_counter()
+        st = d.step(run.params, gen)
+        _pad(ts, run.cfg.draft_step_s)
+        p.seq.append(st.token)
+        p.committed += 1
+        run.emit("verified", [st.token])
+        if st.token == run.eos_id:
+            run.finish_reason = "eos"
+            break
+    run.stats.drafted = p.committed
+    run.stats.wall_s = time.perf_counter() - t0

@@ -1,0 +1,104 @@
+"""What a generation returns: the output and its measurements (one accumulator, fed by the
+pipeline's rooms at their own fields)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["Generation", "GenerationStats"]
+
+
+@dataclass
+class GenerationStats:
+    """Per-run measurements. Acceptance: ``accepted_lengths`` holds, per verification, the
+    number of drafts accepted; ``acceptance_rate`` = accepted drafts / verified drafts."""
+
+    method: str = ""
+    new_tokens: int = 0
+    wall_s: float = 0.0
+    tpt_s: float = 0.0  # wall time per generated token, from session open to the last verdict
+    drafted: int = 0
+    verifications: int = 0
+    rollbacks: int = 0
+    accepted_lengths: list = field(default_factory=list)
+    verified_drafts: int = 0
+    accepted_drafts: int = 0
+    batch_sizes: list = field(default_factory=list)
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    cloud_forwards: int = 0  # target token-forwards the cloud reported
+    wasted_forwards: int = 0  # scored drafts that were rejected
+    cloud_busy_s: float = 0.0
+    trigger_reasons: dict = field(default_factory=dict)
+    bonus_tokens: int = 0  # target tokens that came free with a full acceptance (continuation rule)
+    bonus_kept: int = 0  # of those, equal to the edge's draft there: its later drafts stood
+    hints_sent: int = 0  # drafts sent as hints (no q on the wire: only compared with a bonus)
+    tuner: Optional[dict] = None  # the tuner's state and history, when one runs
+    tau_seq: float = 0.0
+    tau_tok: float = 0.0
+    cost_g_s: float = 0.0
+    cost_s_s: float = 0.0
+    cost_c_s: float = 0.0
+    edge_overhead_s: float = 0.0  # compute + send threads' time outside the draft forward, padding, waits and the wire
+    # Offline robustness (docs/reliability.md).
+    offline_episodes: int = 0  # times the cloud was lost (a failed recovery continues the episode)
+    reconnects: int = 0  # new connections made after a loss
+    offline_tokens: int = 0  # tokens drafted while offline (unverified when shown)
+    offline_s: float = 0.0  # time from each loss to the first verdict after it (or to the end)
+    unverified_tokens: int = 0  # tokens of the output still unverified at the end
+
+    timeline: list = field(default_factory=list)  # (lane, t0, t1, info) relative to the start
+
+    @property
+    def edge_overhead_per_draft_s(self) -> float:
+        return self.edge_overhead_s / self.drafted if self.drafted else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_drafts / self.verified_drafts if self.verified_drafts else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        return float(np.mean(self.accepted_lengths)) if self.accepted_lengths else 0.0
+
+    def observe_verdict(self, n_seg: int, accepted: int, forwards: int, busy_s: float) -> None:
+        """One verdict for a segment of ``n_seg`` drafts."""
+        self.verifications += 1
+        self.verified_drafts += n_seg
+        self.accepted_drafts += accepted
+        self.accepted_lengths.append(accepted)
+        self.cloud_forwards += forwards
+        self.wasted_forwards += n_seg - accepted
+        self.cloud_busy_s += busy_s
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "timeline"}
+        d["acceptance_rate"] = self.acceptance_rate
+        d["mean_accepted"] = self.mean_accepted
+        d["edge_overhead_per_draft_s"] = self.edge_overhead_per_draft_s
+        return d
+
+
+@dataclass
+class Generation:
+    """The output. ``token_ids[:unverified_from]`` is exactly the target's; the rest (only when
+    the run ended while the cloud was unreachable, offline policy "draft") is the draft's alone.
+    ``unverified_from`` is None when everything was verified."""
+
+    text: str
+    token_ids: list
+    stats: GenerationStats
+    prompt_ids: list = field(default_factory=list)
+    finish_reason: str = "length"  # "length" | "eos"
+    unverified_from: Optional[int] = None
+
+    @property
+    def verified(self) -> bool:
+        return self.unverified_from is None
+
+    @property
+    def verified_token_ids(self) -> list:
+        return self.token_ids if self.unverified_from is None else self.token_ids[: self.unverified_from]
