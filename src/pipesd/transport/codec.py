@@ -6,12 +6,13 @@ body. Bodies are a little-endian fixed header, then raw ``int32``/``float32`` ar
 counted from the type byte, so a reader that receives the ``N`` bytes after the prefix into
 a fresh buffer gets aligned arrays.
 
-Every message has one declarative :class:`Schema` in :data:`SCHEMAS`: its fields in wire
-order (:class:`Scalar`, :class:`Count`, :class:`Flags`, :class:`Pad`, :class:`Array`,
-:class:`Str`, each with its limits) and its cross-field ``checks``. At import each schema is
-compiled into a straight-line encoder and decoder (Python source generated from it, like
-``dataclasses`` does: ``SCHEMAS[M.DraftBatch].source``), and the same schema renders the
-field tables of ``docs/wire.md`` (:func:`render_wire_doc`; a test keeps them equal).
+Every message has one declarative :class:`~pipesd.transport.schema.Schema` in :data:`SCHEMAS`:
+its fields in wire order and its cross-field checks, in the schema language of
+:mod:`pipesd.transport.schema`. At import each schema is compiled into a straight-line encoder
+and decoder (Python source generated from it, like ``dataclasses`` does:
+``SCHEMAS[M.DraftBatch].source``) that call the runtime helpers defined here, and the same
+schema renders the field tables of ``docs/wire.md`` (:func:`render_wire_doc`; a test keeps
+them equal). This module holds the messages' schemas, those helpers, encode/decode and the docs.
 
 Why hand-written rather than pickle or msgpack: pickle executes code from the peer; msgpack
 is a dependency and copies arrays into Python objects. Here arrays decode zero-copy
@@ -22,17 +23,16 @@ refused before anything is allocated for it.
 """
 from __future__ import annotations
 
-import ast
-import dataclasses
-import linecache
 import re
 import struct
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
 
 from pipesd.transport import messages as M
+from pipesd.transport.schema import (Array, Check, Count, Flags, Pad, Scalar, Schema, Str, compile_schema, range_words,
+                                     ranged, wire_format)
+from pipesd.transport.schema import validate as _validate  # noqa: F401 - codec._validate, for the tests
 
 __all__ = ["ProtocolError", "encode", "decode", "decode_payload", "decode_frame", "FrameReader", "check_length",
            "check_token_ids", "SCHEMAS", "Schema", "Scalar", "Count", "Flags", "Pad", "Array", "Str", "Check",
@@ -82,114 +82,8 @@ def _field(msg: str, code: int = M.E_BAD_FIELD) -> ProtocolError:
     return ProtocolError(code, msg)
 
 
-# ----------------------------------------------------------------------------- the schema
-@dataclass(frozen=True)
-class Scalar:
-    """A number of the message. ``wire``: ``u8 u16 u32 u64 i32 i64 f64``; an ``f64`` must be
-    finite. ``lo``/``hi`` (inclusive) are checked on receipt; the encoder refuses only what
-    the wire type cannot hold."""
-
-    name: str
-    wire: str
-    lo: Optional[float] = None
-    hi: Optional[float] = None
-    doc: str = ""
-
-
-@dataclass(frozen=True)
-class Count:
-    """A ``u32`` that is not in the message: an array dimension, named in an :class:`Array`'s
-    ``shape``. With ``when`` (a flag) it is within ``[lo, hi]`` with that flag and 0 without;
-    ``code`` is the error for one out of range (``E_LIMIT`` for a limit on work)."""
-
-    name: str
-    lo: Optional[int] = None
-    hi: Optional[int] = None
-    when: str = ""
-    code: int = M.E_BAD_FIELD
-    doc: str = ""
-
-
-@dataclass(frozen=True)
-class Flags:
-    """A ``u8`` of bits, ``(bit, name)``: a ``bool`` of the message, or a flag the codec
-    derives (``Array.when``/``Array.implicit``). Unknown bits are refused."""
-
-    bits: tuple
-    name: str = "flags"
-    doc: str = ""
-
-
-@dataclass(frozen=True)
-class Pad:
-    """``size`` zero bytes (refused otherwise): the next array starts 4-aligned."""
-
-    size: int
-
-
-@dataclass(frozen=True)
-class Array:
-    """Raw little-endian ``i32``/``f32`` (``dtype``) of ``shape``: :class:`Count` names, or
-    ``"count-flag"`` (one fewer with that flag; the flag needs ``count >= 1``). Decodes as a
-    view of the frame. ``when``: present exactly with that flag (the encoder sets it when the
-    array is not None; arrays with the same ``when`` go together). ``implicit``: with that
-    flag the array is not sent and decodes as rows ``0 .. k-1`` (the encoder sets it when every
-    row is so). Rules on receipt: ``lo`` (every element), ``prob`` (finite, in [0, 1]),
-    ``rows_sum_to_one`` (within ``Q_SUM_TOL``)."""
-
-    name: str
-    dtype: str
-    shape: tuple
-    lo: Optional[int] = None
-    prob: bool = False
-    rows_sum_to_one: bool = False
-    when: str = ""
-    implicit: str = ""
-    doc: str = ""
-
-
-@dataclass(frozen=True)
-class Str:
-    """``u16 L`` + ``L`` bytes of UTF-8, ``L <= limit``. ``cut``: the encoder cuts a longer
-    text at a character boundary instead of refusing it."""
-
-    name: str
-    limit: int
-    cut: bool = False
-    doc: str = ""
-
-
-
-@dataclass(frozen=True)
-class Check:
-    """A rule across fields, checked on receipt: ``expr`` (Python over the field names) must
-    hold; ``text`` says it in words (the error message and ``docs/wire.md``)."""
-
-    expr: str
-    text: str
-
-
-@dataclass(eq=False)
-class Schema:
-    """One message on the wire: its class, type tag, sender and fields in wire order."""
-
-    cls: type
-    tag: int
-    sender: str
-    fields: tuple
-    checks: tuple = ()
-    head: struct.Struct = dataclasses.field(init=False)
-    """The fixed fields (numbers, counts, flags; padding included, packed as zeros)."""
-    source: str = dataclasses.field(init=False, repr=False)
-    """The generated encoder and decoder."""
-
-    @property
-    def name(self) -> str:
-        return self.cls.__name__
-
-
 # ----------------------------------------------------------------------------- the messages
-_WIRE = (  # compiled into SCHEMAS once the compiler below is defined
+_WIRE = (  # compiled into SCHEMAS once the helpers below are defined
     Schema(M.Hello, M.T_HELLO, "edge -> cloud, first frame", (
         Scalar("version", "u16", doc="any (the server refuses other than `PROTOCOL_VERSION` with `E_VERSION`)"),
         Str("auth_token", MAX_AUTH_BYTES),
@@ -390,324 +284,22 @@ class _Reader:
 
 
 # ----------------------------------------------------------------------------- schema -> code
-_DTYPE = {"i32": "<i4", "f32": "<f4"}
-_SCALAR = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q", "i32": "i", "i64": "q", "f64": "d"}
-_FIXED = (Scalar, Count, Flags, Pad)
 SCHEMAS: dict = {}
 """Message class -> :class:`Schema`, in type-tag order."""
 _ENCODERS: dict = {}  # message class -> encode function (whole frame)
 _DECODERS: dict = {}  # type tag -> decode function (body -> message)
 _TYPE_NAMES: dict = {}
-
-
-def _split(s: Schema) -> tuple[list, list]:
-    fixed = [f for f in s.fields if isinstance(f, _FIXED)]
-    return fixed, list(s.fields[len(fixed):])
-
-
-def _dim(d: str) -> tuple[str, str]:
-    """``"n"`` -> ``("n", "")``; ``"n-hint"`` -> ``("n", "hint")``."""
-    count, _, flag = d.partition("-")
-    return count, flag
-
-
-def _dim_expr(d: str) -> str:
-    count, flag = _dim(d)
-    return f"({count} - {flag})" if flag else count
-
-
-def _sent(a: Array) -> str:
-    """The condition under which array ``a`` is on the wire ("" when always)."""
-    return " and ".join(c for c in (a.when, a.implicit and f"not {a.implicit}") if c)
-
-
-def _ranged(f) -> bool:
-    return f.lo is not None or f.hi is not None
-
-
-def _bad_range(var: str, lo, hi) -> str:
-    """A condition true when ``var`` is outside ``[lo, hi]`` (None: unbounded)."""
-    if lo is not None and hi is not None:
-        return f"not {lo!r} <= {var} <= {hi!r}"
-    return f"{var} < {lo!r}" if lo is not None else f"{var} > {hi!r}"
-
-
-def _range_words(lo, hi) -> str:
-    if lo is not None and hi is not None:
-        return f"in [{_num(lo)}, {_num(hi)}]"
-    return f">= {_num(lo)}" if lo is not None else f"<= {_num(hi)}"
-
-
-def _num(x) -> str:
-    """2^20 rather than 1048576 (docs and messages)."""
-    if isinstance(x, int) and x >= 1024 and x & (x - 1) == 0:
-        return f"2^{x.bit_length() - 1}"
-    return f"{x:g}"
-
-
-def _validate(s: Schema) -> None:
-    """The schema against its dataclass and itself (a mistake here is a bug: raise at import)."""
-    fixed, rest = _split(s)
-    if any(isinstance(f, _FIXED) for f in rest):
-        raise TypeError(f"{s.name}: numbers, counts, flags and padding come before arrays and strings")
-    bits = [name for f in fixed if isinstance(f, Flags) for _, name in f.bits]
-    own = {f.name for f in s.fields if isinstance(f, (Scalar, Array, Str))}
-    fields = {f.name for f in dataclasses.fields(s.cls)}
-    derived = set(bits) - fields
-    if own | (set(bits) & fields) != fields:
-        raise TypeError(f"{s.name}: the schema's fields {sorted(own | set(bits))} do not cover the dataclass's "
-                        f"{sorted(fields)}")
-    counts = {f.name: f for f in fixed if isinstance(f, Count)}
-    arrays = [f for f in rest if isinstance(f, Array)]
-    used = {c for a in arrays for c in (a.when, a.implicit) if c} | {c.when for c in counts.values() if c.when}
-    if used - set(bits) or derived - used:
-        raise TypeError(f"{s.name}: flags {sorted(used ^ derived)} are neither fields nor used by arrays")
-    defined: set = set()
-    for a in arrays:
-        for d in a.shape:
-            c, flag = _dim(d)
-            if c not in counts or (flag and flag not in bits):
-                raise TypeError(f"{s.name}.{a.name}: shape {a.shape} names an unknown count or flag")
-            if c not in defined and counts[c].when != a.when:
-                raise TypeError(f"{s.name}.{a.name}: count {c} is first given by an array with a different `when`")
-            defined.add(c)
-    if set(counts) - defined:
-        raise TypeError(f"{s.name}: counts {sorted(set(counts) - defined)} size no array")
-    for c in s.checks:  # a misspelt name would be a NameError on receipt, not a ProtocolError
-        free = {x.id for x in ast.walk(ast.parse(c.expr, mode="eval")) if isinstance(x, ast.Name)}
-        if free - fields - set(bits) - set(counts):
-            raise TypeError(f"{s.name}: check {c.expr!r} names {sorted(free - fields - set(bits) - set(counts))}")
-    off, after_str = 1 + struct.calcsize("<" + "".join(_fmt(f, True) for f in fixed)), False
-    for f in rest:
-        if isinstance(f, Array) and (off % 4 or after_str):
-            raise TypeError(f"{s.name}.{f.name}: the array would not start 4-aligned (pad the header)")
-        after_str |= isinstance(f, Str)
-
-
-def _fmt(f, pack: bool) -> str:
-    if isinstance(f, Scalar):
-        return _SCALAR[f.wire]
-    if isinstance(f, Count):
-        return "I"
-    if isinstance(f, Flags):
-        return "B"
-    return f"{f.size}x" if pack else f"{f.size}s"
-
-
-class _Src:
-    """Lines of generated Python."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __call__(self, indent: int, line: str) -> None:
-        self.lines.append("    " * indent + line)
-
-    def raise_(self, indent: int, err: str, text: str, *args: str, code: int = 0) -> None:
-        """``raise err(text % args)``: ``text`` a constant, ``args`` expressions."""
-        msg = repr(text) + (f" % ({', '.join(args)},)" if args else "")
-        self(indent, f"raise {err}({msg}{f', {code}' if code not in (0, M.E_BAD_FIELD) else ''})")
-
-    def raise_if(self, indent: int, cond: str, err: str, text: str, *args: str, code: int = 0) -> None:
-        self(indent, f"if {cond}:")
-        self.raise_(indent + 1, err, text, *args, code=code)
-
-
-def _decoder_source(s: Schema) -> str:
-    N = s.name
-    fixed, rest = _split(s)
-    src = _Src()
-    src(0, f"def decode_{N}(r):")
-    names = [f"_pad{i}" if isinstance(f, Pad) else f.name for i, f in enumerate(fixed)]
-    src(1, f"{', '.join(names)}{',' if len(names) == 1 else ''} = r.unpack(_unpack)")
-    for name, f in zip(names, fixed):
-        if isinstance(f, Pad):
-            src.raise_if(1, f"{name} != {bytes(f.size)!r}", "_bad", f"{N}: non-zero padding")
-    for f in fixed:
-        if isinstance(f, Flags):
-            mask = sum(bit for bit, _ in f.bits)
-            src.raise_if(1, f"{f.name} & {~mask & 0xFF:#x}", "_field", f"{N}: unknown flags %#x", f.name)
-            for bit, name in f.bits:
-                src(1, f"{name} = bool({f.name} & {bit})")
-    for f in fixed:
-        if isinstance(f, Scalar):
-            if f.wire == "f64":
-                src.raise_if(1, f"not ({f.name} - {f.name} == 0.0)", "_field", f"{N}: {f.name} must be finite")
-            if _ranged(f):
-                src.raise_if(1, _bad_range(f.name, f.lo, f.hi), "_field",
-                             f"{N}: {f.name} %r must be {_range_words(f.lo, f.hi)}", f.name)
-        elif isinstance(f, Count):
-            cond = _bad_range(f.name, f.lo, f.hi) if _ranged(f) else ""
-            if f.when:
-                src(1, f"if {f.when}:")
-                if cond:
-                    src.raise_if(2, cond, "_field", f"{N}: {f.name} %d must be {_range_words(f.lo, f.hi)}",
-                                 f.name, code=f.code)
-                else:
-                    src(2, "pass")
-                src(1, f"elif {f.name}:")
-                src.raise_(2, "_field", f"{N}: {f.name} %d without flag {f.when} (must be 0)", f.name)
-            elif cond:
-                src.raise_if(1, cond, "_field", f"{N}: {f.name} %d must be {_range_words(f.lo, f.hi)}", f.name,
-                             code=f.code)
-    arrays = [f for f in rest if isinstance(f, Array)]
-    for flag, when in dict.fromkeys((a.implicit, a.when) for a in arrays if a.implicit):
-        src.raise_if(1, f"{flag} and not {when}", "_field", f"{N}: flag {flag} without flag {when}")
-    for count, flag in dict.fromkeys(_dim(d) for a in arrays for d in a.shape if _dim(d)[1]):
-        src.raise_if(1, f"{flag} and not {count}", "_field", f"{N}: with flag {flag}, {count} must be >= 1")
-    for f in rest:
-        if isinstance(f, Str):
-            src(1, f"{f.name} = r.string({f.limit}, {f.name!r})")
-            continue
-        ind, dims = 1, [_dim_expr(d) for d in f.shape]
-        cond = _sent(f)
-        if cond:
-            src(1, f"{f.name} = None")
-            src(1, f"if {cond}:")
-            ind = 2
-        shape = f".reshape({', '.join(dims)})" if len(dims) > 1 else ""
-        src(ind, f"{f.name} = r.array({_DTYPE[f.dtype]!r}, {' * '.join(dims)}, {f.name!r}){shape}")
-        if f.lo is not None:
-            src.raise_if(ind, f"{f.name}.size and {f.name}.min() < {f.lo!r}", "_field",
-                         f"{N}: {f.name} must be >= {f.lo}")
-        if f.prob:
-            src(ind, f"_check_probs({f.name}, {N + ': ' + f.name!r})")
-        if f.rows_sum_to_one:
-            src(ind, f"_check_rows({f.name}, {N + ': ' + f.name!r})")
-    src(1, "r.end()")
-    for f in arrays:
-        if f.implicit:
-            src(1, f"if {f.implicit}:")
-            src(2, f"{f.name} = _arange_rows({', '.join(_dim_expr(d) for d in f.shape)})")
-    for c in s.checks:
-        src.raise_if(1, f"not ({c.expr})", "_field", f"{N}: breaks `{c.expr}` ({c.text})")
-    src(1, f"return _cls({', '.join(f'{x.name}={x.name}' for x in dataclasses.fields(s.cls))})")
-    return "\n".join(src.lines) + "\n"
-
-
-def _encoder_source(s: Schema) -> str:
-    N = s.name
-    fixed, rest = _split(s)
-    fields = {f.name for f in dataclasses.fields(s.cls)}
-    counts = {f.name: f for f in fixed if isinstance(f, Count)}
-    src = _Src()
-    src(0, f"def encode_{N}(msg):")
-    flags = [(bit, name) for f in fixed if isinstance(f, Flags) for bit, name in f.bits]
-    implicit = {f.implicit for f in rest if isinstance(f, Array)}
-    for _, name in flags:
-        if name in fields or name in implicit:
-            src(1, f"{name} = bool(msg.{name})" if name in fields else f"{name} = False")
-    for c in counts.values():
-        if c.when:
-            src(1, f"{c.name} = 0")
-    known: set = set()
-    seen: set = set()
-
-    def define(ind: int, count: str, value: str) -> None:
-        known.add(count)
-        src(ind, f"{count} = {value}")
-        c = counts[count]
-        if _ranged(c):
-            src.raise_if(ind, _bad_range(count, c.lo, c.hi), "ValueError",
-                         f"{N}: {count} %d must be {_range_words(c.lo, c.hi)}", count)
-        for a in rest:  # a flag that takes one off this count needs it >= 1
-            for d in getattr(a, "shape", ()):
-                cnt, flag = _dim(d)
-                if cnt == count and flag and (count, flag) not in seen:
-                    seen.add((count, flag))
-                    src.raise_if(ind, f"{flag} and not {count}", "ValueError",
-                                 f"{N}: with flag {flag}, {count} must be >= 1")
-
-    groups: dict = {}
-    parts = []
-    for f in rest:
-        if isinstance(f, Str):
-            text = f"_error_text(msg.{f.name})" if f.cut else f"_utf8(msg.{f.name}, {f.limit}, {f.name!r})"
-            parts.append(("", f"_str({text})"))
-            continue
-        ind = 1
-        if f.when:
-            if f.when not in groups:
-                groups[f.when] = f.name
-                src(1, f"{f.when} = msg.{f.name} is not None")
-            else:
-                src.raise_if(1, f"(msg.{f.name} is not None) != {f.when}", "ValueError",
-                             f"{N}: {groups[f.when]} and {f.name} go together")
-            src(1, f"{f.name} = None")
-            src(1, f"if {f.when}:")
-            ind = 2
-        conv = "_i32" if f.dtype == "i32" else "_f32"
-        if len(f.shape) == 1:
-            src(ind, f"{f.name} = {conv}(msg.{f.name}, {f.name!r}).reshape(-1)")
-            d = f.shape[0]
-            if _dim(d)[0] in known:
-                src.raise_if(ind, f"len({f.name}) != {_dim_expr(d)}", "ValueError",
-                             f"{N}: {f.name} has %d entries; {d} is %d", f"len({f.name})", _dim_expr(d))
-            else:
-                define(ind, _dim(d)[0], f"len({f.name})")
-        else:
-            src(ind, f"{f.name} = np.asarray(msg.{f.name})" if f.implicit else
-                f"{f.name} = {conv}(msg.{f.name}, {f.name!r})")
-            checks = [f"{f.name}.ndim != {len(f.shape)}"] + [
-                f"{f.name}.shape[{i}] != {_dim_expr(d)}" for i, d in enumerate(f.shape) if _dim(d)[0] in known]
-            want = ", ".join(f"{d}=%d" for d in f.shape if _dim(d)[0] in known)
-            src.raise_if(ind, " or ".join(checks), "ValueError",
-                         f"{N}: {f.name} must have shape [{', '.join(f.shape)}] ({want}); got %s",
-                         *[_dim_expr(d) for d in f.shape if _dim(d)[0] in known], f"{f.name}.shape")
-            for i, d in enumerate(f.shape):
-                if _dim(d)[0] not in known:
-                    define(ind, _dim(d)[0], f"{f.name}.shape[{i}]")
-            if f.implicit:
-                src(ind, f"{f.implicit} = _is_dense({f.name})")
-                src(ind, f"if not {f.implicit}:")
-                src(ind + 1, f"{f.name} = _i32({f.name}, {f.name!r})")
-        parts.append((_sent(f), f"_raw({f.name})"))
-    values = []
-    for f in fixed:
-        if isinstance(f, Scalar):
-            values.append(f"float(msg.{f.name})" if f.wire == "f64" else f"msg.{f.name}")
-        elif isinstance(f, Count):
-            values.append(f.name)
-        elif isinstance(f, Flags):
-            values.append(f"({' | '.join(f'({bit} if {name} else 0)' for bit, name in f.bits)})")
-    head = f"_pack(_head, {N!r}, {', '.join(values)})"
-    lead = 0  # the parts before the first conditional one go in the list's display
-    while lead < len(parts) and not parts[lead][0]:
-        lead += 1
-    listed = ", ".join([head] + [p for _, p in parts[:lead]])
-    if lead == len(parts):
-        src(1, f"return _frame(_tag, [{listed}])")
-    else:
-        src(1, f"parts = [{listed}]")
-        for cond, p in parts[lead:]:
-            if cond:
-                src(1, f"if {cond}:")
-            src(2 if cond else 1, f"parts.append({p})")
-        src(1, "return _frame(_tag, parts)")
-    return "\n".join(src.lines) + "\n"
-
-
-def _compile(s: Schema) -> None:
-    _validate(s)
-    fixed, _ = _split(s)
-    s.head = struct.Struct("<" + "".join(_fmt(f, True) for f in fixed))
-    s.source = _decoder_source(s) + "\n\n" + _encoder_source(s)
-    filename = f"<pipesd wire schema {s.name}>"
-    linecache.cache[filename] = (len(s.source), None, s.source.splitlines(True), filename)  # readable tracebacks
-    ns = {"__name__": __name__, "np": np, "_cls": s.cls, "_tag": bytes((s.tag,)), "_head": s.head,
-          "_unpack": struct.Struct("<" + "".join(_fmt(f, False) for f in fixed)), "_bad": _bad, "_field": _field,
-          "_check_probs": _check_probs, "_check_rows": _check_rows, "_arange_rows": _arange_rows, "_i32": _i32,
-          "_f32": _f32, "_raw": _raw, "_is_dense": _is_dense, "_utf8": _utf8, "_str": _str,
-          "_error_text": _error_text, "_pack": _pack, "_frame": _frame}
-    exec(compile(s.source, filename, "exec"), ns)
-    _DECODERS[s.tag] = ns[f"decode_{s.name}"]
-    _ENCODERS[s.cls] = ns[f"encode_{s.name}"]
-    _TYPE_NAMES[s.tag] = s.name
-    SCHEMAS[s.cls] = s
-
+_HELPERS = {"__name__": __name__, "np": np, "_bad": _bad, "_field": _field, "_check_probs": _check_probs,
+            "_check_rows": _check_rows, "_arange_rows": _arange_rows, "_i32": _i32, "_f32": _f32, "_raw": _raw,
+            "_is_dense": _is_dense, "_utf8": _utf8, "_str": _str, "_error_text": _error_text, "_pack": _pack,
+            "_frame": _frame}
+"""What the generated code sees (:data:`pipesd.transport.schema.HELPERS`); ``__name__`` makes it
+this module's code (tracebacks, the fuzzer's instrumentation)."""
 
 for _s in _WIRE:
-    _compile(_s)
+    _DECODERS[_s.tag], _ENCODERS[_s.cls] = compile_schema(_s, _HELPERS)
+    _TYPE_NAMES[_s.tag] = _s.name
+    SCHEMAS[_s.cls] = _s
 del _s
 
 
@@ -843,9 +435,9 @@ def _rule(f) -> str:
     """The rule column of ``f``'s row."""
     words = []
     if isinstance(f, Scalar):
-        words = (["finite"] if f.wire == "f64" else []) + ([_range_words(f.lo, f.hi)] if _ranged(f) else [])
+        words = (["finite"] if f.wire == "f64" else []) + ([range_words(f.lo, f.hi)] if ranged(f) else [])
     elif isinstance(f, Count):
-        rng = _range_words(f.lo, f.hi) if _ranged(f) else ""
+        rng = range_words(f.lo, f.hi) if ranged(f) else ""
         code = " (`E_LIMIT`)" if rng and f.code == M.E_LIMIT else ""
         words = [f"{rng} with {f.when}, else 0" if f.when else rng + code]
     elif isinstance(f, Flags):
@@ -869,7 +461,7 @@ def _size(f) -> tuple[int, str, int]:
         return 0, "".join(dims), 4
     if isinstance(f, Str):
         return _STR.size, f"len({f.name})", 1
-    return struct.calcsize("<" + _fmt(f, True)), "", 0
+    return struct.calcsize("<" + wire_format(f, True)), "", 0
 
 
 def _sum(const: int, terms: dict) -> str:
