@@ -343,7 +343,7 @@ def _word_tokenizer(n: int, eos: str = "<eos>"):
 
 def test_mismatched_vocab_refused(model):
     other = tiny_llama(vocab=41, seed=3)
-    with pytest.raises(ValueError, match="draft 41, target 40"):
+    with pytest.raises(ValueError, match="draft 41 logits, target 40"):
         check_same_vocab(DraftModel(other), TargetModel(model))
     # different tokenizers are refused even with equal logit counts
     with pytest.raises(ValueError, match="tokenizers differ"):

@@ -190,34 +190,36 @@ def robust_line_fit(x: Sequence[float], y: Sequence[float], prior_slope: float) 
     def converged(a0, b0, a1, b1):
         return abs(a1 - a0) + abs(b1 - b0) * xabs <= 1e-10 * (abs(a1) + abs(b1) * xabs) + 1e-300
 
-    it = 0
-    while it < MAX_FIT_ITERS:
-        it += 1
-        r, sc = scale_of(a, b)
+    def irls(a, b, it, weights, steps):
+        """Up to ``steps`` weighted fits from ``(a, b)`` (and none past ``MAX_FIT_ITERS`` in all),
+        ``weights(a, b)`` each; stops at a degenerate fit or on convergence."""
+        for _ in range(steps):
+            if it >= MAX_FIT_ITERS:
+                break
+            it += 1
+            fit = _wls(x, y, weights(a, b))
+            if fit is None:
+                break
+            done = converged(a, b, fit[0], fit[1])
+            a, b = fit
+            if done:
+                break
+        return a, b, it
+
+    def huber(a0, b0):
+        r, sc = scale_of(a0, b0)
         kc = 1.345 * sc
-        w = [1.0 if abs(ri) <= kc else kc / abs(ri) for ri in r]
-        fit = _wls(x, y, w)
-        if fit is None:
-            break
-        done = converged(a, b, fit[0], fit[1])
-        a, b = fit
-        if done:
-            break
+        return [1.0 if abs(ri) <= kc else kc / abs(ri) for ri in r]
+
+    a, b, it = irls(a, b, 0, huber, MAX_FIT_ITERS)
     _, sc = scale_of(a, b)
     kb = 4.685 * sc
-    p = 0
-    while p < 10 and it < MAX_FIT_ITERS:
-        p += 1
-        it += 1
+
+    def biweight(a0, b0):
         w = []
         for xi, yi in zip(x, y):
-            u = (yi - (a + b * xi)) / kb
+            u = (yi - (a0 + b0 * xi)) / kb
             w.append((1.0 - u * u) * (1.0 - u * u) if abs(u) < 1.0 else 0.0)
-        fit = _wls(x, y, w)
-        if fit is None:
-            break
-        done = converged(a, b, fit[0], fit[1])
-        a, b = fit
-        if done:
-            break
-    return a, b, it
+        return w
+
+    return irls(a, b, it, biweight, 10)

@@ -34,6 +34,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from pipesd.models.pairing import PairMismatch, check_tokenizers
+
 __all__ = ["PairMismatch", "PairReport", "resolve_model", "check_tokenizers", "load_prompts", "default_prompts",
            "measure_agreement", "measure_costs", "fit_confidences", "suggest", "check_pair", "format_report"]
 
@@ -48,10 +50,6 @@ GENERIC_PROMPTS = [
 #: Thresholds searched for the suggestion: what matters is the number of nines (docs/tuning.md).
 TAU_GRID = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
 K_GRID = tuple(range(1, 9))
-
-
-class PairMismatch(ValueError):
-    """The draft and the target cannot be used together (tokenizers or vocabularies differ)."""
 
 
 # ---------------------------------------------------------------------------------- models
@@ -79,54 +77,6 @@ def _bundled_name(spec: str) -> Optional[str]:
 
     name = spec.partition(":")[0]
     return name if not Path(spec).is_dir() and name in zoo.available() else None
-
-
-def check_tokenizers(draft_tok, target_tok, draft_vocab: int, target_vocab: int) -> dict:
-    """Refuse a pair without one shared tokenizer; returns what was compared.
-
-    Both tokenizers known: their fingerprints (vocabulary, EOS, BOS) must match; the error
-    names the first ids that differ. One missing: the logit counts must match (and a warning
-    says so). Each model must have a logit row per tokenizer entry.
-    """
-    from pipesd.fingerprint import tokenizer_fingerprint
-
-    if draft_tok is None and target_tok is None:
-        if draft_vocab != target_vocab:
-            raise PairMismatch(f"vocabulary sizes differ: draft {draft_vocab} logits, target {target_vocab}")
-        return {"fingerprint": "", "compared": "logit counts only (no tokenizer files)", "vocab": draft_vocab}
-    if draft_tok is None or target_tok is None:
-        if draft_vocab != target_vocab:
-            raise PairMismatch(f"vocabulary sizes differ: draft {draft_vocab} logits, target {target_vocab}")
-        return {"fingerprint": tokenizer_fingerprint(draft_tok or target_tok),
-                "compared": f"logit counts only (the {'draft' if draft_tok is None else 'target'} has no tokenizer)",
-                "vocab": draft_vocab}
-    fd, ft = tokenizer_fingerprint(draft_tok), tokenizer_fingerprint(target_tok)
-    if fd != ft:
-        raise PairMismatch(f"draft and target tokenizers differ (fingerprints {fd} vs {ft}): "
-                           f"{_first_differences(draft_tok, target_tok)}. Speculative decoding needs one shared "
-                           "tokenizer: pick a draft from the target's model family")
-    n = len(target_tok)
-    if draft_vocab < n or target_vocab < n:
-        raise PairMismatch(f"a model has fewer logits than the tokenizer has tokens: draft {draft_vocab}, "
-                           f"target {target_vocab}, tokenizer {n}")
-    return {"fingerprint": fd, "compared": "tokenizer fingerprint (vocabulary, EOS, BOS)", "vocab": n}
-
-
-def _first_differences(a, b, limit: int = 3) -> str:
-    va = {i: t for t, i in a.get_vocab().items()}
-    vb = {i: t for t, i in b.get_vocab().items()}
-    parts = []
-    if len(va) != len(vb):
-        parts.append(f"{len(va)} tokens in the draft's tokenizer, {len(vb)} in the target's")
-    diffs = [i for i in sorted(set(va) | set(vb)) if va.get(i) != vb.get(i)]
-    if diffs:
-        shown = ", ".join(f"id {i}: draft {va.get(i)!r} vs target {vb.get(i)!r}" for i in diffs[:limit])
-        parts.append(f"first differing ids: {shown}" + (f" ({len(diffs)} ids differ)" if len(diffs) > limit else ""))
-    for name in ("eos_token_id", "bos_token_id"):
-        x, y = getattr(a, name, None), getattr(b, name, None)
-        if x != y:
-            parts.append(f"{name}: draft {x} vs target {y}")
-    return "; ".join(parts) or "same tokens, different special tokens"
 
 
 # ---------------------------------------------------------------------------------- prompts
@@ -236,7 +186,9 @@ def _greedy(target, prompt: list[int], n: int) -> list[int]:
 
 def measure_costs(draft, target, prompt: Sequence[int], reps: int = 15) -> dict:
     """Median seconds: one draft step; target scoring of 1 and of 8 draft tokens after a cached
-    context (a different first token every time, so the tokens are really fed)."""
+    context (a different first token every time, so the tokens are really fed: the kept rows of
+    the previous draft do not apply, the context stays cached). Also what the zoo's training
+    script times for the model card (:func:`pipesd.zoo.train.time_runners`)."""
     from pipesd.sampling import SamplingParams
 
     prompt = list(prompt)[: max(1, min(_max_positions(draft.model), _max_positions(target.model)) - reps - 16)]
@@ -257,9 +209,11 @@ def measure_costs(draft, target, prompt: Sequence[int], reps: int = 15) -> dict:
             ts = []
             for r in range(reps):
                 d = [(r * 31 + j * 7 + 1) % V for j in range(k)]
+                f0 = target.forwards
                 t0 = time.perf_counter()
                 s.score(d)
                 ts.append(time.perf_counter() - t0)
+                assert target.forwards - f0 == k
             out[f"target_score_{k}_s"] = statistics.median(ts)
     finally:
         s.close()

@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from pipesd.models._kvcache import _cache_kvs, _cache_kwarg, _cache_len, _crop, _new_cache
+from pipesd.models.pairing import check_same_vocab  # re-exported: the pair check lives with PairMismatch
 from pipesd.sampling import SamplingParams, draft_distribution, filtered_probs
 
 __all__ = ["DraftModel", "TargetModel", "TargetSession", "DraftStep", "DraftTree", "check_same_vocab",
@@ -46,42 +48,6 @@ def load_local(path: str | Path, dtype: Optional[torch.dtype] = None):
     except (OSError, ValueError):
         tok = None
     return model.eval(), tok
-
-
-# --------------------------------------------------------------------------- cache helpers
-def _cache_kwarg(model) -> str:
-    """transformers 5.x calls the KV cache argument ``cache``; 4.x ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _new_cache(kvs=None):
-    from transformers import DynamicCache
-
-    if kvs is None:
-        return DynamicCache()
-    return DynamicCache(ddp_cache_data=kvs)
-
-
-def _cache_len(cache) -> int:
-    return 0 if cache is None else int(cache.get_seq_length())
-
-
-def _cache_kvs(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if hasattr(cache, "layers"):  # transformers >= 4.56 / 5.x
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))  # older 4.x
-
-
-def _crop(cache, length: int):
-    """Keep the first ``length`` cached positions (``None`` for an empty cache)."""
-    n = _cache_len(cache)
-    if length <= 0:
-        return None
-    if length < n:
-        cache.crop(-(n - length))  # negative: remove that many (transformers 4.4x and 5.x alike)
-    return cache
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -601,27 +567,3 @@ class TargetModel:
             first = max(f, want)
             rows = out.logits[b, first - f:n].float()
             results[where[b]] = st.finish(seq, f, want, list(rows.unbind(0)))
-
-
-def check_same_vocab(draft, target) -> None:
-    """Refuse a draft/target pair that does not share one tokenizer.
-
-    With both tokenizers known they must have the same vocabulary and EOS; the models' logits
-    may be padded (e.g. 151,936 vs 152,064 rows) as long as each covers the tokenizer. With a
-    tokenizer missing, the logit counts must match exactly.
-    """
-    dv, tv = int(draft.vocab_size), int(target.vocab_size)
-    dt, tt = getattr(draft, "tokenizer", None), getattr(target, "tokenizer", None)
-    if dt is not None and tt is not None:
-        if dt.get_vocab() != tt.get_vocab() or getattr(dt, "eos_token_id", None) != getattr(tt, "eos_token_id", None):
-            raise ValueError(f"draft and target tokenizers differ (draft tokenizer {len(dt)} tokens, {dv} logits; "
-                             f"target tokenizer {len(tt)} tokens, {tv} logits): speculative decoding needs one "
-                             "shared tokenizer")
-        n = len(dt)
-        if dv < n or tv < n:
-            raise ValueError(f"a model has fewer logits than the tokenizer has tokens: draft {dv}, target {tv}, "
-                             f"tokenizer {n}")
-        return
-    if dv != tv:
-        raise ValueError(f"vocabulary sizes differ: draft {dv}, target {tv} (and no tokenizers to show they "
-                         "share one)")

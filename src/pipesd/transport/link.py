@@ -291,29 +291,26 @@ class LinkEmulator:
 
     def uplink_schedule(self, nbytes: int, now: Optional[float] = None) -> tuple[float, float]:
         """``(tx_end, deliver_at)`` of ``nbytes`` offered to the uplink at ``now`` (default ``clock()``)."""
-        if now is None:
-            now = self.clock()
-        with self._lock:
-            start = max(now, self._up_free)
-            end = self.up.transmit_end(start, nbytes, self.t0)
-            self._up_free = end
-            self.up_bytes += nbytes
-            self.up_messages += 1
-            self.up_busy_s += end - start
+        end = self._schedule("up", nbytes, now)
         return end, end + self.up.delay_s
 
     def downlink_schedule(self, nbytes: int, arrival: Optional[float] = None) -> float:
         """When ``nbytes`` that reached the downlink at ``arrival`` are delivered to the edge."""
-        if arrival is None:
-            arrival = self.clock()
+        return self._schedule("down", nbytes, arrival) + self.down.delay_s
+
+    def _schedule(self, d: str, nbytes: int, at: Optional[float]) -> float:
+        """Queue ``nbytes`` on direction ``d`` (``"up"``/``"down"``) at ``at`` (default ``clock()``)
+        behind what that direction already carries, count it in ``{d}_bytes`` / ``{d}_messages`` /
+        ``{d}_busy_s``; returns when it has left (its transmission end)."""
+        if at is None:
+            at = self.clock()
         with self._lock:
-            start = max(arrival, self._down_free)
-            end = self.down.transmit_end(start, nbytes, self.t0)
-            self._down_free = end
-            self.down_bytes += nbytes
-            self.down_messages += 1
-            self.down_busy_s += end - start
-        return end + self.down.delay_s
+            start = max(at, getattr(self, f"_{d}_free"))
+            end = getattr(self, d).transmit_end(start, nbytes, self.t0)
+            setattr(self, f"_{d}_free", end)
+            for stat, add in (("bytes", nbytes), ("messages", 1), ("busy_s", end - start)):
+                setattr(self, f"{d}_{stat}", getattr(self, f"{d}_{stat}") + add)
+        return end
 
     def sleep_until(self, t: float) -> None:
         """Sleep (with the injected ``sleep``) until ``clock()`` reaches ``t``."""

@@ -19,9 +19,10 @@ which either backend runs. ``backend(tensor)`` says which path runs (q rows wide
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional, Union
 
 import torch
@@ -363,39 +364,74 @@ def _run_nodes(nb: NodeBatch, force_triton: Optional[bool]):
 
 
 # ----------------------------------------------------------------------------- front-ends
-def _open(target_logits, mode: str):
-    """The opening both verifiers share: ``(logits[B, N, V], sample_mode, checks)``."""
-    logits = _logits(target_logits, "target_logits", 3)
-    if mode not in ("greedy", "sample"):
-        raise ValueError(f"mode: must be 'greedy' or 'sample', got {mode!r}")
-    return logits, mode == "sample", _Checks()
+@dataclass(frozen=True)
+class _Options:
+    """The keyword-only arguments :func:`verify_chain` and :func:`verify_tree` share, declared
+    once (documented at :func:`verify_chain`); :func:`_shared_options` lists them in both
+    public signatures."""
+
+    mode: str = "greedy"
+    draft_topk_ids: Optional[torch.Tensor] = None
+    draft_topk_probs: Optional[torch.Tensor] = None
+    temperature: PerRequest = None
+    top_k: PerRequest = None
+    top_p: PerRequest = None
+    min_p: PerRequest = None
+    seed: Union[int, torch.Tensor, None] = None
+    generator: Optional[torch.Generator] = None
+    bonus: Union[bool, torch.Tensor] = True
+    force_triton: Optional[bool] = None
+
+    @classmethod
+    def of(cls, fn: str, options: dict) -> "_Options":
+        """The ``**options`` of a call of ``fn``; an unknown name is the ``TypeError`` Python raises."""
+        for name in options:
+            if name not in _OPTION_NAMES:
+                raise TypeError(f"{fn}() got an unexpected keyword argument {name!r}")
+        return cls(**options)
+
+    def open(self, target_logits):
+        """The opening both verifiers share: ``(logits[B, N, V], sample_mode, checks)``."""
+        logits = _logits(target_logits, "target_logits", 3)
+        if self.mode not in ("greedy", "sample"):
+            raise ValueError(f"mode: must be 'greedy' or 'sample', got {self.mode!r}")
+        return logits, self.mode == "sample", _Checks()
+
+    def knobs(self, B: int, device, sample_mode: bool, checks: _Checks) -> dict:
+        """The per-request sampling parameters and bonus flags: NodeBatch's ``temps`` .. ``bonus`` fields."""
+        temps, tk, tp, mp = _params(B, device, sample_mode, self.temperature, self.top_k, self.top_p, self.min_p,
+                                    checks)
+        return dict(temps=temps, top_k=tk, top_p=tp, min_p=mp,
+                    bonus=_per_request(self.bonus, B, "bonus", True, "bool", device))
 
 
-def _knobs(B: int, device, sample_mode: bool, checks: _Checks, temperature, top_k, top_p, min_p, bonus) -> dict:
-    """The per-request sampling parameters and bonus flags: NodeBatch's ``temps`` .. ``bonus`` fields."""
-    temps, tk, tp, mp = _params(B, device, sample_mode, temperature, top_k, top_p, min_p, checks)
-    return dict(temps=temps, top_k=tk, top_p=tp, min_p=mp, bonus=_per_request(bonus, B, "bonus", True, "bool", device))
+_OPTION_NAMES = frozenset(f.name for f in fields(_Options))
+
+
+def _shared_options(fn):
+    """``fn(<layout>, **options)`` shows its true signature: ``**options`` are :class:`_Options`'
+    fields, keyword-only, with their annotations and defaults (``help``, ``inspect``, docs)."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+              for f in fields(_Options)]
+    fn.__signature__ = sig.replace(parameters=own + shared)
+    return fn
 
 
 # ----------------------------------------------------------------------------- public API
+@_shared_options
 def verify_chain(
     target_logits: torch.Tensor,
     draft_tokens: torch.Tensor,
     num_draft: Optional[torch.Tensor] = None,
-    *,
-    mode: str = "greedy",
-    draft_topk_ids: Optional[torch.Tensor] = None,
-    draft_topk_probs: Optional[torch.Tensor] = None,
-    temperature: PerRequest = None,
-    top_k: PerRequest = None,
-    top_p: PerRequest = None,
-    min_p: PerRequest = None,
-    seed: Union[int, torch.Tensor, None] = None,
-    generator: Optional[torch.Generator] = None,
-    bonus: Union[bool, torch.Tensor] = True,
-    force_triton: Optional[bool] = None,
+    **options,
 ) -> ChainVerdict:
     """Verify a ragged batch of draft chains in one launch.
+
+    ``**options``: the keyword-only ``mode``, ``draft_topk_ids``, ``draft_topk_probs``,
+    ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``, ``generator``, ``bonus``,
+    ``force_triton`` (declared once, in :class:`_Options`; ``inspect.signature`` lists them).
 
     ``target_logits [B, K+1, V]`` (fp32/fp16/bf16; row ``j`` predicts the token after
     ``j`` drafts), ``draft_tokens [B, K]``, ``num_draft [B]`` (0..K; default K). Rows past
@@ -409,7 +445,8 @@ def verify_chain(
     after full acceptance. Randomness: ``seed`` (int, or ``[B]`` per-request seeds) or
     ``generator``; see ``docs/verify.md``.
     """
-    logits, sample_mode, checks = _open(target_logits, mode)
+    o = _Options.of("verify_chain", options)
+    logits, sample_mode, checks = o.open(target_logits)
     B, N, V = logits.shape
     K = N - 1
     dev = logits.device
@@ -418,10 +455,10 @@ def verify_chain(
     checks.add((nd < 0) | (nd > K), f"num_draft: must be in [0, {K}] (K = target_logits.shape[1] - 1)")
     live = torch.arange(K, device=dev)[None, :] < nd[:, None]
     checks.add(live & ((draft < 0) | (draft >= V)), f"draft_tokens: tokens must be in [0, {V})")
-    knobs = _knobs(B, dev, sample_mode, checks, temperature, top_k, top_p, min_p, bonus)
+    knobs = o.knobs(B, dev, sample_mode, checks)
     q_ids = q_probs = None
     if sample_mode:
-        q_ids, q_probs = _check_q(draft_topk_ids, draft_topk_probs, (B, K), dev)
+        q_ids, q_probs = _check_q(o.draft_topk_ids, o.draft_topk_probs, (B, K), dev)
         _check_q_rows(q_ids, q_probs, live, V, checks)
         inq = ((q_ids == draft[..., None]) & (q_probs > 0)).any(-1)
         checks.add(live & ~inq, "draft_topk_ids: each draft token must be in its q ids with probability > 0")
@@ -431,28 +468,18 @@ def verify_chain(
     checks.run()
     nb = NodeBatch(logits, False, sample_mode, tok=draft, parents=None, lengths=nd,
                    has_child=torch.cat([live, live.new_zeros(B, 1)], 1), q_ids=q_ids, q_probs=q_probs,
-                   seeds=_seeds(B, sample_mode, seed, generator, dev), **knobs)
-    _, tokens, acc, ntok, taken = _run_nodes(nb, force_triton)
+                   seeds=_seeds(B, sample_mode, o.seed, o.generator, dev), **knobs)
+    _, tokens, acc, ntok, taken = _run_nodes(nb, o.force_triton)
     return ChainVerdict(acc, tokens, ntok, taken)
 
 
+@_shared_options
 def verify_tree(
     target_logits: torch.Tensor,
     tokens: torch.Tensor,
     parents: torch.Tensor,
     num_nodes: Optional[torch.Tensor] = None,
-    *,
-    mode: str = "greedy",
-    draft_topk_ids: Optional[torch.Tensor] = None,
-    draft_topk_probs: Optional[torch.Tensor] = None,
-    temperature: PerRequest = None,
-    top_k: PerRequest = None,
-    top_p: PerRequest = None,
-    min_p: PerRequest = None,
-    seed: Union[int, torch.Tensor, None] = None,
-    generator: Optional[torch.Generator] = None,
-    bonus: Union[bool, torch.Tensor] = True,
-    force_triton: Optional[bool] = None,
+    **options,
 ) -> TreeVerdict:
     """Verify a ragged batch of draft token trees in one launch.
 
@@ -465,7 +492,8 @@ def verify_tree(
     independently (with replacement: duplicates allowed and must all be sent). Bonus token
     at a fully accepted leaf when ``bonus``. Other arguments as in :func:`verify_chain`.
     """
-    logits, sample_mode, checks = _open(target_logits, mode)
+    o = _Options.of("verify_tree", options)
+    logits, sample_mode, checks = o.open(target_logits)
     B, N, V = logits.shape
     dev = logits.device
     tok = _int_tensor(tokens, "tokens", (B, N), dev)
@@ -478,14 +506,14 @@ def verify_tree(
     checks.add(live & ((par < 0) | (par >= i[None, :])),
                "parents: parents[b, i] must be in [0, i) for 1 <= i < num_nodes[b] (nodes in topological order)")
     checks.add(live & ((tok < 0) | (tok >= V)), f"tokens: tokens must be in [0, {V})")
-    knobs = _knobs(B, dev, sample_mode, checks, temperature, top_k, top_p, min_p, bonus)
+    knobs = o.knobs(B, dev, sample_mode, checks)
     checks.run()
     parc = torch.where(live, par, 0).clamp(0, N - 1)
     # node n has a child iff some live node i points to it
     has_child = torch.zeros(B, N, dtype=torch.int64, device=dev).scatter_add_(1, parc, live.long()) > 0
     q_ids = q_probs = None
     if sample_mode:
-        q_ids, q_probs = _check_q(draft_topk_ids, draft_topk_probs, (B, N), dev)
+        q_ids, q_probs = _check_q(o.draft_topk_ids, o.draft_topk_probs, (B, N), dev)
         _check_q_rows(q_ids, q_probs, has_child, V, checks)
         pid = q_ids.gather(1, parc[..., None].expand(-1, -1, q_ids.shape[-1]))
         pp = q_probs.gather(1, parc[..., None].expand(-1, -1, q_ids.shape[-1]))
@@ -493,8 +521,8 @@ def verify_tree(
         checks.add(live & ~inq, "draft_topk_ids: each node's token must be in its parent's q ids with probability > 0")
         checks.run()
     nb = NodeBatch(logits, True, sample_mode, tok=tok, parents=par, lengths=nn, has_child=has_child,
-                   q_ids=q_ids, q_probs=q_probs, seeds=_seeds(B, sample_mode, seed, generator, dev), **knobs)
-    path, tokens_out, acc, ntok, taken = _run_nodes(nb, force_triton)
+                   q_ids=q_ids, q_probs=q_probs, seeds=_seeds(B, sample_mode, o.seed, o.generator, dev), **knobs)
+    path, tokens_out, acc, ntok, taken = _run_nodes(nb, o.force_triton)
     return TreeVerdict(acc, path, tokens_out, ntok, taken)
 
 

@@ -270,43 +270,21 @@ def evaluate(draft, target, data: np.ndarray, seq_len: int = 256, n_windows: int
 
 
 def time_runners(pair_dir: Path, prompt: list[int], reps: int = 30) -> dict:
-    """Per-call CPU times with one torch thread: a draft step, and target scoring of 1 and 8 tokens."""
+    """Per-call CPU times in ms with one torch thread: a draft step, and target scoring of 1 and 8
+    tokens after the cached ``prompt`` (:func:`pipesd.checkpair.measure_costs`)."""
+    from pipesd.checkpair import measure_costs
     from pipesd.models import DraftModel, TargetModel
-    from pipesd.sampling import SamplingParams
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         d = DraftModel.from_pretrained(pair_dir / "draft")
         t = TargetModel.from_pretrained(pair_dir / "target")
-        d.reset(prompt)
-        d.step(SamplingParams())
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            d.step(SamplingParams())
-            ts.append(time.perf_counter() - t0)
-        draft_ms = float(np.median(ts)) * 1e3
-        out = {"draft_step_ms": draft_ms}
-        s = t.new_session(prompt)
-        s.score([])
-        V = t.vocab_size
-        for k in (1, 8):
-            ts = []
-            for r in range(reps):
-                # a different first token every time: the k draft tokens are really fed (the kept rows of
-                # the previous draft do not apply), the verified prefix stays cached
-                draft = [(r * 31 + j * 7 + 1) % V for j in range(k)]
-                f0 = t.forwards
-                t0 = time.perf_counter()
-                s.score(draft)
-                ts.append(time.perf_counter() - t0)
-                assert t.forwards - f0 == k
-            out[f"target_score_{k}_ms"] = float(np.median(ts)) * 1e3
-        out["timing_context_tokens"] = len(prompt)
-        return out
+        c = measure_costs(d, t, prompt, reps)
     finally:
         torch.set_num_threads(old)
+    return {"draft_step_ms": c["draft_step_s"] * 1e3, "target_score_1_ms": c["target_score_1_s"] * 1e3,
+            "target_score_8_ms": c["target_score_8_s"] * 1e3, "timing_context_tokens": c["context_tokens"]}
 
 
 def model_card(m: dict) -> str:
