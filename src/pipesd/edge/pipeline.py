@@ -13,9 +13,9 @@
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections import deque
 
 import numpy as np
 
@@ -31,6 +31,33 @@ from pipesd.transport import messages as M
 __all__ = ["run_pipelined"]
 
 
+class Mailbox:
+    """Verdicts from the receive thread to the compute thread (one producer, one consumer):
+    a poll costs a length check, not a lock and an exception as ``queue.Queue`` does."""
+
+    def __init__(self) -> None:
+        self._q: deque = deque()
+        self._ev = threading.Event()
+
+    def put(self, item) -> None:
+        self._q.append(item)
+        self._ev.set()
+
+    def poll(self):
+        return self._q.popleft() if self._q else None
+
+    def wait(self, timeout_s: float):
+        """The next item, or None after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while not self._q:
+            self._ev.clear()
+            if self._q:
+                break
+            if not self._ev.wait(max(0.0, deadline - time.monotonic())):
+                return None
+        return self._q.popleft()
+
+
 def _pad(t_start: float, step_s: float) -> None:
     """A compute profile: pad a draft step to at least ``step_s``."""
     if step_s > 0:
@@ -42,7 +69,7 @@ def _pad(t_start: float, step_s: float) -> None:
 class Compute:
     """The compute thread: draft, trigger, push; apply verdicts."""
 
-    def __init__(self, edge, run: Run, ring: TokenRing, verdicts: "queue.Queue") -> None:
+    def __init__(self, edge, run: Run, ring: TokenRing, verdicts: Mailbox) -> None:
         self.edge, self.run, self.ring, self.verdicts = edge, run, ring, verdicts
         self.draft = edge.draft
         cfg = run.cfg
@@ -74,13 +101,13 @@ class Compute:
     def _verdicts(self) -> bool:
         """Apply whatever verdicts have arrived; wait for one when drafting must pause."""
         run = self.run
-        block = not run.proto.may_draft()
-        try:
-            v = self.verdicts.get(timeout=run.cfg.verdict_timeout_s) if block else self.verdicts.get_nowait()
-        except queue.Empty:
-            if block:
-                raise TimeoutError(f"no verdict from the cloud within {run.cfg.verdict_timeout_s} s") from None
-            return False
+        v = self.verdicts.poll()
+        if v is None:
+            if run.proto.may_draft():
+                return False
+            v = self.verdicts.wait(run.cfg.verdict_timeout_s)  # drafting must pause for a verdict
+            if v is None:
+                raise TimeoutError(f"no verdict from the cloud within {run.cfg.verdict_timeout_s} s")
         t0 = time.perf_counter()  # waiting for the verdict is not overhead
         while v is not None:
             if isinstance(v, BaseException):
@@ -92,10 +119,7 @@ class Compute:
                 self.trig.reset()
             if run.done.is_set():
                 break
-            try:
-                v = self.verdicts.get_nowait()
-            except queue.Empty:
-                v = None
+            v = self.verdicts.poll()
         self.overhead += time.perf_counter() - t0
         return True
 
@@ -150,17 +174,18 @@ class Sender:
                 return
             t_pop, wire0 = perf(), self.wire_s
             cut = False
-            for i in range(len(b.position)):
-                ep = int(b.epoch[i])
+            # Whole columns to Python once per pop: indexing numpy scalars per record costs more.
+            rows = zip(b.position.tolist(), b.token.tolist(), b.prob.tolist(), b.topk_ids, b.topk_probs,
+                       b.topk_count.tolist(), b.epoch.tolist(), b.flags.tolist())
+            for pos, tok, prob, qi, qp, qn, ep, flags in rows:
                 if ep != self.state.epoch:
                     if not self.state.admit(ep):
                         continue  # an old epoch: void
                     pending, since = [], 0  # a rollback: what was pending is void
                     self.batcher.begin_segment()
-                pending.append((int(b.position[i]), int(b.token[i]), float(b.prob[i]), b.topk_ids[i],
-                                b.topk_probs[i], int(b.topk_count[i])))
+                pending.append((pos, tok, prob, qi, qp, qn))
                 since += 1
-                if int(b.flags[i]) & FLAG_VERIFY:
+                if flags & FLAG_VERIFY:
                     self._ship(pending, True)
                     pending, cut = [], False
                     self.batcher.end_segment(since)
@@ -213,7 +238,7 @@ class Sender:
 class Receiver:
     """The receive thread: verdicts (and errors) into the compute thread's queue."""
 
-    def __init__(self, conn, run: Run, verdicts: "queue.Queue") -> None:
+    def __init__(self, conn, run: Run, verdicts: Mailbox) -> None:
         self.conn, self.run, self.verdicts = conn, run, verdicts
 
     def loop(self) -> None:
@@ -242,7 +267,7 @@ def run_pipelined(edge, run: Run) -> None:
     """Draft, send and receive on three threads until the run ends (or fails: re-raised)."""
     cfg = run.cfg
     run.done, run.error = threading.Event(), None  # fresh per cloud session
-    verdicts: "queue.Queue" = queue.Queue()
+    verdicts = Mailbox()
     ring = TokenRing(cfg.ring_capacity, edge.draft.wire_topk)
     while ring.epoch < run.proto.epoch:  # a re-opened session: the reconciliation moved the epoch
         ring.bump_epoch()
