@@ -321,7 +321,7 @@ class CloudServer:
     def _verdict(s: Session, res, settled: int) -> M.Verdict:
         j = res.judged
         return M.Verdict(session_id=s.sid, epoch=j.job.epoch, start_pos=j.job.start, end_pos=j.end,
-                         accepted=j.accepted, token=j.token, rejected=j.rejected, verified_len=len(s.generated),
+                         accepted=j.accepted, token=j.token, rejected=j.rejected, verified_len=len(s.proto.generated),
                          finished=j.finished, settled=settled, target_forwards=res.forwards, verify_s=res.verify_s,
                          echo_sent_at=j.job.echo_sent_at)
 
@@ -353,5 +353,5 @@ class CloudServer:
 
     def energy_report(self) -> dict:
         """Cloud energy so far: joules (NVML or model, labelled), forwards useful and wasted."""
-        generated = sum(len(s.generated) for c in self._clients for s in c.sessions.values())
+        generated = sum(len(s.proto.generated) for c in self._clients for s in c.sessions.values())
         return self.energy.report(max(1, generated)).to_dict()

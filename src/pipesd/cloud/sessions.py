@@ -43,11 +43,8 @@ class Session:
 
     @property
     def busy(self) -> bool:
+        """A verification of this session is out (the protocol's job flag)."""
         return self.proto.busy
-
-    @property
-    def generated(self) -> list:
-        return self.proto.generated
 
 
 class SessionStore:
@@ -107,7 +104,7 @@ class SessionStore:
         if s.closed:
             return
         s.closed = True
-        log.info("session %d closed: %d tokens verified", s.sid, len(s.generated), extra={"session": s.sid})
+        log.info("session %d closed: %d tokens verified", s.sid, len(s.proto.generated), extra={"session": s.sid})
         s.client.sessions.pop(s.sid, None)
         s.client.inflight_bytes -= s.proto.pending.total_bytes
         s.proto.pending.clear()  # a verification in flight holds its own copy
