@@ -15,7 +15,25 @@
 // private cached copy of the other's index on its own cache line and refreshes it (acquire)
 // only when the cache says full/empty, so in steady state the two cores share no written
 // cache line except through the indices themselves and the slots they hand over.
-// All storage is allocated in the constructor; push and pop neither lock nor allocate.
+// All storage is allocated in the constructor; push and pop neither lock nor allocate
+// (push takes a mutex only to wake a consumer that is asleep; see below).
+//
+// Blocking without burning CPU. A consumer that finds the ring empty spins briefly, then
+// sleeps on a condition variable until a push or close() wakes it. The handshake is a
+// Dekker pair of seq_cst operations (all in one total order):
+//   consumer: waiting_ = true (seq_cst) ; then load tail_ and closed_ (seq_cst) ; sleep if
+//             nothing new
+//   producer: tail_ = t+1 (seq_cst)     ; then load waiting_ (seq_cst) ; notify if true
+//   close():  closed_ = true (seq_cst)  ; then load waiting_ (seq_cst) ; notify if true
+// In the total order one side's store precedes the other side's load, so either the consumer
+// sees the new tail/closed (and does not sleep) or the producer sees waiting_ (and notifies).
+// The consumer sets waiting_, re-checks and starts waiting all under wake_mu_, and the
+// notifier takes wake_mu_ before notifying, so a notify cannot fall between the re-check and
+// the wait. When nobody sleeps, push pays one seq_cst store and one load, no lock, no
+// syscall. Each sleep is also capped at 1 ms, a backstop that bounds any missed wake; a
+// blocked consumer therefore wakes at most ~1000 times a second, costing a few microseconds
+// each. Slot contents are still published only by the release/acquire pair on tail_ (a
+// seq_cst store is also a release, a seq_cst load also an acquire).
 //
 // Record layout (TokenRecord, 32 bytes, naturally aligned, no implicit padding):
 //   offset  0  int64  position    token position in the sequence
@@ -43,9 +61,11 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -109,7 +129,12 @@ class TokenRing {
     uint32_t epoch() const { return epoch_.load(std::memory_order_acquire); }
     uint32_t bump_epoch() { return epoch_.fetch_add(1, std::memory_order_acq_rel) + 1; }
     bool closed() const { return closed_.load(std::memory_order_acquire); }
-    void close() { closed_.store(true, std::memory_order_release); }
+    // Any thread. Wakes a consumer asleep in pop_wait (seq_cst store, then the waiting_ check:
+    // see "Blocking without burning CPU" above).
+    void close() {
+        closed_.store(true, std::memory_order_seq_cst);
+        wake_consumer();
+    }
     // Records in the ring (stale ones included). Exact when called by producer or consumer
     // while the other is idle; a snapshot otherwise.
     std::size_t size() const {
@@ -139,7 +164,9 @@ class TokenRing {
             std::memcpy(&ids_[slot * topk_max_], ids, sizeof(int32_t) * count);
             std::memcpy(&probs_[slot * topk_max_], probs, sizeof(float) * count);
         }
-        tail_.store(t + 1, std::memory_order_release);
+        // seq_cst (a release, and ordered before the waiting_ load in wake_consumer).
+        tail_.store(t + 1, std::memory_order_seq_cst);
+        wake_consumer();
         return true;
     }
 
@@ -181,34 +208,54 @@ class TokenRing {
     }
 
     // Consumer only: like pop_into, but waits up to timeout_s for a first record: a short
-    // spin, then yields, then sleeps with exponential backoff (2 us .. 200 us), so a blocked
-    // consumer costs little CPU and still sees a push or close() within ~0.2 ms. Returns the
-    // count popped (0 on timeout) or -1 once the ring is closed and drained.
+    // spin, then sleeps on a condition variable until a push or close() wakes it (each sleep
+    // capped at 1 ms, see "Blocking without burning CPU" above), so a blocked consumer costs
+    // almost no CPU and still sees a push or close() at once. Returns the count popped (0 on
+    // timeout) or -1 once the ring is closed and drained.
     long pop_wait(std::size_t max_n, double timeout_s, TokenRecord* out, int32_t* out_ids, float* out_probs) {
         using clock = std::chrono::steady_clock;
         if (max_n == 0) return 0;
         if (!(timeout_s >= 0.0)) timeout_s = 0.0;
         const double capped = std::min(timeout_s, 1e7);  // ~115 days; keeps the duration cast finite
         const auto deadline = clock::now() + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(capped));
-        auto nap = std::chrono::microseconds(2);
         for (int round = 0;; ++round) {
             const bool was_closed = closed();  // read before popping: a drained closed ring is final
             const std::size_t n = pop_into(max_n, out, out_ids, out_probs);
             if (n > 0) return static_cast<long>(n);
             if (was_closed && tail_.load(std::memory_order_acquire) == head_.load(std::memory_order_relaxed)) return -1;
-            if (clock::now() >= deadline) return 0;
-            if (round < 256) {
+            const auto now = clock::now();
+            if (now >= deadline) return 0;
+            if (round < kSpinRounds) {
                 PIPESD_CPU_RELAX();
-            } else if (round < 256 + 16) {
-                std::this_thread::yield();
-            } else {
-                std::this_thread::sleep_for(nap);
-                if (nap < std::chrono::microseconds(200)) nap = std::min(nap * 2, std::chrono::microseconds(200));
+                continue;
             }
+            std::unique_lock<std::mutex> lock(wake_mu_);
+            waiting_.store(true, std::memory_order_seq_cst);
+            // Re-check after announcing: a push or close ordered before our store is seen here;
+            // one ordered after it sees waiting_ and notifies (under wake_mu_, so not before
+            // wait_until has released it).
+            if (tail_.load(std::memory_order_seq_cst) == head_.load(std::memory_order_relaxed) &&
+                !closed_.load(std::memory_order_seq_cst))
+                wake_cv_.wait_until(lock, std::min(deadline, now + kMaxSleep));
+            waiting_.store(false, std::memory_order_relaxed);
         }
     }
 
    private:
+    static constexpr int kSpinRounds = 32;  // CPU_RELAX rounds before sleeping
+    static constexpr std::chrono::milliseconds kMaxSleep{1};  // backstop: bounds any missed wake
+
+    // Producer and close(): wake the consumer if it announced it is going to sleep. The load
+    // follows a seq_cst store of tail_ or closed_ (see "Blocking without burning CPU").
+    void wake_consumer() {
+        // The exchange makes one notifier per sleep: pushes that follow, while the woken
+        // consumer is still getting the CPU back, see false and stay lock-free.
+        if (waiting_.load(std::memory_order_seq_cst) && waiting_.exchange(false, std::memory_order_seq_cst)) {
+            std::lock_guard<std::mutex> g(wake_mu_);
+            wake_cv_.notify_one();
+        }
+    }
+
     const std::size_t cap_;
     const uint64_t mask_;
     const int topk_max_;
@@ -226,6 +273,10 @@ class TokenRing {
     alignas(kCacheLine) std::atomic<uint32_t> epoch_{0};
     std::atomic<bool> closed_{false};
     char pad_[kCacheLine - sizeof(std::atomic<uint32_t>) - sizeof(std::atomic<bool>)];
+    // Sleep/wake: written only when the consumer goes to sleep or is woken; read by every push.
+    alignas(kCacheLine) std::atomic<bool> waiting_{false};
+    std::mutex wake_mu_;
+    std::condition_variable wake_cv_;
 };
 
 }  // namespace pipesd

@@ -437,3 +437,67 @@ def test_bound_pusher_keeps_its_ring_alive():
     del ring
     gc.collect()
     assert push(1, 1, 0.5, flags=FLAG_VERIFY)  # bound method keeps wrapper and ring alive
+
+
+# ------------------------------------------------------------------------- blocking wait
+def test_blocked_consumer_sleeps_instead_of_spinning():
+    # A property, not a benchmark: the consumer sleeps on a condition variable (woken by push
+    # or close, each nap capped at 1 ms), so a ~0.3 s wait costs a tiny fraction of its wall
+    # time in CPU (it used to spin/yield/nap at 2..200 us). The bound is generous on purpose.
+    ring = TokenRing(8, 0)
+    res = {}
+
+    def consumer():
+        w0, c0 = time.perf_counter(), time.thread_time()
+        res["b"] = ring.pop_batch(4, 0.3)
+        res["cpu"], res["wall"] = time.thread_time() - c0, time.perf_counter() - w0
+
+    t = threading.Thread(target=consumer)
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+    assert len(res["b"]) == 0  # timed out: an empty batch
+    assert res["wall"] >= 0.25
+    assert res["cpu"] < 0.5 * res["wall"], res
+
+
+def test_push_wakes_a_sleeping_consumer_well_before_its_timeout():
+    ring = TokenRing(8, 0)
+    res = {}
+
+    def consumer():
+        w0 = time.perf_counter()
+        res["b"] = ring.pop_batch(4, 5.0)
+        res["wall"] = time.perf_counter() - w0
+
+    t = threading.Thread(target=consumer)
+    t.start()
+    time.sleep(0.05)  # the consumer is asleep by now
+    assert ring.push(3, 4, 0.5, flags=FLAG_VERIFY)
+    t.join(10)
+    assert not t.is_alive()
+    assert res["b"].position.tolist() == [3] and res["b"].flags.tolist() == [FLAG_VERIFY]
+    assert res["wall"] < 2.0, res  # woken by the push, not by the 5 s timeout
+
+
+def test_many_sleep_wake_cycles_lose_nothing():
+    # Ping-pong across the sleep/wake handshake: each record is pushed while the consumer is
+    # (about to be) asleep; every one must arrive, in order, and close must end the loop.
+    ring = TokenRing(4, 0)
+    n = 300
+    got = []
+
+    def consumer():
+        while (b := ring.pop_batch(4, 5.0)) is not None:
+            got.extend(b.position.tolist())
+
+    t = threading.Thread(target=consumer)
+    t.start()
+    for i in range(n):
+        assert ring.push(i, i, 0.5)
+        if i % 3 == 0:
+            time.sleep(0.0005)
+    ring.close()
+    t.join(30)
+    assert not t.is_alive()
+    assert got == list(range(n))

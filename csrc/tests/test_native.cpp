@@ -348,6 +348,49 @@ void test_ring_close() {
     }
 }
 
+// Sleep/wake handshake: a push (or close) must wake a consumer asleep in pop_wait. Ping-pong:
+// the consumer waits (long timeout) for record i, then lets the producer push i+1 only once it
+// is back inside pop_wait, so most pushes land while it sleeps or is about to. A lost wake
+// shows up as a 1 ms backstop nap (too slow overall) rather than a hang; correctness (every
+// record, in order) is checked always, the time bound only outside sanitizers.
+void test_ring_wake() {
+    TokenRing r(8, 0);
+    constexpr int kRounds = 2000;
+    std::atomic<int> ready{-1};
+    std::atomic<bool> bad{false};
+    const auto t0 = std::chrono::steady_clock::now();
+    std::thread c([&] {
+        Out o(8, 0);
+        for (int i = 0; i < kRounds; ++i) {
+            ready.store(i, std::memory_order_release);
+            const long n = r.pop_wait(8, 30.0, o.recs.data(), o.ids.data(), o.probs.data());
+            if (n != 1 || o.recs[0].position != i) bad = true;
+        }
+        ready.store(kRounds, std::memory_order_release);
+        if (r.pop_wait(8, 30.0, o.recs.data(), o.ids.data(), o.probs.data()) != -1) bad = true;  // close wakes
+    });
+    for (int i = 0; i < kRounds; ++i) {
+        while (ready.load(std::memory_order_acquire) < i) std::this_thread::yield();
+        if (i % 2) std::this_thread::sleep_for(std::chrono::microseconds(50));  // let it fall asleep
+        CHECK(r.push(i, 0, 0.f, nullptr, nullptr, 0));
+    }
+    while (ready.load(std::memory_order_acquire) < kRounds) std::this_thread::yield();
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    r.close();
+    c.join();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    CHECK(!bad);
+    std::printf("ring_wake: %d ping-pongs in %.3f s\n", kRounds, s);
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define PIPESD_TEST_TSAN 1
+#endif
+#endif
+#if !defined(__SANITIZE_THREAD__) && !defined(PIPESD_TEST_TSAN)
+    CHECK(s < 1.5);  // ~0.1 s when every wake works; lost wakes would each cost a 1 ms nap
+#endif
+}
+
 struct StressResult {
     bool ok = true;
     uint64_t delivered = 0, dropped = 0;
@@ -486,6 +529,7 @@ int main(int argc, char** argv) {
         {"ring_edges", test_ring_edges},
         {"ring_epoch", test_ring_epoch},
         {"ring_close", test_ring_close},
+        {"ring_wake", test_ring_wake},
         {"ring_stress", [&] { test_ring_stress(records); }},
     };
     for (const auto& t : tests) {

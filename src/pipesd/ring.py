@@ -33,12 +33,17 @@ e.g. the one applying a verdict); records are stamped with the epoch in force wh
 and the consumer drops every record older than the current epoch (counted in
 ``stale_dropped``).
 
+Waiting: a consumer blocked in ``pop_batch`` spins for a moment, then sleeps on a condition
+variable until a push or ``close()`` wakes it (naps capped at 1 ms as a backstop), so it costs
+almost no CPU while it waits; ``push`` stays lock-free and only takes a lock to wake a
+consumer that is actually asleep.
+
 Full ring: ``push`` returns ``False``; back off with ``time.sleep(0)`` or a short sleep before
 retrying. A bare Python retry loop holds the GIL, and the consumer needs the GIL to hand its
 batch back, so the two threads would convoy on the interpreter's 5 ms switch interval.
 
 Close: after :meth:`TokenRing.close`, ``push`` returns ``False``; a consumer blocked in
-``pop_batch`` wakes within ~0.2 ms, drains what is left, then gets ``None``. A push racing
+``pop_batch`` wakes at once, drains what is left, then gets ``None``. A push racing
 with ``close()`` from another thread may be dropped; to deliver everything, close from the
 producer after its last push.
 """
