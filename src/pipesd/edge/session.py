@@ -7,7 +7,6 @@ output (positions restart there: ``EdgeSession.base``).
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import Counter

@@ -64,10 +64,6 @@ class EdgeSession:
         self.awaiting = False
         self.stop_at = self.max_new
 
-    @property
-    def drafts(self) -> int:
-        return len(self.seq) - self.committed
-
     def may_draft(self) -> bool:
         """False while drafting must pause for a verdict: at the lookahead cap, past EOS or
         the length, or (serial methods) while a request is out."""
