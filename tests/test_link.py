@@ -287,3 +287,17 @@ def test_emulator_rejects_non_profiles():
     with pytest.raises(TypeError):
         LinkEmulator((1e6,), LinkProfile(1e6))
     assert math.isfinite(LinkEmulator(LinkProfile(1e6), LinkProfile(1e6)).t0)
+
+
+def test_restart_trace_gives_every_run_the_same_bandwidth():
+    """bench/e2e S4: two runs that restart the trace see the same bandwidth at the same offset."""
+    clk = VirtualClock(10.0)
+    tr = BandwidthTrace([(0.0, 8e6), (1.0, 16e6)], period_s=2.0)
+    em = LinkEmulator(LinkProfile(8e6, trace=tr), LinkProfile(8e6), clock=clk, sleep=clk.sleep)
+    first = em.uplink_schedule(1_000_000, 10.0)[0] - 10.0  # 1 s at 1 MB/s
+    clk.sleep(3.5)  # the trace moved on by 3.5 s: at 1.5 s into the period, 2 MB/s
+    assert em.uplink_schedule(1_000_000, clk())[0] - clk() == pytest.approx(0.5)
+    clk.sleep(1.25)  # the link is idle again, 0.25 s into the trace's slow phase
+    em.restart_trace()
+    assert em.t0 == clk()
+    assert em.uplink_schedule(1_000_000, clk())[0] - clk() == pytest.approx(first)
