@@ -1,0 +1,81 @@
+"""bench/e2e/run.py's own logic: its statistics, its argument errors, and one tiny real run that
+checks every method's greedy output against the target (the benchmark's exit code says so)."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).resolve().parents[1] / "bench" / "e2e" / "run.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_e2e_run", RUN)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ratio_interval_contains_the_point_and_is_paired():
+    b = _bench()
+    base = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    pt, lo, hi = b.ratio_ci(base, [x / 2 for x in base])
+    # each prompt is exactly 2x faster: pairing makes every resample's ratio exactly 2
+    assert (pt, lo, hi) == pytest.approx((2.0, 2.0, 2.0))
+    pt, lo, hi = b.ratio_ci(base, [12.0, 9.0, 31.0, 18.0, 70.0, 33.0])
+    assert lo <= pt <= hi and lo < hi
+
+
+def test_bootstrap_interval_brackets_the_median():
+    b = _bench()
+    xs = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 100.0]
+    lo, hi = b.bootstrap_ci(xs)
+    assert lo <= 5.0 <= hi and hi < 100.0  # one outlier does not move the median's interval
+
+
+def test_dominated_by_needs_both_faster_and_no_costlier():
+    b = _bench()
+    rows = [{"method": "a", "tpt_s": 1.0, "cloud_busy_ms_per_token": 5.0},
+            {"method": "b", "tpt_s": 2.0, "cloud_busy_ms_per_token": 5.0},
+            {"method": "c", "tpt_s": 0.5, "cloud_busy_ms_per_token": 9.0},
+            {"method": "edge-only", "tpt_s": 0.1, "cloud_busy_ms_per_token": 0.0}]
+    assert b.dominated_by(rows[1], rows) == ["a"]
+    assert b.dominated_by(rows[0], rows) == []  # c is faster but costs more cloud time
+    assert b.dominated_by(rows[2], rows) == []
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--pair", "/no/such/draft:/no/such/target"], "is not a model directory"),
+    (["--pair", "no-such-pair"], "unknown pair"),
+    (["--pair", "replay:/no/such/file.jsonl.gz"], "no recording"),
+    (["--replay"], "--replay takes a pair name"),
+    (["--scenarios", "S9-mars"], "unknown scenario"),
+    (["--methods", "pipesd,warp-drive"], "unknown method"),
+    (["--k-sweep", "2,x"], "--k-sweep"),
+    (["--scenarios", "live-gguf"], "live-gguf needs a live pair with GGUF files"),
+])
+def test_bad_arguments_are_argparse_errors(args, says):
+    p = subprocess.run([sys.executable, str(RUN), *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert says in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_tiny_run_checks_exactness_and_writes_results(tmp_path):
+    """Real server subprocess, real edge, two methods, two prompts: exit 0 only if every greedy
+    output equals the target's; the JSON has per-generation rows and the header names the pair."""
+    p = subprocess.run([sys.executable, str(RUN), "--scenarios", "S1-laptop", "--methods", "cloud-stream,vanilla-sd,pipesd",
+                        "--k-sweep", "4", "--prompts", "bundled:2", "--max-new-tokens", "12", "--verify-ms", "2",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    d = json.loads(next(tmp_path.glob("e2e-*.json")).read_text())
+    assert d["header"]["pair"] == "stdlib-code (bundled)" and d["header"]["mode"] == "live"
+    assert d["header"]["all_exact"] is True
+    assert {g["method"] for g in d["generations"]} == {"cloud-stream", "vanilla-sd", "pipesd"}
+    assert len([g for g in d["generations"] if g["method"] == "pipesd"]) == 2
+    assert all(g["exact"] for g in d["generations"])
+    row = next(r for r in d["rows"] if r["method"] == "pipesd")
+    assert row["cloud_busy_ms_per_token"] > 0 and len(row["speedup_vs_cloud-stream"]) == 3
+    assert (tmp_path / next(tmp_path.glob("e2e-*.json")).name.replace(".json", "-pareto.png")).is_file()
