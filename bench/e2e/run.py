@@ -431,8 +431,7 @@ def main(argv=None) -> int:
                                     ("humaneval:6" if pair.real else "bundled:6"))
     print(f"pair: {pair.label}; prompts: {prompt_label} ({len(prompts)}) x {n_new} tokens; "
           f"methods: {', '.join(args.method_list)}", flush=True)
-    ref_torch = Reference(load_target(pair.target, threads=1))
-    ref_gguf = None
+    refs: dict[str, Reference] = {}  # the target in this process, loaded when first needed
     t_start = time.time()
     servers: dict[tuple, tuple] = {}
     rows, gen_rows, timelines = [], [], {}
@@ -444,12 +443,14 @@ def main(argv=None) -> int:
                 servers[key] = start_server_subprocess(pair.target, threads=1, verify_pad_ms=key[1],
                                                        auth_token="bench", extra=extra, timeout_s=600)
             proc, port = servers[key]
-            edge_draft, ref = draft, ref_torch
+            edge_draft = draft
             if sc.live:
                 edge_draft = load_draft(None, threads=1, gguf=pair.draft_gguf)
-                if ref_gguf is None:
-                    ref_gguf = Reference(load_target(pair.target, threads=1, gguf=pair.target_gguf))
-                ref = ref_gguf
+                if "gguf" not in refs:
+                    refs["gguf"] = Reference(load_target(pair.target, threads=1, gguf=pair.target_gguf))
+            elif "torch" not in refs:
+                refs["torch"] = Reference(load_target(pair.target, threads=1))
+            ref = refs[key[0]]
             print(f"== {sc.name}: draft {'live' if sc.live else f'{sc.draft_ms:.0f} ms/token'}, link {sc.link} "
                   f"({sc.note})", flush=True)
             link = make_link(sc.link, up_scale=uplink_scale(args, draft.vocab_size))
