@@ -277,8 +277,32 @@ def test_errors_in_openai_shape(oc, server):
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     r = httpx.post(server.url + "/v1/completions", content=b"{not json", timeout=10,
                    headers={"content-type": "application/json"})
-    assert r.status_code == 400 and "error" in r.json()
+    assert r.status_code == 400 and r.json()["error"]["param"] is None  # not the parse position
+    assert "could not parse the JSON body" in r.json()["error"]["message"]
     assert httpx.get(server.url + "/v1/nothing", timeout=10).json()["error"]["type"] == "not_found_error"
+
+
+def test_a_request_without_model_is_refused_as_openai_does(server):
+    for path, body in (("/v1/completions", {"prompt": "x", "max_tokens": 2}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})):
+        r = httpx.post(server.url + path, json=body, timeout=10)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == {"message": "you must provide a model parameter", "type": "invalid_request_error",
+                                     "param": "model", "code": None}
+
+
+def test_text_that_is_not_unicode_is_a_400_not_a_500(server):
+    """JSON can carry a lone surrogate ("\\ud800"), which has no UTF-8 form; the tokenizer would crash."""
+    for path, body, param in (
+            ("/v1/completions", b'{"model": "%s", "prompt": "\\ud800abc", "max_tokens": 2}', "prompt"),
+            ("/v1/chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": "a\\udfffb"}], '
+                                     b'"max_tokens": 2}', "messages")):
+        r = httpx.post(server.url + path, content=body % MODEL.encode(), timeout=10,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and "surrogate" in err["message"] and err["type"] == "invalid_request_error"
+    assert _complete(openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0), "x").choices  # still serving
 
 
 def test_concurrent_requests_are_not_mixed(server, greedy):

@@ -137,6 +137,10 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
     async def _invalid(_req: Request, e: RequestValidationError) -> JSONResponse:
         errs = e.errors()
         first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":  # OpenAI's words; the parse position is no parameter
+            return JSONResponse(error_body("We could not parse the JSON body of your request. (HINT: This likely "
+                                           "means you aren't using your HTTP library correctly. The OpenAI API "
+                                           "expects a JSON payload.)", param=None), status_code=400)
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         msg = first.get("msg", "invalid request")
         return JSONResponse(error_body(f"invalid request: {loc}: {msg}" if loc else f"invalid request: {msg}",
@@ -149,7 +153,9 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
 
     # -------------------------------------------------------------- validation
     def check_model(name: Optional[str]) -> None:
-        if name is not None and name != model_name:
+        if name is None:  # as OpenAI answers
+            raise APIError(400, "you must provide a model parameter", param="model")
+        if name != model_name:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
 
@@ -388,7 +394,7 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
         fmt = (req.response_format or {}).get("type", "text")
         refuse(fmt != "text", "response_format", f"response_format {fmt!r}")
         text, fallback = render_chat(tok, req.messages, chat_template)
-        ids = encode_text(tok, text, template_rendered=not fallback)
+        ids = encode_text(tok, text, template_rendered=not fallback, param="messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         p = plan(req, ids, max_tokens, None, extra_stops=(FALLBACK_STOP,) if fallback else ())
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

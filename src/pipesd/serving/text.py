@@ -66,12 +66,18 @@ def render_chat(tokenizer, messages: Sequence[ChatMessage], chat_template: Optio
     return "\n".join(lines), True
 
 
-def encode_text(tokenizer, text: str, *, template_rendered: bool = False) -> list[int]:
+def encode_text(tokenizer, text: str, *, template_rendered: bool = False, param: str = "prompt") -> list[int]:
     """Token ids of ``text`` as :class:`pipesd.edge.EdgeClient` encodes a text prompt.
 
     A BOS token is prepended when the tokenizer asks for one (``add_bos_token``), unless the
-    text came from a chat template that already starts with it.
+    text came from a chat template that already starts with it. Text that is not valid Unicode
+    (an unpaired surrogate, which JSON can carry) is a 400 naming ``param``.
     """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate ("\ud800") has no UTF-8 form: the tokenizer would crash
+        raise APIError(400, f"{param}: not valid Unicode text (an unpaired surrogate at character {e.start})",
+                       param=param) from None
     ids = list(tokenizer.encode(text, add_special_tokens=False))
     bos = getattr(tokenizer, "bos_token_id", None)
     bos_text = getattr(tokenizer, "bos_token", None)
