@@ -77,7 +77,10 @@ def load_run(path: Union[str, Path]) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"no run file at {p}")
     try:
-        d = json.loads(p.read_text())
+        d = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not a saved run (binary data at byte {e.start}); write one with "
+                         "`pipesd generate ... --save-run RUN.json`") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{p} is not JSON: {e}") from None
     if not isinstance(d, dict) or not isinstance(d.get("timeline"), list):
