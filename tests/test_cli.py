@@ -110,3 +110,11 @@ def test_serve_port_in_use_fails_fast():
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
     assert "pipesd: error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_timeline_of_a_binary_file_says_it_is_not_a_saved_run(tmp_path):
+    f = tmp_path / "run.json"
+    f.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe binary")
+    p = subprocess.run([sys.executable, "-m", "pipesd", "timeline", str(f)], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "is not a saved run (binary data at byte" in p.stderr
