@@ -360,8 +360,9 @@ def test_bad_runner_input(model):
         d.reset([])
     with pytest.raises(ValueError, match="token ids"):
         d.reset([1, 40])
-    with pytest.raises(ValueError, match="wire_topk"):
-        DraftModel(model, wire_topk=0)
+    for bad in (0, 257, 300, True, 2.5):  # caught when the draft is made, naming wire_topk (not at generate)
+        with pytest.raises(ValueError, match=r"wire_topk must be an int in \[1, 256\]"):
+            DraftModel(model, wire_topk=bad)
     d.reset([1])
     with pytest.raises(ValueError, match="length"):
         d.truncate(0)
@@ -372,3 +373,10 @@ def test_bad_runner_input(model):
         t.score_batch([t.new_session([1])], [])
     with pytest.raises(ValueError, match="token ids"):
         t.new_session([1]).score([-1])
+
+
+def test_wire_topk_limit_is_the_rings():
+    from pipesd.models.runners import MAX_WIRE_TOPK
+    from pipesd.ring import MAX_TOPK
+
+    assert MAX_WIRE_TOPK == MAX_TOPK

@@ -212,13 +212,24 @@ class DraftTree:
         return out[::-1]
 
 
+#: Most q entries one draft token carries on the wire (the native ring's record holds at most
+#: this many: ``pipesd.ring.MAX_TOPK``; a test keeps the two equal).
+MAX_WIRE_TOPK = 256
+
+
+def check_wire_topk(wire_topk) -> None:
+    """Refuse a ``wire_topk`` the edge could not send, when the draft is made (not at generate time)."""
+    if not isinstance(wire_topk, (int, np.integer)) or isinstance(wire_topk, bool) or \
+            not 1 <= wire_topk <= MAX_WIRE_TOPK:
+        raise ValueError(f"wire_topk must be an int in [1, {MAX_WIRE_TOPK}], got {wire_topk!r}")
+
+
 class DraftModel:
     """The edge's small model: one sequence, drafted one token at a time."""
 
     def __init__(self, model, tokenizer=None, *, device: str = "cpu", dtype: Optional[torch.dtype] = None,
                  threads: Optional[int] = None, wire_topk: int = 8) -> None:
-        if not isinstance(wire_topk, (int, np.integer)) or wire_topk < 1:
-            raise ValueError(f"wire_topk must be an int >= 1, got {wire_topk!r}")
+        check_wire_topk(wire_topk)
         self._lm = _LM(model, device, dtype, threads)
         self._st = _SeqState()
         self.model = self._lm.model
