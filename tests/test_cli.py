@@ -118,3 +118,10 @@ def test_timeline_of_a_binary_file_says_it_is_not_a_saved_run(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pipesd", "timeline", str(f)], capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "is not a saved run (binary data at byte" in p.stderr
+
+
+@pytest.mark.parametrize("seed", ["100000000000000000000000", "-1", "x"])
+def test_seed_out_of_range_names_the_flag(seed):
+    p = subprocess.run([sys.executable, "-m", "pipesd", "generate", "x", "--cloud", "127.0.0.1:9", "--seed", seed],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "argument --seed:" in p.stderr and "Traceback" not in p.stderr

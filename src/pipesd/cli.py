@@ -55,7 +55,18 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed, 0 .. 2**63-1 (default 0)")
+
+
+def _seed(text: str) -> int:
+    """``--seed``: a whole number the wire's signed 64-bit field can carry (argparse names the flag)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= v <= 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"{v} is outside 0 .. 2**63-1")
+    return v
 
 
 def _sampling(args):
