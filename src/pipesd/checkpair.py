@@ -54,8 +54,9 @@ K_GRID = tuple(range(1, 9))
 
 # ---------------------------------------------------------------------------------- models
 def resolve_model(spec: str, role: str) -> Path:
-    """A model directory from ``spec``: a local directory, a bundled pair name (``role`` picks
-    ``draft`` or ``target``) or ``NAME:draft`` / ``NAME:target``."""
+    """A model directory from ``spec``: a local directory, a bundled or fetched
+    (:mod:`pipesd.pairs`) pair name (``role`` picks ``draft`` or ``target``) or ``NAME:draft`` /
+    ``NAME:target``."""
     from pipesd import zoo
 
     if role not in ("draft", "target"):
@@ -68,8 +69,13 @@ def resolve_model(spec: str, role: str) -> Path:
     name, _, sub = spec.partition(":")
     if name in zoo.available() and sub in ("", "draft", "target"):
         return zoo.pair_path(name) / (sub or role)
+    from pipesd import pairs
+
+    if sub in ("", "draft", "target") and (name in pairs.REGISTRY or pairs.is_fetched(name)):
+        return getattr(pairs.resolve(name), sub or role)  # unfetched: "run pipesd pair fetch NAME"
     raise ValueError(f"{spec!r} is neither a model directory nor a bundled pair (available: "
-                     f"{', '.join(zoo.available()) or 'none'}; as NAME, NAME:draft or NAME:target)")
+                     f"{', '.join(zoo.available()) or 'none'}; as NAME, NAME:draft or NAME:target) "
+                     "nor a fetched pair (`pipesd pair list`)")
 
 
 def _bundled_name(spec: str) -> Optional[str]:

@@ -121,8 +121,9 @@ def make_link(spec: Optional[str] = None, *, up_mbps: Optional[float] = None, do
 # ---------------------------------------------------------------------------- models
 def _model_dir(spec: Optional[str], role: str) -> Path:
     """The ``role`` (``draft``/``target``) model directory of ``spec``: ``None``/``bundled``
-    (the default pair), a bundled pair name or ``NAME:role``, a local model directory, or a
-    local pair directory (``draft/`` and ``target/`` inside, as ``pipesd.zoo.train`` writes)."""
+    (the default pair), a bundled or fetched (:mod:`pipesd.pairs`) pair name or ``NAME:role``,
+    a local model directory, or a local pair directory (``draft/`` and ``target/`` inside, as
+    ``pipesd.zoo.train`` writes)."""
     from pipesd import zoo
 
     name = zoo.DEFAULT_PAIR if spec in (None, "", BUNDLED) else spec
@@ -137,12 +138,16 @@ def _model_dir(spec: Optional[str], role: str) -> Path:
     pair, _, sub = name.partition(":")
     if pair in zoo.available() and sub in ("", role):
         return zoo.pair_path(pair) / role
+    from pipesd import pairs
+
+    if sub in ("", role) and (pair in pairs.REGISTRY or pairs.is_fetched(pair)):
+        return getattr(pairs.resolve(pair), role)  # a fetched pair; an unfetched one: "run pipesd pair fetch"
     if os.sep in name or name.startswith("."):
         raise ValueError(f"{role} {spec}: no such directory (models load from local paths only)")
     noisy = f", {_NOISY}SCALE" if role == "draft" else ""
     raise ValueError(f"{role} {spec!r} is neither a directory nor a bundled pair; choose a model or pair directory, "
                      f"{BUNDLED!r}{noisy}, or a bundled pair: {', '.join(zoo.available()) or 'none'} "
-                     f"(also as NAME:{role})")
+                     f"(also as NAME:{role}), or a fetched pair (`pipesd pair list`)")
 
 
 def load_target(spec: Optional[str] = None, threads: Optional[int] = None):
