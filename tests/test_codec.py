@@ -55,6 +55,8 @@ opens = st.builds(M.OpenSession, session_id=U32, prompt_ids=i32_array(), tempera
                   tokenizer_fingerprint=text(codec.MAX_NAME_BYTES), max_new_tokens=U32)
 openeds = st.builds(M.SessionOpened, session_id=U32)
 closes = st.builds(M.CloseSession, session_id=U32)
+streams = st.builds(M.StreamRequest, session_id=U32, epoch=U32, first_pos=U32, budget=st.integers(1, 2**32 - 1),
+                    sent_at=FIN)
 errors = st.builds(M.Error, code=st.integers(0, 65535), message=text(codec.MAX_MESSAGE_BYTES),
                    session_id=st.integers(-1, 2**63 - 1))
 
@@ -88,7 +90,7 @@ def verdicts(draw):
                      echo_sent_at=draw(FIN))
 
 
-any_message = st.one_of(hellos, hello_acks, opens, openeds, drafts(), verdicts(), closes, errors)
+any_message = st.one_of(hellos, hello_acks, opens, openeds, drafts(), verdicts(), closes, streams, errors)
 
 
 def assert_same(a, b):
@@ -128,7 +130,8 @@ def test_round_trip_fixed(msg):
 
 def test_frame_header_and_type_tags():
     tags = {M.Hello: M.T_HELLO, M.HelloAck: M.T_HELLO_ACK, M.OpenSession: M.T_OPEN, M.SessionOpened: M.T_OPENED,
-            M.DraftBatch: M.T_DRAFT, M.Verdict: M.T_VERDICT, M.CloseSession: M.T_CLOSE, M.Error: M.T_ERROR}
+            M.DraftBatch: M.T_DRAFT, M.Verdict: M.T_VERDICT, M.CloseSession: M.T_CLOSE, M.Error: M.T_ERROR,
+            M.StreamRequest: M.T_STREAM}
     assert {type(m) for m in fixed_samples()} == set(tags) == set(codec.SCHEMAS)
     for msg in fixed_samples():
         assert encode(msg)[4] == tags[type(msg)] == codec.SCHEMAS[type(msg)].tag
@@ -469,7 +472,8 @@ def test_schema_covers_every_dataclass_field():
         named = {f.name for f in s.fields if hasattr(f, "name")}
         named |= {n for f in s.fields if isinstance(f, codec.Flags) for _, n in f.bits}
         assert {f.name for f in dataclasses.fields(cls)} <= named, cls.__name__
-        assert s.tag in (M.T_HELLO, M.T_HELLO_ACK, M.T_OPEN, M.T_OPENED, M.T_DRAFT, M.T_VERDICT, M.T_CLOSE, M.T_ERROR)
+        assert s.tag in (M.T_HELLO, M.T_HELLO_ACK, M.T_OPEN, M.T_OPENED, M.T_DRAFT, M.T_VERDICT, M.T_CLOSE, M.T_ERROR,
+                         M.T_STREAM)
     bad = codec.Schema(M.SessionOpened, 99, "nobody", (codec.Scalar("sid", "u32"),))
     with pytest.raises(TypeError, match="do not cover"):
         codec._validate(bad)

@@ -5,7 +5,8 @@ ring of epoch-stamped records between them, an uplink and a downlink (with dupli
 reordered and stale messages) and a :class:`CloudSession` whose verifier is an oracle: greedy
 (a fixed true sequence: accept while the draft equals it) or sampling (acceptance drawn at
 random, a correction that differs from the rejected draft). Reconnects re-open both sides on
-the committed prefix.
+the committed prefix. The edge may also ask the cloud to stream (``cloud-stream``: jobs of no
+drafts until a budget) and may close a session mid-stream.
 
 Invariants, after every step:
 1. the edge's committed prefix is the cloud's (and, greedy, the oracle's);
@@ -16,7 +17,9 @@ Invariants, after every step:
    and the committed length — on in-order streams: the protocol relies on TCP's order, and a
    reordered uplink (which only a broken or hostile client produces) must stay safe (1-4, 6),
    and may be refused, but cannot always be told from an honest one;
-6. the edge never drafts past its lookahead.
+6. the edge never drafts past its lookahead;
+7. a stream never commits more than its budget, the edge drafts nothing while it streams, and
+   a closed session has no more work.
 Each invariant has a planted-bug control below that the machine must catch.
 """
 from __future__ import annotations
@@ -65,6 +68,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.down: list[dict] = []
         self.job = None
         self.disordered = False  # a batch was delivered out of order on this connection
+        self.stream_budget = self.stream_done = 0  # the last stream request taken, and its tokens so far
         self.verified_positions: set[int] = set()
 
     def _truth_at(self, session_pos: int) -> int:
@@ -73,7 +77,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     def _cloud_state(self):
         c = self.cloud
         return (c.epoch, list(c.generated), list(c.pending.tokens), c.verify_upto, c.requested, set(c.hints),
-                c.unsettled, c.finished)
+                c.unsettled, c.finished, c.stream_left)
 
     def _edge_state(self):
         e = self.edge
@@ -118,6 +122,28 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.up.append(dict(epoch=recs[0][2], first_pos=first, tokens=toks, q_ids=q, q_probs=q, verify=verify,
                             hint=hint))
 
+    @precondition(lambda self: not self.done() and not self.ring and not self.edge.awaiting
+                  and not self.edge.stream_left and len(self.edge.seq) == self.edge.committed)
+    @rule(budget=st.integers(1, 6))
+    def request_stream(self, budget: int) -> None:
+        """cloud-stream: the edge asks the cloud to decode up to ``budget`` tokens alone."""
+        first = self.edge.request_stream(budget)
+        self.up.append(dict(kind="stream", epoch=self.edge.epoch, first_pos=first, budget=budget))
+
+    @precondition(lambda self: not self.done())
+    @rule(close=st.integers(0, 7))
+    def close_session(self, close: int) -> None:
+        """The edge closes the session (mid-stream, often): the cloud has no more work for it; a
+        job in flight is abandoned (the server applies nothing of a closed session)."""
+        if close or not (self.cloud.stream_left or self.job is not None):
+            return  # rare, and only where it matters
+        self.cloud.close()
+        if self.job is not None:
+            self.cloud.abandon()
+            self.job = None
+        assert not self.cloud.ready, "a closed session still has work"
+        self.reconnect()
+
     # ------------------------------------------------------------------ links
     @precondition(lambda self: self.up)
     @rule(n=st.integers(1, 3), dup=st.integers(0, 5), reorder=st.integers(0, 7))
@@ -137,8 +163,13 @@ class ProtocolMachine(RuleBasedStateMachine):
         stale = b["epoch"] < self.cloud.epoch and self.cloud.unsettled is None
         before = self._cloud_state()
         try:
-            res = self.cloud.on_batch(b["epoch"], b["first_pos"], b["tokens"], b["q_ids"], b["q_probs"],
-                                      verify=b["verify"], hint=b["hint"])
+            if b.get("kind") == "stream":
+                res = self.cloud.on_stream(b["epoch"], b["first_pos"], b["budget"])
+                if res == "taken":
+                    self.stream_budget, self.stream_done = b["budget"], 0
+            else:
+                res = self.cloud.on_batch(b["epoch"], b["first_pos"], b["tokens"], b["q_ids"], b["q_probs"],
+                                          verify=b["verify"], hint=b["hint"])
         except ProtocolViolation as err:
             assert self.disordered, f"an in-order stream was refused: {err}"
             self.reconnect()  # the server closes the session; the edge re-opens it
@@ -207,6 +238,9 @@ class ProtocolMachine(RuleBasedStateMachine):
         span = set(range(job.start, job.start + len(judged.new)))
         assert not (span & self.verified_positions), "a position was verified twice"
         self.verified_positions |= span
+        if job.stream:
+            assert not job.drafts, "a stream job carries drafts"
+            self.stream_done += len(judged.new)
         settled = self.cloud.apply(judged)
         self.down.append(dict(epoch=job.epoch, start_pos=job.start, end_pos=judged.end, accepted=judged.accepted,
                               token=judged.token, rejected=judged.rejected,
@@ -237,6 +271,12 @@ class ProtocolMachine(RuleBasedStateMachine):
         assert cloud[: e.committed] == mine, "edge and cloud committed different tokens"
         if not self.sampling:
             assert mine == [_truth(i) for i in range(e.committed)], "the committed prefix is not the target's"
+
+    @invariant()
+    def streams_keep_their_budget(self) -> None:
+        assert self.stream_done <= self.stream_budget, "the cloud streamed past the budget"
+        e = self.edge
+        assert not e.stream_left or len(e.seq) == e.committed, "the edge drafted while the cloud streams"
 
     @invariant()
     def within_lookahead(self) -> None:
@@ -341,7 +381,39 @@ class _CloudSettlesWithoutBump(CloudSession):
         return res
 
 
+class _CloudIgnoresBudget(CloudSession):
+    """Streams on past the request's budget."""
+
+    def apply(self, j):
+        left = self.stream_left
+        settled = super().apply(j)
+        if j.job.stream and not j.finished:
+            self.stream_left = left
+        return settled
+
+
+class _EdgeDraftsWhileStreaming(EdgeSession):
+    def may_draft(self):
+        left, self.stream_left = self.stream_left, 0
+        try:
+            return super().may_draft()
+        finally:
+            self.stream_left = left
+
+
+class _CloudStreamsAfterClose(CloudSession):
+    """Closing forgets to stop the stream."""
+
+    def close(self):
+        left = self.stream_left
+        super().close()
+        self.closed, self.stream_left = False, left
+
+
 PLANTED = {
+    "cloud streams past the budget": (_CloudIgnoresBudget, EdgeSession, False),
+    "edge drafts while the cloud streams": (CloudSession, _EdgeDraftsWhileStreaming, False),
+    "cloud streams on after the session is closed": (_CloudStreamsAfterClose, EdgeSession, False),
     "cloud settles a late differing bonus without bumping the epoch": (_CloudSettlesWithoutBump, EdgeSession, False),
     "cloud keeps drafts past a differing bonus": (_CloudKeepsMismatch, EdgeSession, False),
     "edge keeps drafts past a differing bonus": (CloudSession, _EdgeKeepsMismatch, False),

@@ -100,6 +100,8 @@ class ClientConn:
             n = max(len(msg.tokens), 1 if msg.verify else 0)  # an empty verify still costs a target forward
         elif isinstance(msg, M.OpenSession):
             n = len(msg.prompt_ids)
+        elif isinstance(msg, M.StreamRequest):
+            n = msg.budget  # a target forward per streamed token, billed up front
         else:
             return
         wait = self.bucket.debit(n)

@@ -261,6 +261,10 @@ class CloudServer:
             s = self.sessions.on_draft(client, msg)
             if s is not None:
                 self._schedule(s)
+        elif isinstance(msg, M.StreamRequest):
+            s = self.sessions.on_stream(client, msg)
+            if s is not None:
+                self._schedule(s)
         elif isinstance(msg, M.OpenSession):
             if self.sessions.open(client, msg) is not None:
                 client.send(M.SessionOpened(session_id=msg.session_id))

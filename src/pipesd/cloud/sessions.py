@@ -107,7 +107,7 @@ class SessionStore:
         log.info("session %d closed: %d tokens verified", s.sid, len(s.proto.generated), extra={"session": s.sid})
         s.client.sessions.pop(s.sid, None)
         s.client.inflight_bytes -= s.proto.pending.total_bytes
-        s.proto.pending.clear()  # a verification in flight holds its own copy
+        s.proto.close()  # nothing pending, no more jobs (a stream stops); a job in flight holds its own copy
         self.count -= 1
         self.stats.sessions_open = self.count
         if not s.busy:
@@ -137,6 +137,21 @@ class SessionStore:
         elif res == "duplicate":
             self.stats.duplicate_batches += 1
         return s if res == "taken" and b.verify else None
+
+    def on_stream(self, client, r: M.StreamRequest) -> Optional[Session]:
+        """Hand a stream request to the protocol; returns the session when it was taken."""
+        s = client.sessions.get(r.session_id)
+        if s is None:
+            raise codec.ProtocolError(M.E_UNKNOWN_SESSION, f"unknown session {r.session_id}")
+        try:
+            res = s.proto.on_stream(r.epoch, r.first_pos, r.budget, sent_at=r.sent_at)
+        except ProtocolViolation as e:
+            raise codec.ProtocolError(_VIOLATION_CODE[e.kind], str(e)) from None
+        if res == "stale":
+            self.stats.stale_batches += 1
+        elif res == "duplicate":
+            self.stats.duplicate_batches += 1
+        return s if res == "taken" else None
 
     def _check_draft(self, s: Session, b: M.DraftBatch) -> int:
         """Token ids and (sampling) q rows; returns the wire bytes each draft holds."""

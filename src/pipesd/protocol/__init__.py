@@ -35,6 +35,10 @@ Terms, defined once:
 - **hint**: the edge's draft at the bonus position of the verification in flight, sent without
   q. It is never verified, only compared with the bonus; a verification job stops before a
   pending hint.
+- **stream**: a request that the cloud decode alone (``cloud-stream``): from the committed
+  length, up to a budget, each verification round a job of no drafts whose bonus is the
+  target's next token (one verdict each). The edge drafts nothing meanwhile and the cloud takes
+  no drafts; it ends at the budget, EOS, max_new or the session's close.
 - **epoch**: counts voidings of a session (a correction, or a bonus unequal to the draft
   there); both sides start at 0 and bump together. Every batch and verdict carries it, so a
   message of an older epoch is **stale** and changes nothing.

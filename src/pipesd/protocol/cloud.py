@@ -9,6 +9,10 @@ calls :meth:`apply` and sends the verdict it returns. Terms: :mod:`pipesd.protoc
     batch(epoch == e, first_pos == v + len(pending)) -> appended
     batch(epoch <  e) -> stale; first_pos < expected -> duplicate (both dropped, nothing changes)
     verify flag -> a job over pending[: through that batch], stopping before a pending hint
+    stream request(first_pos == v, nothing pending) -> a job of zero drafts per round, until the budget
+
+A **stream** (the ``cloud-stream`` method) is the cloud decoding alone: each job has no drafts,
+so its verdict's bonus is the target's next token; the session takes no drafts meanwhile.
 """
 from __future__ import annotations
 
@@ -64,6 +68,7 @@ class Job:
     q_ids: list  # per draft: int ids of its q (sampling), else None
     q_probs: list
     echo_sent_at: float = 0.0
+    stream: bool = False  # a stream's job (no drafts: the target's next token)
 
 
 @dataclass
@@ -103,6 +108,8 @@ class CloudSession:
     echo_sent_at: float = 0.0
     busy: bool = False  # a job is out
     finished: bool = False
+    stream_left: int = 0  # tokens a stream request still asks for (see :meth:`on_stream`)
+    closed: bool = False  # the edge closed the session (or the server dropped it): no more jobs
 
     # ------------------------------------------------------------------ batches
     def on_batch(self, epoch: int, first_pos: int, tokens: Sequence[int], q_ids=None, q_probs=None, *,
@@ -110,9 +117,16 @@ class CloudSession:
         """Take one draft batch: ``"taken"``, ``"stale"``, ``"duplicate"``, ``"settled"`` (it
         settled a bonus and was void) or ``"finished"``. ``q_ids``/``q_probs``: one row per
         token (none for a hint's first token), or None. ``nbytes``: wire bytes per token held.
-        Raises :class:`ProtocolViolation` for a gap, an epoch ahead, or too many drafts."""
-        if self.finished:
+        Raises :class:`ProtocolViolation` for a gap, an epoch ahead, too many drafts, or drafts
+        while the session streams."""
+        if self.finished or self.closed:
             return "finished"
+        if self.stream_left:
+            if epoch < self.epoch:
+                return "stale"
+            if first_pos < len(self.generated) + len(self.pending):
+                return "duplicate"
+            raise ProtocolViolation("field", "a draft batch while the session streams")
         if self.unsettled is not None:
             settle = self._settle(epoch, first_pos, tokens)
             if settle == "void":
@@ -148,6 +162,39 @@ class CloudSession:
             self.requested = True
         return "taken"
 
+    def on_stream(self, epoch: int, first_pos: int, budget: int, *, sent_at: float = 0.0) -> str:
+        """Take a stream request: decode up to ``budget`` tokens from ``first_pos`` (the verified
+        length) with the target alone, one job of zero drafts per verification round, one verdict
+        each, until the budget, EOS or max_new_tokens. Returns ``"taken"``, ``"stale"``,
+        ``"duplicate"`` or ``"finished"``; raises :class:`ProtocolViolation` for a gap, an epoch
+        ahead, a budget below 1, or drafts pending (a stream starts from a settled state)."""
+        if self.finished or self.closed:
+            return "finished"
+        if budget < 1:
+            raise ProtocolViolation("field", f"stream budget {budget} < 1")
+        if self.unsettled is not None:
+            self._settle(epoch, first_pos, ())
+        if epoch < self.epoch:
+            return "stale"
+        if epoch > self.epoch:
+            raise ProtocolViolation("field", f"epoch {epoch} is ahead of the session's {self.epoch}")
+        verified = len(self.generated)
+        if first_pos < verified:
+            return "duplicate"
+        if len(self.pending) or self.requested:
+            raise ProtocolViolation("field", "a stream request while drafts are pending or a verify request is open")
+        if first_pos != verified:
+            raise ProtocolViolation("field", f"stream request at {first_pos}, expected {verified} (gap)")
+        self.stream_left = int(budget)
+        self.echo_sent_at = sent_at
+        return "taken"
+
+    def close(self) -> None:
+        """The session is gone: nothing pending, no more jobs (a stream stops here)."""
+        self.closed = True
+        self.stream_left = 0
+        self._void()
+
     def _settle(self, epoch: int, first_pos: int, tokens: Sequence[int]) -> str:
         """Settle an unsettled bonus at ``c`` from the first batch after it: ``"void"`` (the
         draft at c differed: the epoch moved; the batch is void), ``"trim"`` (it matched: drop
@@ -173,12 +220,16 @@ class CloudSession:
     # ------------------------------------------------------------------ jobs
     @property
     def ready(self) -> bool:
-        """A verify request is open, no job is out and the session goes on."""
-        return self.requested and not self.busy and not self.finished
+        """A verify request is open (or a stream goes on), no job is out and the session goes on."""
+        return (self.requested or self.stream_left > 0) and not self.busy and not self.finished and not self.closed
 
     def take_job(self) -> Job:
         """The next job: pending drafts through the request, stopping before a pending hint
-        (that job's bonus settles it); the rest of the request stays open."""
+        (that job's bonus settles it); the rest of the request stays open. Streaming: a job of
+        zero drafts (its bonus is the target's next token)."""
+        if not self.requested:
+            self.busy = True
+            return Job(self.epoch, len(self.generated), [], [], [], self.echo_sent_at, stream=True)
         n = self.verify_upto
         if self.hints:
             n = min(n, min(self.hints) - len(self.generated))
@@ -214,7 +265,9 @@ class CloudSession:
         self.generated.extend(j.new)
         settled = SETTLED_NONE
         n = len(j.job.drafts)
-        if j.token >= 0 and j.rejected:
+        if j.job.stream:  # nothing can be drafted at a stream token's position: settled by construction
+            self.stream_left = 0 if j.finished else max(0, self.stream_left - len(j.new))
+        elif j.token >= 0 and j.rejected:
             self._void()  # the correction replaces a draft: every pending draft is void
             self.epoch += 1
         elif j.token >= 0:  # a bonus: the continuation rule
@@ -235,6 +288,7 @@ class CloudSession:
             self._drop_verified(n)
         if j.finished:
             self.finished = True
+            self.stream_left = 0
         return settled
 
     def _void(self) -> None:

@@ -52,6 +52,7 @@ class EdgeSession:
     base: int = 0  # run position of the cloud session's position 0
     stop_at: int = -1  # no drafting at or past this position until a verdict (-1: max_new)
     awaiting: bool = False  # a verify request is out
+    stream_left: int = 0  # tokens the cloud still streams (:meth:`request_stream`): no drafting meanwhile
 
     def __post_init__(self) -> None:
         if self.stop_at < 0:
@@ -63,12 +64,24 @@ class EdgeSession:
         self.epoch = 0
         self.awaiting = False
         self.stop_at = self.max_new
+        self.stream_left = 0
+
+    def request_stream(self, budget: int) -> int:
+        """Ask the cloud to decode up to ``budget`` tokens alone (the ``cloud-stream`` method);
+        returns the wire position the request starts at. Needs nothing drafted past the
+        committed prefix and no request out; no drafting until the stream's last verdict."""
+        if budget < 1:
+            raise ValueError(f"stream budget must be >= 1, got {budget}")
+        if len(self.seq) != self.committed or self.awaiting or self.stream_left:
+            raise ValueError("a stream request needs no drafts past the committed prefix and no request out")
+        self.stream_left = min(int(budget), self.max_new - self.committed)
+        return self.wire_pos(self.committed)
 
     def may_draft(self) -> bool:
         """False while drafting must pause for a verdict: at the lookahead cap, past EOS or
-        the length, or (serial methods) while a request is out."""
+        the length, while the cloud streams, or (serial methods) while a request is out."""
         pos = len(self.seq)
-        return pos < self.stop_at and pos - self.committed < self.lookahead and not (
+        return pos < self.stop_at and pos - self.committed < self.lookahead and not self.stream_left and not (
             self.awaiting and not self.pipeline)
 
     def on_draft(self, token: int, reason: Optional[str]) -> tuple[int, Optional[str]]:
@@ -113,6 +126,8 @@ class EdgeSession:
         eos = self.eos_id is not None and self.eos_id in out.new
         out.eos = eos
         out.complete = finished or self.committed >= self.max_new or eos
+        if self.stream_left:
+            self.stream_left = 0 if out.complete else max(0, self.stream_left - len(out.new))
         return out
 
     def _continue(self, out: VerdictOutcome, at: int, token: int, rejected: bool, settled: int) -> None:

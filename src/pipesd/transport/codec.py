@@ -148,6 +148,13 @@ _WIRE = (  # compiled into SCHEMAS once the helpers below are defined
               "settled is 0 except after a full acceptance with a bonus token"),
     )),
     Schema(M.CloseSession, M.T_CLOSE, "edge -> cloud", (Scalar("session_id", "u32"),)),
+    Schema(M.StreamRequest, M.T_STREAM, "edge -> cloud", (
+        Scalar("session_id", "u32"),
+        Scalar("epoch", "u32"),
+        Scalar("first_pos", "u32"),
+        Scalar("budget", "u32", lo=1, doc="tokens to decode at most"),
+        Scalar("sent_at", "f64"),
+    )),
     Schema(M.Error, M.T_ERROR, "either way", (
         Scalar("code", "u16", doc="`E_*` (unknown codes are passed through)"),
         Scalar("session_id", "i64", lo=-1, doc="-1: connection-level; the connection closes after it"),

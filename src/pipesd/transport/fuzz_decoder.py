@@ -61,6 +61,7 @@ def sample_messages() -> list:
         M.Verdict(session_id=3, epoch=2, start_pos=17, end_pos=17, accepted=0, token=7, rejected=False,
                   verified_len=18, finished=True, settled=M.SETTLED_VOID, target_forwards=1),
         M.CloseSession(session_id=3),
+        M.StreamRequest(session_id=3, epoch=1, first_pos=5, budget=64, sent_at=2.5),
         M.Error(code=M.E_AUTH, message="nope", session_id=-1),
     ]
 

@@ -17,7 +17,8 @@ from typing import Optional
 
 import numpy as np
 
-PROTOCOL_VERSION = 3  # 2: the continuation rule (a bonus on every full acceptance); 3: Verdict.settled, no bonus flag
+PROTOCOL_VERSION = 4  # 2: the continuation rule (a bonus on every full acceptance); 3: Verdict.settled, no bonus flag;
+# 4: StreamRequest (the cloud decodes alone: cloud-stream)
 
 # Message type tags (one byte on the wire).
 T_HELLO = 1
@@ -28,6 +29,7 @@ T_DRAFT = 5
 T_VERDICT = 6
 T_CLOSE = 7
 T_ERROR = 8
+T_STREAM = 9
 
 # Verdict.settled: what the cloud knew of the edge's draft at ``end_pos`` (the bonus position).
 from pipesd.protocol.common import SETTLED_KEPT, SETTLED_NONE, SETTLED_VOID  # noqa: E402  (defined with the rule)
@@ -111,6 +113,20 @@ class DraftBatch:
 
 
 @dataclass(kw_only=True)
+class StreamRequest:
+    """Edge -> cloud: decode up to ``budget`` tokens of the session with the target alone, from
+    ``first_pos`` (the verified length; nothing may be pending). The cloud answers one Verdict
+    per token (no drafts: ``accepted`` 0, ``token`` the target's) and takes no drafts until the
+    stream ends (budget, EOS, max_new_tokens); closing the session stops it."""
+
+    session_id: int
+    epoch: int
+    first_pos: int
+    budget: int
+    sent_at: float = 0.0  # edge clock, echoed back in every verdict of the stream
+
+
+@dataclass(kw_only=True)
 class Verdict:
     """Cloud -> edge: outcome of verifying the pending segment ``[start_pos, end_pos)``.
 
@@ -160,4 +176,4 @@ E_BAD_FIELD = 6
 E_TOKENIZER = 7
 E_INTERNAL = 8
 
-Message = Hello | HelloAck | OpenSession | SessionOpened | DraftBatch | Verdict | CloseSession | Error
+Message = Hello | HelloAck | OpenSession | SessionOpened | DraftBatch | StreamRequest | Verdict | CloseSession | Error
