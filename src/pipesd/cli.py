@@ -6,6 +6,8 @@
 - ``demo``: cloud + edge on this machine with the bundled pair, and a comparison table.
 - ``timeline``: draw the timeline plot of a run saved by ``generate --save-run``.
 - ``check-pair``: check a draft/target pair (tokenizer, agreement, costs, thresholds).
+- ``pair``: ``pair fetch NAME`` downloads and converts a real pair (opt-in, :mod:`pipesd.pairs`),
+  ``pair list`` shows the known and the fetched ones; a fetched NAME then works as a model spec.
 
 Models, links, prompts and serving come from :mod:`pipesd.launch` (shared with ``bench/``).
 """
@@ -150,9 +152,37 @@ def _add_edge_tls_args(p: argparse.ArgumentParser) -> None:
                    help="INSECURE, testing only: TLS without checking the cloud's certificate")
 
 
+class _BadPrompt(ValueError):
+    """A prompt that cannot be read or decoded (exit status 2)."""
+
+
+def _read_prompt(args) -> str:
+    """The prompt of `pipesd generate`: the positional argument (its bytes as the shell passed
+    them: argv is decoded with surrogateescape) or ``--prompt-file`` (exact bytes; ``-``: stdin),
+    decoded as strict UTF-8, so a bad byte is an error rather than a replacement character."""
+    if args.prompt_file is None:
+        raw = os.fsencode(args.prompt)
+    elif args.prompt_file == "-":
+        raw = sys.stdin.buffer.read()
+    else:
+        try:
+            raw = Path(args.prompt_file).read_bytes()
+        except OSError as e:
+            raise _BadPrompt(f"prompt file {args.prompt_file}: {e.strerror or e}") from e
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _BadPrompt(f"prompt is not valid UTF-8 at byte {e.start}") from e
+
+
 def cmd_generate(args) -> int:
     from pipesd.edge import EdgeClient, EdgeConfig
 
+    try:
+        prompt = _read_prompt(args)
+    except _BadPrompt as e:
+        print(f"pipesd: error: {e}", file=sys.stderr)
+        return 2
     _edge_tls_env(args)
     _set_threads(args.threads)
     draft = load_draft(args.draft, args.threads, args.draft_gguf)
@@ -161,16 +191,18 @@ def cmd_generate(args) -> int:
     token = args.auth_token if args.auth_token is not None else os.environ.get("PIPESD_AUTH_TOKEN", "")
     tty = sys.stdout.isatty()
     with EdgeClient(args.cloud, draft, cfg, auth_token=token, link=_make_link(args)) as client:
-        _print_events(client.stream_events(args.prompt, args.max_new_tokens, _sampling(args)), tty)
+        _print_events(client.stream_events(prompt, args.max_new_tokens, _sampling(args)), tty)
         gen = client.last_generation
         st = gen.stats
         if args.save_run:
             from pipesd.timeline import save_run
 
             settings = {k: v for k, v in vars(args).items() if k not in ("fn", "prompt", "auth_token", "save_run")}
-            save_run(args.save_run, client.last_generation, settings, prompt=args.prompt)
+            save_run(args.save_run, client.last_generation, settings, prompt=prompt)
             print(f"pipesd: run saved to {args.save_run} (draw it: pipesd timeline {args.save_run})", file=sys.stderr)
     sys.stdout.write("\n")
+    if args.show_ids:  # stderr, so stdout stays the text alone
+        print(f"pipesd: token ids: {json.dumps(list(gen.token_ids))}", file=sys.stderr)
     print(f"[{args.method}] {st.new_tokens} tokens, TPT {st.tpt_s * 1e3:.1f} ms, mean accepted "
           f"{st.mean_accepted:.2f}, {st.verifications} verifications, {st.rollbacks} rollbacks", file=sys.stderr)
     if st.offline_episodes:
@@ -390,6 +422,37 @@ def cmd_check_pair(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- pair
+def cmd_pair_fetch(args) -> int:
+    """Download, check and convert a known pair (:func:`pipesd.pairs.fetch`); its paths on stdout."""
+    from pipesd import pairs
+
+    try:
+        paths = pairs.fetch(args.name, force=args.force)
+    except ValueError as e:  # an unknown or malformed name
+        print(f"pipesd: error: {e}", file=sys.stderr)
+        return 2
+    for key in ("draft", "target", "draft_gguf", "target_gguf"):
+        print(f"{key:12s} {getattr(paths, key)}")
+    return 0
+
+
+def cmd_pair_list(args) -> int:
+    """The known and the fetched pairs, one per line."""
+    from pipesd import pairs
+
+    rows = pairs.list_pairs()
+    w = max([len(r.name) for r in rows] + [4])
+    print(f"{'NAME':{w}s}  {'STATUS':11s}  {'SIZE':>16s}  PATH")
+    for r in rows:
+        size = (f"{r.disk_bytes / 1e9:.2f} GB on disk" if r.fetched
+                else f"{r.download_bytes / 1e9:.2f} GB to get" if r.download_bytes else "-")
+        print(f"{r.name:{w}s}  {'fetched' if r.fetched else 'not fetched':11s}  {size:>16s}  {r.path}")
+    if not any(r.fetched for r in rows):
+        print("(nothing fetched yet: pipesd pair fetch NAME)")
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from pipesd.edge.config import METHODS
@@ -418,7 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_serve)
 
     g = sub.add_parser("generate", help="generate text with an edge client (streams to the terminal)")
-    g.add_argument("prompt")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("prompt", nargs="?", help="the prompt (or --prompt-file)")
+    src.add_argument("--prompt-file", default=None, metavar="FILE",
+                     help="read the prompt from FILE, exact bytes (UTF-8; no newline stripped); - reads stdin")
+    g.add_argument("--show-ids", action="store_true",
+                   help="after the text, print the generated token ids on stderr (pipesd: token ids: [...])")
     g.add_argument("--cloud", required=True, help="HOST:PORT of `pipesd serve`")
     g.add_argument("--draft", default=None, help="draft model directory or bundled pair name (default: bundled)")
     g.add_argument("--draft-gguf", default=None, metavar="PATH",
@@ -500,6 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--trace", action="store_true", help="with --json: include the per-position trace")
     c.set_defaults(fn=cmd_check_pair)
+
+    pp = sub.add_parser("pair", help="real model pairs: fetch one (opt-in download), list known and fetched")
+    psub = pp.add_subparsers(dest="pair_cmd", required=True)
+    pf = psub.add_parser("fetch", help="download, check (size, sha256) and convert a known pair into the cache")
+    pf.add_argument("name", help="a known pair (pipesd pair list)")
+    pf.add_argument("--force", action="store_true", help="fetch it again even if it is already fetched")
+    pf.set_defaults(fn=cmd_pair_fetch)
+    pl = psub.add_parser("list", help="known and fetched pairs, sizes and cache paths")
+    pl.set_defaults(fn=cmd_pair_list)
 
     for sp in sub.choices.values():  # also accepted after the subcommand
         sp.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

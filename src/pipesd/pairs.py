@@ -313,9 +313,7 @@ def fetch(pair: Union[str, Pair], *, force: bool = False, index_dir: Optional[Un
         shutil.rmtree(stage, ignore_errors=True)
         raise
     paths = _paths(dest)
-    progress(f"{pair.name}: done in {time.perf_counter() - t0:.1f} s")
-    for role in ROLES:
-        progress(f"  {role}: {getattr(paths, role)}  ({getattr(paths, role + '_gguf')})")
+    progress(f"{pair.name}: done in {time.perf_counter() - t0:.1f} s: {dest}")
     return paths
 
 
