@@ -282,3 +282,351 @@ def test_end_to_end_lossless_with_shipped_gguf(llama_cpp, pair):
                         assert g.stats.verifications >= 1
     finally:
         draft.close()
+
+
+# --------------------------------------------------------------------------- llama.cpp target
+# A greedy token may differ from torch's only where torch's top-2 target logits are closer than
+# TIE_EPS (twice the logit tolerance of both engines): there either token is the target's argmax
+# up to float error. Every such tie is counted and reported; on the bundled prompts there are none.
+TIE_EPS = 2 * LOGIT_ATOL
+# The same logits computed in decodes of other sizes (a rollback's tail vs a fresh prompt, one
+# session vs a batch) agree to within this: llama.cpp's CPU matmul takes another path for one
+# token than for several (measured differences up to ~2e-4 on logits of magnitude ~15).
+KERNEL_ATOL = 1e-3
+TARGET_PROMPTS = ["def read_config(path):\n", "class Stack:\n    def __init__(self):\n",
+                  "for key, value in sorted(items.items()):\n", "import os\nimport sys\n\n\ndef main():\n"]
+
+
+@pytest.fixture(scope="session")
+def target_gguf(tmp_path_factory):
+    """The bundled target exported to an f32 GGUF once per test session (the bundled weights
+    are f16, so f32 holds them exactly)."""
+    return gx.export_gguf(zoo.pair_path() / "target", tmp_path_factory.mktemp("gguf-target") / "target-f32.gguf",
+                          "f32")
+
+
+@pytest.fixture(scope="module")
+def lc_target(llama_cpp, target_gguf):
+    from pipesd.models.llamacpp import LlamaCppTarget
+
+    t = LlamaCppTarget(target_gguf, slots=4, threads=1)
+    yield t
+    t.close()
+
+
+def _torch_rows(pair, seq: list[int], start: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return pair.target.model(torch.tensor([seq])).logits[0, start:].float()
+
+
+def _no_seq_rm(target):
+    """Planted bug: llama.cpp's ``seq_rm`` is skipped, so a rollback would leave the rejected
+    tokens' KV cells in place."""
+    import llama_cpp as real
+
+    class NoSeqRm:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def llama_memory_seq_rm(mem, seq, p0, p1):
+            return p0 == 0 and real.llama_memory_seq_rm(mem, seq, p0, p1)  # a full clear still works
+
+    target._lc = NoSeqRm()
+    return target
+
+
+def _trusting_target(path, **kw):
+    """Planted bug: a target that compares nothing on rollback. It trusts that what it fed is
+    still the sequence's prefix, keeps the rejected tokens' KV cells and logits rows, and feeds
+    only what lies past them (at consecutive positions, so llama.cpp accepts it)."""
+    from pipesd.models.llamacpp import LlamaCppTarget
+
+    class Trusting(LlamaCppTarget):
+        @staticmethod
+        def _plan(s, seq, want_from):
+            return min(len(s._fed), len(seq) - 1) if s._slot is not None else 0
+
+    return Trusting(path, **kw)
+
+
+def test_target_logits_match_torch_at_every_verified_position(pair, lc_target):
+    ids = pair.tokenizer.encode(TARGET_PROMPTS[3])
+    s = lc_target.new_session(ids)
+    draft = pair.tokenizer.encode("    path = os.path.join(")
+    got = s.score(draft)
+    ref = _torch_rows(pair, ids + draft, len(ids) - 1)
+    assert got.shape == (len(draft) + 1, pair.target.vocab_size) and got.dtype == torch.float32
+    assert torch.allclose(got, ref, atol=LOGIT_ATOL, rtol=0), float((got - ref).abs().max())
+    assert s.tokens == ids  # scoring does not change the verified sequence
+    assert lc_target.vocab_size == pair.target.vocab_size
+    assert lc_target.eos_token_id == pair.tokenizer.eos_token_id
+    assert tokenizer_fingerprint(lc_target.tokenizer) == tokenizer_fingerprint(pair.target.tokenizer)
+    s.close()
+
+
+def test_target_rollback_logits_equal_a_fresh_evaluation(pair, lc_target, target_gguf):
+    from pipesd.models.llamacpp import LlamaCppTarget
+
+    ids = pair.tokenizer.encode(TARGET_PROMPTS[0])
+    d1, d2 = [11, 12, 13, 14, 15], [21, 22, 23]
+    s = lc_target.new_session(ids)
+    s.score(d1)
+    s.commit(d1[:2] + [99])  # two drafts accepted, the third rejected: the correction 99
+    f0 = lc_target.forwards
+    got = s.score(d2)
+    assert lc_target.forwards - f0 == 1 + len(d2)  # only the correction and the new drafts are fed
+    fresh = lc_target.new_session(s.tokens)
+    want = fresh.score(d2)
+    assert torch.allclose(got, want, atol=KERNEL_ATOL, rtol=0), float((got - want).abs().max())
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert torch.allclose(got, _torch_rows(pair, s.tokens + d2, len(s) - 1), atol=LOGIT_ATOL, rtol=0)
+    s.truncate(len(ids))  # a rollback into the prompt: the cache keeps only the common prefix
+    assert torch.allclose(s.score([7]), lc_target.new_session(ids).score([7]), atol=KERNEL_ATOL, rtol=0)
+    for x in (s, fresh):
+        x.close()
+    # the controls: a rollback that trusts the stale cells gives other logits; one that skips
+    # seq_rm is refused by llama.cpp itself (positions must follow on from what a sequence holds)
+    for make, check in ((lambda: _trusting_target(target_gguf, slots=1, threads=1),
+                         lambda b: (b.score(d2) - want).abs().max() > 10 * LOGIT_ATOL),
+                        (lambda: _no_seq_rm(LlamaCppTarget(target_gguf, slots=1, threads=1)), None)):
+        bad = make()
+        try:
+            b = bad.new_session(ids)
+            b.score(d1)
+            b.commit(d1[:2] + [99])
+            if check is not None:
+                assert check(b)
+            else:
+                with pytest.raises(RuntimeError, match="llama_decode returned -1"):
+                    b.score(d2)
+        finally:
+            bad.close()
+
+
+def test_target_batch_equals_each_session_alone_and_slots_are_reused(pair, target_gguf, llama_cpp):
+    from pipesd.models.llamacpp import LlamaCppTarget
+
+    t = LlamaCppTarget(target_gguf, slots=2, threads=1)  # 3 sessions on 2 slots: one is evicted each launch
+    try:
+        prompts = [pair.tokenizer.encode(p) for p in TARGET_PROMPTS[:3]]
+        drafts = [[5, 6, 7, 8], [], [9]]
+        ss = [t.new_session(p) for p in prompts]
+        for step in range(3):
+            rows = t.score_batch(ss, drafts)
+            for s, d, r in zip(ss, drafts, rows):
+                assert r.shape == (len(d) + 1, t.vocab_size)
+                assert torch.allclose(r, _torch_rows(pair, s.tokens + d, len(s) - 1), atol=LOGIT_ATOL, rtol=0)
+                s.commit(d[:1] + [int(r[min(1, len(d))].argmax())])
+        with pytest.raises(ValueError, match="twice"):
+            t.score_batch([ss[0], ss[0]], [[], []])
+        with pytest.raises(ValueError, match="2 drafts"):
+            t.score_batch(ss, [[], []])
+    finally:
+        t.close()
+
+
+def test_target_tree_equals_its_chains(pair, lc_target):
+    ids = pair.tokenizer.encode(TARGET_PROMPTS[2])
+    s = lc_target.new_session(ids)
+    toks, parents = [30, 31, 32, 33, 34], [-1, 0, 0, 2, -1]
+    tree = s.score_tree(toks, parents)
+    paths = [[], [0], [0, 1], [0, 2], [0, 2, 3], [4]]  # row r: after the path to node r - 1
+    want = torch.stack([_torch_rows(pair, ids + [toks[i] for i in path], -1)[0] for path in paths])
+    assert tree.shape == want.shape and torch.allclose(tree, want, atol=LOGIT_ATOL, rtol=0)
+    assert s.tokens == ids
+    with pytest.raises(ValueError, match="parents"):
+        s.score_tree([1, 2], [-1, 5])
+    s.close()
+
+
+def test_target_clear_errors(llama_cpp, target_gguf, tmp_path):
+    from pipesd.models.llamacpp import LlamaCppTarget
+
+    t = LlamaCppTarget(target_gguf, n_ctx=16, slots=1)
+    try:
+        assert 16 <= t.n_ctx <= 256  # llama.cpp rounds a context up to a multiple of 256
+        with pytest.raises(ValueError, match="n_ctx"):
+            t.new_session([1] * t.n_ctx).score([2])
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 1024\)"):
+            t.new_session([1, 2]).score([5000])
+        with pytest.raises(ValueError, match="empty"):
+            t.new_session([])
+    finally:
+        t.close()
+    for kw, msg in (({"slots": 0}, "slots"), ({"n_ctx": -1}, "n_ctx"), ({"threads": 0}, "threads")):
+        with pytest.raises(ValueError, match=msg):
+            LlamaCppTarget(target_gguf, **kw)
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    big = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(2000)},
+                                                                              unk_token="t0")))
+    with pytest.raises(ValueError, match="2000 ids but .* only 1024 logits"):
+        LlamaCppTarget(target_gguf, tokenizer=big)
+
+
+def test_target_input_errors_and_missing_llama_cpp(tmp_path, monkeypatch, capsys, target_gguf):
+    from pipesd import cli
+    from pipesd.launch import load_target
+    from pipesd.models.llamacpp import LlamaCppTarget
+
+    with pytest.raises(FileNotFoundError):
+        LlamaCppTarget(tmp_path / "missing.gguf")
+    not_gguf = tmp_path / "model.bin"
+    not_gguf.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        load_target(None, 1, gguf=str(not_gguf))
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    with pytest.raises(ImportError, match=r"target backend .*pip install 'pipesd\[llama\]'"):
+        LlamaCppTarget(target_gguf)
+    with pytest.raises(RuntimeError, match=r"target GGUF .*pip install 'pipesd\[llama\]'"):
+        load_target(None, 1, gguf=str(target_gguf))
+    for argv, msg in ((["serve", "--target-gguf", str(target_gguf)], "pip install 'pipesd[llama]'"),
+                      (["serve", "--target-gguf", str(not_gguf)], "not a GGUF file"),
+                      (["serve", "--target-gguf", str(target_gguf), "--model", "bundled"], "not both")):
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("pipesd: error: ") and msg in err and "Traceback" not in err
+
+
+def _greedy_up_to_ties(pair, prompt: list[int], got: list[int], ref: list[int]) -> int:
+    """Assert ``got`` equals torch's greedy ``ref`` up to the first near-tie (see TIE_EPS);
+    returns 1 where such a tie let them part, else 0."""
+    if got == ref:
+        return 0
+    i = next(j for j, (a, b) in enumerate(zip(got, ref)) if a != b)
+    row = _torch_rows(pair, prompt + ref[:i], len(prompt) + i - 1)[0]
+    top2 = torch.topk(row, 2)
+    margin = float(top2.values[0] - top2.values[1])
+    assert margin < TIE_EPS and got[i] in top2.indices.tolist(), \
+        f"token {i}: llama.cpp target gave {got[i]}, torch {ref[i]}, top-2 margin {margin:.3g} >= {TIE_EPS}"
+    return 1
+
+
+def test_target_greedy_through_the_server_equals_torch_target_only(pair, lc_target):
+    import threading
+
+    from pipesd.cloud import CloudConfig, CloudServer
+    from pipesd.edge import EdgeClient, EdgeConfig
+    from pipesd.launch import load_draft
+    from runtime_helpers import reference_greedy
+
+    n_new = 32
+    prompts = [pair.tokenizer.encode(p) for p in TARGET_PROMPTS]
+    refs = {tuple(p): reference_greedy(pair.target.model, p, n_new) for p in prompts}
+    server = CloudServer(lc_target, CloudConfig(port=0, verify_pad_s=0.003), tokenizer_fingerprint=tokenizer_fingerprint(lc_target.tokenizer))
+    host, port = server.start_in_thread()
+    out: dict = {}
+    errors: list = []
+
+    drafts = {False: load_draft(None, 1), True: load_draft(None, 1, zoo.DEFAULT_PAIR)}  # one edge each
+
+    def worker(name: str, method: str, order: list, gguf_draft: bool) -> None:
+        draft = drafts[gguf_draft]
+        try:
+            with EdgeClient(f"{host}:{port}", draft, EdgeConfig.for_method(method)) as c:
+                out[name] = [(p, c.generate(p, n_new).token_ids) for p in order]
+        except BaseException as e:  # reported below, with the test's own assertion
+            errors.append(e)
+
+    try:
+        for method in ("pipesd", "vanilla-sd"):
+            ts = [threading.Thread(target=worker, args=(f"{method}-a", method, prompts, False)),
+                  threading.Thread(target=worker, args=(f"{method}-b", method, prompts[::-1], True))]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(300)
+        assert not errors, errors
+    finally:
+        server.stop()
+        drafts[True].close()
+    ties = sum(_greedy_up_to_ties(pair, p, got, refs[tuple(p)]) for runs in out.values() for p, got in runs)
+    assert len(out) == 4 and sum(len(r) for r in out.values()) == 4 * len(prompts)
+    assert server.stats.max_batch >= 2, "the two edges were never verified in one launch"
+    assert ties == 0, f"{ties} of {4 * len(prompts)} generations parted from torch at a near-tie"
+
+
+@torch.inference_mode()
+def _exact_marginals(target, prompt: list[int], params: SamplingParams, depth: int) -> list[np.ndarray]:
+    """Exact distribution of the tokens at positions 0..depth-1 under target sampling, from the
+    served target's own logits."""
+    from pipesd.sampling import filtered_probs
+
+    marg, prefixes = [], {(): 1.0}
+    s = target.new_session(prompt)
+    for _ in range(depth):
+        nxt: dict = {}
+        m = np.zeros(target.vocab_size)
+        for pre, w in prefixes.items():
+            logits = s.score(list(pre))[-1]
+            p = filtered_probs(logits, params.temperature, params.top_k, params.top_p, params.min_p).double().numpy()
+            m += w * p
+            for t in np.nonzero(p > 1e-12)[0]:
+                nxt[pre + (int(t),)] = w * p[t]
+        marg.append(m)
+        prefixes = nxt
+    s.close()
+    return marg
+
+
+def _sample_counts(target, pair, prompt: list[int], params: SamplingParams, depth: int, n: int) -> np.ndarray:
+    """Histograms of positions 0..depth-1 over ``n`` seeded generations, from two edges at once."""
+    import threading
+
+    from pipesd.cloud import CloudConfig, CloudServer
+    from pipesd.edge import EdgeClient, EdgeConfig, TriggerConfig
+    from pipesd.launch import load_draft
+
+    counts = np.zeros((depth, target.vocab_size))
+    lock = threading.Lock()
+    errors: list = []
+    server = CloudServer(target, CloudConfig(port=0, verify_pad_s=0.003))  # a slower cloud: launches overlap
+    host, port = server.start_in_thread()
+
+    drafts = [load_draft(None, 1) for _ in range(2)]  # one edge each (loaded here: loading is not thread-safe)
+
+    def worker(seeds, draft) -> None:
+        cfg = EdgeConfig.for_method("pipesd", trigger=TriggerConfig(0.2, 0.3, 4))
+        try:
+            with EdgeClient(f"{host}:{port}", draft, cfg) as c:
+                for i in seeds:
+                    p = SamplingParams(params.temperature, params.top_k, params.top_p, params.min_p, seed=i)
+                    g = c.generate(prompt, depth, p)
+                    with lock:
+                        for d, t in enumerate(g.token_ids):
+                            counts[d, t] += 1
+        except BaseException as e:
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(range(k, n, 2), drafts[k])) for k in range(2)]
+    try:
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(600)
+    finally:
+        server.stop()
+    assert not errors, errors
+    assert server.stats.max_batch >= 2 and server.stats.wasted_forwards > 0  # batched, and with rejections
+    return counts
+
+
+def test_target_sampling_matches_its_distribution_and_a_stale_rollback_is_caught(pair, lc_target, target_gguf):
+    import _stats as st
+
+    prompt = pair.tokenizer.encode("def read_config(path):\n")
+    params = SamplingParams(temperature=1.0, top_k=6)
+    depth, n = 3, 900
+    exact = _exact_marginals(lc_target, prompt, params, depth)
+    counts = _sample_counts(lc_target, pair, prompt, params, depth, n)
+    for d in range(depth):
+        st.check(torch.from_numpy(counts[d]), torch.from_numpy(exact[d]), f"position {d}")
+    bad = _trusting_target(target_gguf, slots=4, threads=1)
+    try:
+        bad_counts = _sample_counts(bad, pair, prompt, params, depth, n)
+    finally:
+        bad.close()
+    assert any(st.fails(torch.from_numpy(bad_counts[d]), torch.from_numpy(exact[d])) for d in range(depth)), \
+        "a target that trusts stale KV cells on rollback was not caught"

@@ -83,7 +83,9 @@ def cmd_serve(args) -> int:
     from pipesd.fingerprint import tokenizer_fingerprint
 
     _set_threads(args.threads)
-    target = load_target(args.model, args.threads)
+    if args.target_gguf and args.model:
+        raise ValueError("give --model (a torch target) or --target-gguf (a llama.cpp target), not both")
+    target = load_target(args.model, args.threads, gguf=args.target_gguf)
     token = args.auth_token if args.auth_token is not None else os.environ.get("PIPESD_AUTH_TOKEN", "")
     cfg = CloudConfig(host=args.host, port=args.port, auth_token=token, max_sessions=args.max_sessions,
                       max_prompt_tokens=args.max_prompt_tokens, max_draft_in_flight=args.max_draft_in_flight,
@@ -466,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the cloud verification server")
     s.add_argument("--model", default=None, help="target model directory or bundled pair name (default: bundled)")
     s.add_argument("--target", dest="model", default=argparse.SUPPRESS, help="alias of --model")
+    s.add_argument("--target-gguf", default=None, metavar="FILE",
+                   help="target as a GGUF file run by llama.cpp (needs llama-cpp-python: pip install 'pipesd[llama]')")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=7070, help="0 picks a free port")
     s.add_argument("--auth-token", default=None, help="shared secret (default: $PIPESD_AUTH_TOKEN or none)")

@@ -150,11 +150,26 @@ def _model_dir(spec: Optional[str], role: str) -> Path:
                      f"(also as NAME:{role}), or a fetched pair (`pipesd pair list`)")
 
 
-def load_target(spec: Optional[str] = None, threads: Optional[int] = None):
-    """A :class:`~pipesd.models.TargetModel` from ``spec`` (see :func:`_model_dir`)."""
+def load_target(spec: Optional[str] = None, threads: Optional[int] = None, gguf: Optional[str] = None):
+    """A :class:`~pipesd.models.TargetModel` from ``spec`` (see :func:`_model_dir`), or with
+    ``gguf`` (a GGUF file; wins over ``spec``) a :class:`~pipesd.models.llamacpp.LlamaCppTarget`
+    run by llama.cpp (``threads`` None: all cores)."""
+    if gguf:
+        return _load_gguf_target(gguf, threads)
     from pipesd.models import TargetModel
 
     return TargetModel.from_pretrained(_model_dir(spec, "target"), threads=threads)
+
+
+def _load_gguf_target(path: str, threads: Optional[int]):
+    try:
+        from pipesd.models.llamacpp import LlamaCppTarget
+
+        return LlamaCppTarget(path, threads=threads)
+    except ImportError as e:  # not bad input: a missing optional dependency
+        raise RuntimeError(f"target GGUF {path}: {e}") from e
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"target GGUF {path}: {e}") from e
 
 
 def load_draft(spec: Optional[str] = None, threads: Optional[int] = None, gguf: Optional[str] = None):
@@ -268,15 +283,18 @@ def serve_until_stopped(server, *, on_started: Optional[Callable[[object], None]
 
 def start_server_subprocess(model: Optional[str], *, threads: int = 1, verify_pad_ms: float = 0.0,
                             auth_token: str = "", timeout_s: float = 120.0,
-                            extra: tuple = ()) -> tuple[subprocess.Popen, int]:
+                            extra: tuple = (), target_gguf: Optional[str] = None) -> tuple[subprocess.Popen, int]:
     """Start ``pipesd serve`` on a free port in its own process; returns (process, port).
+    ``target_gguf``: serve that GGUF file with llama.cpp (``--target-gguf``) instead of ``model``.
     Stop it with :func:`stop_process`."""
     import tempfile
 
     port_file = Path(tempfile.mkdtemp(prefix="pipesd-")) / "port"
     cmd = [sys.executable, "-m", "pipesd", "serve", "--port", "0", "--threads", str(threads),
            "--verify-pad-ms", str(verify_pad_ms), "--port-file", str(port_file), *extra]
-    if model:
+    if target_gguf:
+        cmd += ["--target-gguf", str(target_gguf)]
+    elif model:
         cmd += ["--model", model]
     env = dict(os.environ, PIPESD_AUTH_TOKEN=auth_token)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
