@@ -1,64 +1,82 @@
-"""A small model of cloud-edge speculative decoding's time per token (TPT) as a function of the
-dual-threshold trigger ``(tau_seq, tau_tok)``.
+"""A model of cloud-edge speculative decoding's time per token (TPT) as a function of the
+dual-threshold trigger ``(tau_seq, tau_tok)``, on today's session protocol (3).
 
 **A model, not a measurement.** It exists to test the tuner against a landscape with the right
-shape (optima inside the box or on its edge, plateaus, window noise) and to let benchmarks and docs
-reason about *when* thresholds and pipelining matter. Numbers from it are never results.
+shape (optima inside the box or on its edge, plateaus, window noise), to let ``pipesd
+check-pair`` suggest thresholds, and to let benchmarks and docs reason about *when* thresholds
+and pipelining matter. Numbers from it are never results; ``bench/tuning/validate.py`` compares
+it with the real runtime (``bench/results/tpt-model-validation.md``).
 
-What is modelled
-----------------
-- Draft confidences i.i.d. per token from a mixture: ``Beta(conf_a, conf_b)`` (confident
-  tokens, mean 0.984 by default) with probability ``1 - hard_frac``, ``Beta(hard_a, hard_b)``
-  (contested tokens, mean 0.5) with probability ``hard_frac`` (0.12); a token is accepted with
-  probability ``p ** calibration`` (1: a calibrated draft; > 1: over-confident), and
-  verification accepts the longest accepted prefix of a run.
-- The trigger exactly as ``pipesd.edge.trigger``: fire at the first token with
-  ``p <= tau_tok`` or ``prod p <= tau_seq``, or at ``max_draft`` tokens; the product resets
-  after each trigger and after each correction.
-- Edge: ``gen_s`` seconds per draft token. Uplink: ``startup_s`` per message plus
-  ``per_token_s`` per token, FIFO; in the pipelined mode the tokens of a run stream out while
-  it is drafted and the trigger token is flushed at once (one message), in the serial mode the
-  run goes up as one message after it is drafted. ``delay_s`` one-way propagation each way.
-- Cloud: one verification of a run of ``L`` tokens takes ``verify_base_s + verify_per_token_s*L``
-  (a memory-bound forward: the weights are read once per forward), one at a time, FIFO.
-  Requests that queue up at a busy cloud coalesce: the cloud verifies every run that has
-  arrived when it becomes free in one forward (as ``pipesd.cloud`` does per session).
-- Pipelined (``pipeline=True``, our runtime's protocol): the edge keeps drafting while verdicts
-  are outstanding, up to ``lookahead`` unverified tokens; an all-accepted run commits its ``L``
-  tokens (no bonus token); a run with its first rejection at ``A`` commits ``A`` tokens plus the
-  correction, and everything drafted after it is void: the edge restarts at the verdict. Tokens
-  sent during that wait still occupy the uplink until the verdict arrives.
-- Serial (``pipeline=False``, vanilla SD): draft the run, send it, wait for the verdict, which
-  commits ``A`` plus a correction or bonus token.
+How it works
+------------
+A discrete-event simulation on a virtual clock whose protocol decisions are the runtime's own:
+the edge is a :class:`pipesd.protocol.EdgeSession`, the send thread frames with a
+:class:`pipesd.protocol.SendState` and cuts with the runtime's batcher
+(:class:`pipesd.edge.batching.DPBatcher` fed the true costs, or the trigger-only batcher), the
+cloud is a :class:`pipesd.protocol.CloudSession`. So the continuation rule (a correction voids
+every later draft; a bonus keeps the edge's later drafts only when its draft at the bonus position
+equals the bonus, settled at once or by the next batch), hints (the first record after a verify
+request goes without q; a job stops before it), lone-hint requests answered by the previous bonus,
+zero-draft jobs, the lookahead cap, the end of a generation and the serial pause (``pipeline=False``:
+no drafting while a request is out) are decided exactly as the runtime decides them.
 
-Not modelled: the DP's intermediate batch boundaries (each run pays one message startup),
-several clients sharing the cloud, correlated confidences (real drafts have easy and hard
-stretches), bandwidth traces.
+What it adds is time and draft behaviour:
 
-Common random numbers (one draw per ``seed``) make the landscape a deterministic, nearly
-smooth function of the thresholds, so a grid search over it is well defined. With
-``max_tokens`` a run stops at the first verdict that brings the total to at least that many
-tokens: one tuning window, as noisy as a measured one (vary ``seed`` per window).
+- **Draft behaviour per position.** Position ``k`` of the output has a confidence ``p_k`` and an
+  acceptance ``a_k``: whether the draft's proposal there, made from the verified prefix, is the
+  target's token. A draft made on top of an earlier wrong draft is wrong (it is void anyway);
+  it is given the position's confidence for the trigger. Draws: either a ``trace`` (measured
+  ``confidence`` / ``accepted`` per position along target-greedy continuations: a replay, exact
+  for greedy decoding) or i.i.d. draws from a mixture, ``Beta(conf_a, conf_b)`` (confident,
+  mean 0.984) with probability ``1 - hard_frac``, ``Beta(hard_a, hard_b)`` (contested, mean 0.5)
+  with probability ``hard_frac``; ``a_k`` with probability ``p_k ** calibration``.
+- **Edge**: ``gen_s`` per draft step; verdicts are applied between steps (a verdict that arrives
+  during a step waits for its end, as the compute thread polls its mailbox between steps).
+- **Uplink**: one send thread, FIFO: a message of ``n`` tokens takes ``startup_s + n*per_token_s``
+  (a hint token ``hint_s``) from when the sender pops it, then ``delay_s`` to the cloud. The
+  sender pops every record drafted while it was sending and cuts as the runtime's ``Sender`` does
+  (a verify record is flushed at once; planned cuts ship at the end of a pop); records of a void
+  epoch are dropped unsent, the ones already on the wire still occupy it.
+- **Cloud**: one verification at a time, ``verify_base_s + verify_per_token_s * drafts`` (``pipesd
+  serve --verify-pad-ms`` pads to a floor: base = pad, per token 0); the verdict reaches the edge
+  ``delay_s + down_s`` later.
+
+Not modelled: sampling's bonus comparisons (a sampled bonus equals the draft less often than
+``a_k`` says), EOS, draft prefill and edge/cloud overheads outside the costs, the runtime cost
+model's estimation error (the batcher is given the true costs), several clients sharing the cloud,
+bandwidth traces, a verdict applied while the sender is between two messages of one pop.
+
+Common random numbers: the synthetic draws are one fixed stream per ``seed`` (drawn in blocks,
+so every length is a prefix of the same stream), and position ``k`` has the same draw at every
+threshold: the landscape is a deterministic, nearly smooth function of the thresholds, so a grid
+search over it is well defined. An open-ended run stops after ``segments`` verdicts; with
+``max_tokens`` it stops at the first verdict that brings the total to at least that many tokens
+(one tuning window, as noisy as a measured one: vary ``seed`` per window); with ``max_new`` (or a
+trace) it is one generation of that length with the runtime's end rules.
 """
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 __all__ = ["SimConfig", "SimResult", "simulate_tpt", "grid_search"]
+
+_BLOCK = 4096  # synthetic draws are made in blocks of this many positions (prefix-stable stream)
 
 
 @dataclass(frozen=True)
 class SimConfig:
     """Costs and draft behaviour of the model. Defaults: a laptop-class edge drafting ~33 tokens/s,
     a top-k q wire (tens of bytes per token) on a 15 ms link, a 7B-class target on a datacentre
-    GPU (25 ms per verification); acceptance ~0.9 and ~5 drafts per verification at the
-    paper's operating point. ``segments``: rows of draws (runs) simulated."""
+    GPU (25 ms per verification); acceptance ~0.9. ``segments``: verdicts simulated by an
+    open-ended run. ``batching``: ``"dp"`` (the runtime's DP plan) or ``"trigger"`` (one message
+    per run, vanilla SD); None: dp when pipelined, trigger when serial."""
 
     gen_s: float = 0.03
     startup_s: float = 0.004
@@ -78,12 +96,20 @@ class SimConfig:
     segments: int = 2000
     seed: int = 0
     max_tokens: Optional[int] = None  # stop once this many tokens are committed (one tuning window)
+    max_new: Optional[int] = None  # one generation of this length (the runtime's end rules)
+    hint_s: Optional[float] = None  # wire seconds of a hint token (no q); None: per_token_s
+    down_s: float = 0.0  # downlink seconds per verdict on top of delay_s
+    batching: Optional[str] = None
 
     def __post_init__(self) -> None:
-        for name in ("gen_s", "startup_s", "per_token_s", "delay_s", "verify_base_s", "verify_per_token_s"):
+        for name in ("gen_s", "startup_s", "per_token_s", "delay_s", "verify_base_s", "verify_per_token_s",
+                     "down_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.hint_s is not None and not (isinstance(self.hint_s, (int, float)) and math.isfinite(self.hint_s)
+                                            and self.hint_s >= 0):
+            raise ValueError(f"hint_s must be None or a finite number >= 0, got {self.hint_s!r}")
         if not (isinstance(self.hard_frac, (int, float)) and 0.0 <= self.hard_frac <= 1.0):
             raise ValueError(f"hard_frac must be in [0, 1], got {self.hard_frac!r}")
         for name in ("conf_a", "conf_b", "hard_a", "hard_b", "calibration"):
@@ -94,9 +120,12 @@ class SimConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
-                                            or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be None or an int >= 1, got {self.max_tokens!r}")
+        for name in ("max_tokens", "max_new"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+        if self.batching not in (None, "dp", "trigger"):
+            raise ValueError(f"batching must be None, 'dp' or 'trigger', got {self.batching!r}")
         if self.gen_s + self.startup_s + self.per_token_s + self.delay_s + self.verify_base_s \
                 + self.verify_per_token_s <= 0:
             raise ValueError("at least one cost must be > 0")
@@ -114,42 +143,69 @@ class SimResult:
     verified_per_token: float  # target token-forwards (drafts scored) per generated token
     wasted_per_token: float  # scored drafts that were rejected, per generated token
     cloud_busy_per_token_s: float  # verification seconds per generated token (energy proxy)
+    messages: int = 0  # uplink messages sent (void ones included)
+    bonus_tokens: int = 0  # verdicts that carried a bonus (full acceptance)
+    rollbacks: int = 0  # corrections and bonuses unequal to the edge's draft
+    wall_s: float = 0.0  # modelled time of the last verdict (summed over a trace's generations)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-@functools.lru_cache(maxsize=8)
-def _draws(conf: tuple, calibration: float, rows: int, cols: int, seed: int):
+Trace = Union[Mapping[str, Sequence], Sequence[Mapping[str, Sequence]]]
+
+
+@functools.lru_cache(maxsize=16)
+def _block(conf: tuple, calibration: float, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block ``index`` of the synthetic stream of seed ``seed``: (confidences, acceptances)."""
     conf_a, conf_b, hard_frac, hard_a, hard_b = conf
-    rng = np.random.default_rng(seed)
-    p = rng.beta(conf_a, conf_b, size=(rows, cols))
+    rng = np.random.default_rng([seed, index])
+    p = rng.beta(conf_a, conf_b, size=_BLOCK)
     if hard_frac > 0:
-        hard = rng.random((rows, cols)) < hard_frac
-        p = np.where(hard, rng.beta(hard_a, hard_b, size=(rows, cols)), p)
-    accept = rng.random((rows, cols)) < p ** calibration
+        hard = rng.random(_BLOCK) < hard_frac
+        p = np.where(hard, rng.beta(hard_a, hard_b, size=_BLOCK), p)
+    accept = rng.random(_BLOCK) < p ** calibration
     p.setflags(write=False)
     accept.setflags(write=False)
     return p, accept
 
 
-def _segments(cfg: SimConfig, tau_seq: float, tau_tok: float) -> tuple[np.ndarray, np.ndarray]:
-    """Run length L (trigger) and accepted prefix A (<= L) of every simulated run."""
+def _draws(cfg: SimConfig, n: int) -> tuple[list, list]:
     conf = (cfg.conf_a, cfg.conf_b, cfg.hard_frac, cfg.hard_a, cfg.hard_b)
-    p, accept = _draws(conf, cfg.calibration, cfg.segments, cfg.max_draft, cfg.seed)
-    fire = (p <= tau_tok) | (np.cumprod(p, axis=1) <= tau_seq)
-    fire[:, -1] = True
-    L = np.argmax(fire, axis=1) + 1
-    rejected_at = np.where(accept.all(axis=1), cfg.max_draft, np.argmax(~accept, axis=1))
-    A = np.minimum(rejected_at, L)
-    return L, A
+    blocks = [_block(conf, float(cfg.calibration), cfg.seed, i) for i in range(-(-n // _BLOCK))]
+    p = np.concatenate([b[0] for b in blocks])[:n]
+    a = np.concatenate([b[1] for b in blocks])[:n]
+    return p.tolist(), a.tolist()
 
 
-def simulate_tpt(tau_seq: float, tau_tok: float, config: Optional[SimConfig] = None, **overrides) -> SimResult:
+def _traces(trace: Trace) -> list[tuple[list, list]]:
+    items = [trace] if isinstance(trace, Mapping) else list(trace)
+    out = []
+    for i, t in enumerate(items):
+        try:
+            p = [float(x) for x in t["confidence"]]
+            a = [bool(x) for x in t["accepted"]]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"trace {i}: needs 'confidence' (numbers) and 'accepted' (booleans) lists") from None
+        if not p or len(p) != len(a):
+            raise ValueError(f"trace {i}: 'confidence' and 'accepted' must be non-empty and of one length")
+        if not all(0.0 <= x <= 1.0 for x in p):
+            raise ValueError(f"trace {i}: confidences must be in [0, 1]")
+        out.append((p, a))
+    if not out:
+        raise ValueError("trace: no generations")
+    return out
+
+
+def simulate_tpt(tau_seq: float, tau_tok: float, config: Optional[SimConfig] = None, *,
+                 trace: Optional[Trace] = None, **overrides) -> SimResult:
     """Modelled TPT and cloud work of the dual trigger at ``(tau_seq, tau_tok)``.
 
     Deterministic for ``config.seed``; keyword overrides replace config fields
-    (``simulate_tpt(0.3, 0.5, gen_s=0.1)``). See the module docstring for what is modelled.
+    (``simulate_tpt(0.3, 0.5, gen_s=0.1)``). ``trace``: ``{"confidence": [...], "accepted":
+    [...]}`` per position of one generation (or a list of them, one generation each; totals are
+    summed, TPT = total time / total tokens) replaces the synthetic draws. See the module
+    docstring for what is modelled.
     """
     cfg = config or SimConfig()
     if overrides:
@@ -157,126 +213,218 @@ def simulate_tpt(tau_seq: float, tau_tok: float, config: Optional[SimConfig] = N
     for name, v in (("tau_seq", tau_seq), ("tau_tok", tau_tok)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 1.0):
             raise ValueError(f"{name} must be in [0, 1], got {v!r}")
-    L_arr, A_arr = _segments(cfg, float(tau_seq), float(tau_tok))
-    run = _pipelined if cfg.pipeline else _serial
-    t_last, tokens, n_ver, verified, accepted, wasted, busy = run(cfg, L_arr.tolist(), A_arr.tolist())
+    if trace is not None:
+        gens = [(p, a, min(len(p), cfg.max_new or len(p)), None) for p, a in _traces(trace)]
+    elif cfg.max_new is not None:
+        p, a = _draws(cfg, cfg.max_new)
+        gens = [(p, a, cfg.max_new, None)]
+    else:
+        n = cfg.segments * (cfg.max_draft + 1) + cfg.lookahead + 1
+        p, a = _draws(cfg, n)
+        gens = [(p, a, n, cfg.segments)]
+    tot = dict(t=0.0, tokens=0, n_ver=0, verified=0, accepted=0, wasted=0, busy=0.0, messages=0, bonus=0,
+               rollbacks=0)
+    for p, a, max_new, segments in gens:
+        for k, v in _generation(cfg, float(tau_seq), float(tau_tok), p, a, max_new, segments).items():
+            tot[k] += v
+    tokens, n_ver = max(1, tot["tokens"]), max(1, tot["n_ver"])
     return SimResult(
-        tpt_s=t_last / tokens,
-        tokens=tokens,
-        verifications=n_ver,
-        mean_draft_len=verified / n_ver,
-        acceptance=accepted / verified,
-        verified_per_token=verified / tokens,
-        wasted_per_token=wasted / tokens,
-        cloud_busy_per_token_s=busy / tokens,
+        tpt_s=tot["t"] / tokens,
+        tokens=tot["tokens"],
+        verifications=tot["n_ver"],
+        mean_draft_len=tot["verified"] / n_ver,
+        acceptance=tot["accepted"] / max(1, tot["verified"]),
+        verified_per_token=tot["verified"] / tokens,
+        wasted_per_token=tot["wasted"] / tokens,
+        cloud_busy_per_token_s=tot["busy"] / tokens,
+        messages=tot["messages"],
+        bonus_tokens=tot["bonus"],
+        rollbacks=tot["rollbacks"],
+        wall_s=tot["t"],
     )
 
 
-def _serial(cfg: SimConfig, Ls: list, As: list) -> tuple:
-    """Vanilla SD: draft the run, send it as one message, wait for the verdict (+ bonus)."""
+# Event kinds, in the order simultaneous events of different kinds were caused (seq breaks ties).
+_EDGE, _SEND, _ARRIVE, _JOB_END, _VERDICT = range(5)
+
+
+def _generation(cfg: SimConfig, tau_seq: float, tau_tok: float, P: list, A: list, max_new: int,
+                segments: Optional[int]) -> dict:
+    """One generation on the virtual clock (see the module docstring). Greedy tokens: the
+    target's token is 0 everywhere, a draft is 0 when right and 1 when wrong."""
+    from pipesd.edge.batching import DPBatcher, TriggerOnlyBatcher
+    from pipesd.edge.trigger import DualThresholdTrigger, TriggerConfig
+    from pipesd.protocol import CloudSession, EdgeSession, SendState
+    from pipesd.protocol.edge import STOP_REASONS
+    from pipesd.scheduling import CostModel
+
     g, s, c, d = cfg.gen_s, cfg.startup_s, cfg.per_token_s, cfg.delay_s
-    t = busy = 0.0
-    tokens = verified = accepted = wasted = n_ver = 0
-    stop = cfg.max_tokens or math.inf
-    for L, A in zip(Ls, As):
-        if tokens >= stop:
-            break
-        n_ver += 1
-        v = cfg.verify_base_s + cfg.verify_per_token_s * L
-        t += L * g + s + L * c + d + v + d
-        busy += v
-        tokens += A + 1  # the correction, or the bonus token after a fully accepted run
-        verified += L
-        accepted += A
-        wasted += L - A
-    return t, tokens, n_ver, verified, accepted, wasted, busy
+    c_hint = c if cfg.hint_s is None else cfg.hint_s
+    down = d + cfg.down_s
+    stop_tokens = cfg.max_tokens or math.inf
+    stop_verdicts = segments or math.inf
+    batching = cfg.batching or ("dp" if cfg.pipeline else "trigger")
+    if batching == "dp":
+        batcher = DPBatcher(CostModel(g, s, c), max_length=min(64, max(cfg.max_draft, 1)))
+    else:
+        batcher = TriggerOnlyBatcher()
+    trig = DualThresholdTrigger(TriggerConfig(tau_seq, tau_tok, cfg.max_draft))
+    edge = EdgeSession(max_new, None, cfg.lookahead, cfg.pipeline)
+    cloud = CloudSession(max_new, None, max_in_flight=1 << 30)
+    send = SendState()
 
+    events: list = []
+    seq = 0
 
-def _pipelined(cfg: SimConfig, Ls: list, As: list) -> tuple:
-    """Event simulation of the pipelined edge with a FIFO uplink and a FIFO cloud.
+    def at(t: float, kind: int, payload=None) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (t, seq, kind, payload))
 
-    Runs ("segments") are drafted back to back; the cloud verifies, in one forward, every run
-    that has arrived by the time it is free (requests that queue up coalesce, as in
-    ``pipesd.cloud``). A rejection voids every later run and restarts the edge at the verdict.
-    """
-    g, s, c, d = cfg.gen_s, cfg.startup_s, cfg.per_token_s, cfg.delay_s
-    n_rows = len(Ls)
-    i = 0  # next row of draws to draft
-    t_edge = wire_free = cloud_free = t_last = busy = 0.0
-    tokens = n_ver = verified = accepted = wasted = 0
-    queue: list = []  # drafted, not yet verified: (L, A, arrival at the cloud)
-    verdicts: deque = deque()  # (edge receives verdict at, tokens) of verified all-accepted runs
-    nxt = None  # the next run, drafted tentatively: (L, A, arrival, t_start, e_end, w_end)
-    out_v = out_q = 0  # unverified tokens at the edge: verified-but-verdict-in-flight, queued
-    stop = cfg.max_tokens or math.inf
+    out = dict(t=0.0, tokens=0, n_ver=0, verified=0, accepted=0, wasted=0, busy=0.0, messages=0, bonus=0,
+               rollbacks=0)
+    ring: deque = deque()  # records drafted, not yet popped: (pos, token, epoch, verify)
+    mailbox: deque = deque()  # verdicts arrived at the edge, not yet applied
+    pending: list = []  # the sender's records not yet shipped
+    since = 0
+    sender_free = 0.0
+    sender_woken = False
+    edge_waiting = False
+    first_bad: Optional[int] = None  # first wrong token in the edge's unverified drafts
+    applied = 0
+    batcher.begin_segment()
 
-    def draft():
-        nonlocal t_edge, out_v
-        L = Ls[i]
-        while verdicts and verdicts[0][0] <= t_edge:
-            out_v -= verdicts.popleft()[1]
-        while out_v + out_q and out_v + out_q + L > cfg.lookahead:
-            if not verdicts:
-                return None  # blocked until the cloud verifies a queued run
-            t, n = verdicts.popleft()
-            t_edge = max(t_edge, t)
-            out_v -= n
-        e_end = t_edge + L * g
-        w_end = max(e_end + s + c, wire_free + s + L * c)
-        return (L, As[i], w_end + d, t_edge, e_end, w_end)
+    def ship(t: float, recs: list, verify: bool) -> float:
+        if edge.epoch != send.epoch:
+            return t  # a rollback since these were popped: void, nothing sent
+        n = len(recs)
+        first, hint = send.frame(recs[0][0], n, verify)
+        t_end = t + s + (n - hint) * c + hint * c_hint
+        out["messages"] += 1
+        at(t_end + d, _ARRIVE, (send.epoch, first, [r[1] for r in recs], verify, hint))
+        return t_end
 
-    while tokens < stop:
-        while i < n_rows:
-            if nxt is None:
-                nxt = draft()
-                if nxt is None:
-                    break
-            if queue and nxt[2] > max(queue[0][2], cloud_free):
-                break  # arrives after the cloud starts its next verification
-            queue.append(nxt[:3])
-            out_q += nxt[0]
-            t_edge, wire_free = nxt[4], nxt[5]
-            i += 1
-            nxt = None
-        if not queue:
-            break
-        start = max(queue[0][2], cloud_free)
-        k = 0
-        while k < len(queue) and queue[k][2] <= start:
-            k += 1
-        batch, queue = queue[:k], queue[k:]
-        total = sum(r[0] for r in batch)
-        out_q -= total
-        v = cfg.verify_base_s + cfg.verify_per_token_s * total
-        cloud_free = start + v
-        busy += v
-        n_ver += 1
-        t_verdict = cloud_free + d
-        t_last = t_verdict
-        verified += total
-        rejected = False
-        for L, A, _ in batch:
-            if rejected:
-                wasted += L
-            elif A < L:
-                tokens += A + 1
-                accepted += A
-                wasted += L - A
-                rejected = True
+    def pop(t: float) -> None:
+        """The send thread wakes at ``t``: pop everything drafted, cut as ``Sender.loop`` does."""
+        nonlocal pending, since, sender_free
+        cut = False
+        while ring:
+            rec = ring.popleft()
+            if rec[2] != send.epoch:
+                if not send.admit(rec[2]):
+                    continue
+                pending, since = [], 0
+                batcher.begin_segment()
+            pending.append(rec)
+            since += 1
+            if rec[3]:
+                t = ship(t, pending, True)
+                pending, cut = [], False
+                batcher.end_segment(since)
+                since = 0
+                batcher.begin_segment()
+            elif batcher.cut_now(since):
+                cut = True
+        if cut and pending:
+            t = ship(t, pending, False)
+            pending = []
+        sender_free = t
+
+    def push(t: float, rec: tuple) -> None:
+        nonlocal sender_woken
+        ring.append(rec)
+        if not sender_woken:
+            sender_woken = True
+            at(max(t, sender_free), _SEND)
+
+    def take_job(t: float) -> None:
+        if cloud.ready:
+            job = cloud.take_job()
+            v = cfg.verify_base_s + cfg.verify_per_token_s * len(job.drafts)
+            out["busy"] += v
+            at(t + v, _JOB_END, job)
+
+    def recheck_bad() -> None:
+        nonlocal first_bad
+        first_bad = None
+        sq = edge.seq
+        for i in range(edge.committed, len(sq)):
+            if sq[i]:
+                first_bad = i
+                return
+
+    def apply_verdicts(t: float) -> bool:
+        """The compute thread applies what has arrived; True when the run is over."""
+        nonlocal applied
+        while mailbox:
+            kw = mailbox.popleft()
+            o = edge.on_verdict(**kw)
+            if o.stale:
+                continue
+            applied += 1
+            out["t"] = t
+            if o.rollback_at is not None:
+                out["rollbacks"] += 1
+            if o.moved:
+                trig.reset()
+            recheck_bad()
+            if o.complete or edge.committed >= stop_tokens or applied >= stop_verdicts:
+                return True
+        return False
+
+    at(0.0, _EDGE, False)
+    while events:
+        t, _, kind, payload = heapq.heappop(events)
+        if kind == _EDGE:
+            if payload:  # a draft step ends now: trigger, protocol, ring
+                pos = len(edge.seq)
+                right = first_bad is None and A[pos]
+                reason = trig.update(P[pos])
+                pos, reason = edge.on_draft(0 if right else 1, reason)
+                if not right and first_bad is None:
+                    first_bad = pos
+                if reason in STOP_REASONS:
+                    trig.reset()
+                push(t, (pos, 0 if right else 1, edge.epoch, reason is not None))
+            if apply_verdicts(t):
+                break
+            if edge.may_draft():
+                at(t + g, _EDGE, True)
             else:
-                tokens += L
-                accepted += L
-        if rejected:  # everything drafted after the rejection is void: restart at the verdict
-            n_void = max(0.0, t_verdict - t_edge) / g if g > 0 else 0.0
-            wire_free = max(wire_free, min(t_verdict, wire_free + s + n_void * c))
-            queue, nxt = [], None
-            verdicts.clear()
-            out_v = out_q = 0
-            t_edge = max(t_edge, t_verdict)
-        else:
-            verdicts.append((t_verdict, total))
-            out_v += total
-    return t_last, tokens, n_ver, verified, accepted, wasted, busy
+                edge_waiting = True
+        elif kind == _VERDICT:
+            mailbox.append(payload)
+            if edge_waiting:
+                edge_waiting = False
+                at(t, _EDGE, False)
+        elif kind == _SEND:
+            sender_woken = False
+            pop(t)
+        elif kind == _ARRIVE:
+            epoch, first, tokens, verify, hint = payload
+            cloud.on_batch(epoch, first, tokens, verify=verify, hint=hint)
+            take_job(t)
+        elif kind == _JOB_END:
+            job = payload
+            drafts = job.drafts
+            acc = 0
+            while acc < len(drafts) and drafts[acc] == 0:
+                acc += 1
+            j = cloud.judge(job, acc, [0] * (acc + 1))
+            settled = cloud.apply(j)
+            out["n_ver"] += 1
+            out["verified"] += len(drafts)
+            out["accepted"] += j.accepted
+            out["wasted"] += j.wasted
+            out["bonus"] += j.token >= 0 and not j.rejected
+            at(t + down, _VERDICT, dict(epoch=job.epoch, start_pos=job.start, end_pos=j.end, accepted=j.accepted,
+                                        token=j.token, rejected=j.rejected, verified_len=len(cloud.generated),
+                                        finished=j.finished, settled=settled))
+            take_job(t)
+    else:
+        raise RuntimeError("the model ran out of events before the generation ended (a bug in the model)")
+    out["tokens"] = edge.committed
+    return out
 
 
 def grid_search(objective: Callable[[float, float], float], box: Sequence[Sequence[float]] = ((0.0, 0.9), (0.0, 0.95)),
