@@ -12,10 +12,19 @@ it be run?
 3. **Costs**: median draft step, target scoring of 1 and 8 tokens (this machine, one call at a
    time, with a cached context).
 4. **Suggestion**: the draft's confidences and acceptances along those continuations fit the
-   draft model of :func:`pipesd.tuning.simulate_tpt`; with the measured (or given) costs and a
-   link preset, the modelled TPT is searched over a grid of ``(tau_seq, tau_tok)`` for the
-   pipelined edge and over K for vanilla SD. The result is a **model's** suggestion, a
-   starting point for the online tuner (``EdgeClient(tuner="bayes")``), not a measurement.
+   draft model of :func:`pipesd.tuning.simulate_tpt` (today's protocol: continuation rule,
+   bonus, hints, DP batches); with the measured (or given) costs and a link preset, the
+   modelled TPT is searched over a grid of ``(tau_seq, tau_tok)`` for the pipelined edge and
+   over K for vanilla SD. The result is a **model's** suggestion, a starting point for the
+   online tuner (``EdgeClient(tuner="bayes")``), not a measurement.
+
+**One model in memory at a time.** The tokenizers are checked before any weights load. The
+target goes first (the continuations are its own greedy tokens, so the draft's confidences
+along them need it first): continuations, its logits rows along them, its scoring costs; then
+it is freed (``del`` + ``gc``) and the draft loads for its confidences and step cost. Peak
+memory is the larger model (float32: 4 bytes per parameter, announced from the checkpoint's
+parameter count before loading) plus the target's probabilities along the continuations.
+Every step is reported on ``progress`` (``sys.stderr`` by default).
 
 Model specs: a local directory (a transformers causal LM, with its tokenizer files), a bundled
 pair's name (``stdlib-code``: its draft or target by position) or ``NAME:draft`` /
@@ -23,13 +32,15 @@ pair's name (``stdlib-code``: its draft or target by position) or ``NAME:draft``
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TextIO, Union
 
 import numpy as np
 import torch
@@ -37,7 +48,8 @@ import torch
 from pipesd.models.pairing import PairMismatch, check_tokenizers
 
 __all__ = ["PairMismatch", "PairReport", "resolve_model", "check_tokenizers", "load_prompts", "default_prompts",
-           "measure_agreement", "measure_costs", "fit_confidences", "suggest", "check_pair", "format_report"]
+           "measure_agreement", "measure_costs", "measure_draft_costs", "measure_target_costs", "fit_confidences",
+           "suggest", "check_pair", "format_report", "checkpoint_parameters"]
 
 GENERIC_PROMPTS = [
     "def read_config(path):\n",
@@ -127,46 +139,56 @@ def default_prompts(tokenizer, bundled: Optional[str], n: int = 8, width: int = 
 
 
 # ---------------------------------------------------------------------------------- measure
-def _max_positions(model) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+def _max_positions(model_or_config) -> int:
+    cfg = getattr(model_or_config, "config", model_or_config)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return int(getattr(cfg, "max_position_embeddings", 0) or 4096)
 
 
 @torch.inference_mode()
-def measure_agreement(draft, target, prompts: Sequence[Sequence[int]], tokens: int = 32) -> dict:
-    """Text and greedy agreement, expected T=1 acceptance, and the per-position trace
-    (draft confidence, accepted) along the target's greedy continuations."""
-    if tokens < 1:
-        raise ValueError(f"tokens must be >= 1, got {tokens}")
-    limit = min(_max_positions(draft.model), _max_positions(target.model)) - tokens
-    if limit < 2:
-        raise ValueError(f"--tokens {tokens} leaves no room for a prompt within the models' context")
-    text_hits = text_n = 0
-    conf, agree, accept_t1 = [], [], []
-    for ids in prompts:
+def _target_pass(target, prompts: Sequence[Sequence[int]], tokens: int, limit: int,
+                 say: Callable[[str], None] = lambda m: None) -> list[dict]:
+    """The target's half of :func:`measure_agreement`: per prompt its greedy continuation, its
+    argmax at every position and its probabilities along the continuation (float16)."""
+    out = []
+    for i, ids in enumerate(prompts, 1):
         ids = list(ids)[-limit:]
         if not ids:
             continue
+        say(f"agreement prompt {i}/{len(prompts)}: target continuation ({tokens} tokens)")
         cont = _greedy(target, ids, tokens)
-        seq = torch.tensor([ids + cont])
-        tl = target.model(seq).logits[0].float()
-        dl = draft.model(seq).logits[0].float()
-        V = min(tl.shape[-1], dl.shape[-1])
-        tl, dl = tl[:, :V], dl[:, :V]
+        tl = target.model(torch.tensor([ids + cont])).logits[0].float()
+        n = len(ids)
+        out.append({"ids": ids, "cont": cont, "argmax": tl.argmax(-1),
+                    "probs": torch.softmax(tl[n - 1: n - 1 + len(cont)], -1).half()})
+    return out
+
+
+@torch.inference_mode()
+def _draft_pass(draft, passes: list[dict], n_prompts: int, tokens: int,
+                say: Callable[[str], None] = lambda m: None) -> dict:
+    """The draft's half of :func:`measure_agreement`, on the target's continuations."""
+    text_hits = text_n = 0
+    conf, agree, accept_t1 = [], [], []
+    for i, ps in enumerate(passes, 1):
+        say(f"agreement prompt {i}/{len(passes)}: draft confidences")
+        ids, cont = ps["ids"], ps["cont"]
+        dl = draft.model(torch.tensor([ids + cont])).logits[0].float()
+        t_arg, t_probs = ps["argmax"], ps["probs"].float()
+        V = min(dl.shape[-1], t_probs.shape[-1])
+        dl = dl[:, :V]
         n = len(ids)
         if n > 1:  # teacher-forced on the prompt text: position i predicts token i + 1
-            text_hits += int((tl[: n - 1].argmax(-1) == dl[: n - 1].argmax(-1)).sum())
+            text_hits += int((t_arg[: n - 1] == dl[: n - 1].argmax(-1)).sum())
             text_n += n - 1
-        t_rows, d_rows = tl[n - 1: n - 1 + len(cont)], dl[n - 1: n - 1 + len(cont)]
-        q = torch.softmax(d_rows, -1)
-        d_arg = q.argmax(-1)
+        q = torch.softmax(dl[n - 1: n - 1 + len(cont)], -1)
         conf.extend(q.max(-1).values.tolist())
-        agree.extend((d_arg == t_rows.argmax(-1)).tolist())
-        accept_t1.extend(torch.minimum(torch.softmax(t_rows, -1), q).sum(-1).tolist())
+        agree.extend((q.argmax(-1) == t_arg[n - 1: n - 1 + len(cont)]).tolist())
+        accept_t1.extend(torch.minimum(t_probs[:, :V], q).sum(-1).tolist())
     if not agree:
         raise ValueError("no usable prompt (all empty after tokenization)")
     return {
-        "prompts": len(prompts),
+        "prompts": n_prompts,
         "text_positions": text_n,
         "text_agreement": text_hits / text_n if text_n else None,
         "greedy_positions": len(agree),
@@ -174,6 +196,24 @@ def measure_agreement(draft, target, prompts: Sequence[Sequence[int]], tokens: i
         "expected_acceptance_t1": float(np.mean(accept_t1)),
         "trace": {"confidence": [float(c) for c in conf], "accepted": [bool(a) for a in agree]},
     }
+
+
+def _context_limit(tokens: int, *models_or_configs) -> int:
+    limit = min(_max_positions(m) for m in models_or_configs) - tokens
+    if limit < 2:
+        raise ValueError(f"--tokens {tokens} leaves no room for a prompt within the models' context")
+    return limit
+
+
+def measure_agreement(draft, target, prompts: Sequence[Sequence[int]], tokens: int = 32) -> dict:
+    """Text and greedy agreement, expected T=1 acceptance, and the per-position trace
+    (draft confidence, accepted) along the target's greedy continuations. The target's pass
+    runs first and keeps what the draft's pass needs, so the two models need not be in
+    memory together (:func:`check_pair` frees the target in between)."""
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    limit = _context_limit(tokens, draft.model, target.model)
+    return _draft_pass(draft, _target_pass(target, prompts, tokens, limit), len(prompts), tokens)
 
 
 def _greedy(target, prompt: list[int], n: int) -> list[int]:
@@ -190,14 +230,15 @@ def _greedy(target, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-def measure_costs(draft, target, prompt: Sequence[int], reps: int = 15) -> dict:
-    """Median seconds: one draft step; target scoring of 1 and of 8 draft tokens after a cached
-    context (a different first token every time, so the tokens are really fed: the kept rows of
-    the previous draft do not apply, the context stays cached). Also what the zoo's training
-    script times for the model card (:func:`pipesd.zoo.train.time_runners`)."""
+def _cost_prompt(prompt: Sequence[int], limit: int, reps: int) -> list[int]:
+    return list(prompt)[: max(1, limit - reps - 16)]
+
+
+def measure_draft_costs(draft, prompt: Sequence[int], reps: int = 15) -> dict:
+    """Median seconds of one draft step after ``prompt`` (cached): ``draft_step_s``."""
     from pipesd.sampling import SamplingParams
 
-    prompt = list(prompt)[: max(1, min(_max_positions(draft.model), _max_positions(target.model)) - reps - 16)]
+    prompt = _cost_prompt(prompt, _max_positions(draft.model), reps)
     greedy = SamplingParams()
     draft.reset(prompt)
     draft.step(greedy)
@@ -206,7 +247,15 @@ def measure_costs(draft, target, prompt: Sequence[int], reps: int = 15) -> dict:
         t0 = time.perf_counter()
         draft.step(greedy)
         ts.append(time.perf_counter() - t0)
-    out = {"draft_step_s": statistics.median(ts), "context_tokens": len(prompt)}
+    return {"draft_step_s": statistics.median(ts), "context_tokens": len(prompt)}
+
+
+def measure_target_costs(target, prompt: Sequence[int], reps: int = 15) -> dict:
+    """Median seconds of target scoring of 1 and of 8 draft tokens after a cached context (a
+    different first token every time, so the tokens are really fed: the kept rows of the
+    previous draft do not apply, the context stays cached)."""
+    prompt = _cost_prompt(prompt, _max_positions(target.model), reps)
+    out = {}
     s = target.new_session(prompt)
     try:
         s.score([])
@@ -224,6 +273,15 @@ def measure_costs(draft, target, prompt: Sequence[int], reps: int = 15) -> dict:
     finally:
         s.close()
     return out
+
+
+def measure_costs(draft, target, prompt: Sequence[int], reps: int = 15) -> dict:
+    """Median seconds: one draft step; target scoring of 1 and of 8 draft tokens after a cached
+    context (:func:`measure_draft_costs`, :func:`measure_target_costs`, on the same prompt).
+    Also what the zoo's training script times for the model card
+    (:func:`pipesd.zoo.train.time_runners`)."""
+    prompt = list(prompt)[: max(1, min(_max_positions(draft.model), _max_positions(target.model)))]
+    return {**measure_draft_costs(draft, prompt, reps), **measure_target_costs(target, prompt, reps)}
 
 
 # ---------------------------------------------------------------------------------- suggest
@@ -264,19 +322,20 @@ def _wire_costs(link: str, sampling: bool) -> dict:
     8 bytes per greedy draft token, + 8 top-k (id, prob) pairs when sampling; ~40 bytes of
     frame per message)."""
     if link in ("none", ""):
-        return {"startup_s": 0.0, "per_token_s": 0.0, "delay_s": 0.0}
+        return {"startup_s": 0.0, "per_token_s": 0.0, "delay_s": 0.0, "hint_s": 0.0}
     from pipesd.transport.link import link_preset
 
     up, _ = link_preset(link)
     per_token_bytes = 8 + (64 if sampling else 0)
     return {"startup_s": up.per_message_s + 40 * 8 / up.bandwidth_bps,
-            "per_token_s": per_token_bytes * 8 / up.bandwidth_bps, "delay_s": up.delay_s}
+            "per_token_s": per_token_bytes * 8 / up.bandwidth_bps, "delay_s": up.delay_s,
+            "hint_s": 8 * 8 / up.bandwidth_bps}  # a hint goes without its q
 
 
 def suggest(trace: dict, costs: dict, *, link: str = "paper", draft_ms: Optional[float] = None,
             verify_ms: Optional[float] = None, sampling: bool = False, segments: int = 1500) -> dict:
-    """The modelled best ``(tau_seq, tau_tok)`` for a pipelined edge and the best K for vanilla
-    SD, from a measured trace and costs (``draft_ms`` / ``verify_ms`` replace the measured
+    """The modelled best ``(tau_seq, tau_tok)`` for a pipelined edge (over :data:`TAU_GRID` and
+    the defaults) and the best K for vanilla SD, from a measured trace and costs (``draft_ms`` / ``verify_ms`` replace the measured
     draft step / verification time: the deployment's, not this machine's)."""
     from pipesd.edge.trigger import TriggerConfig
     from pipesd.tuning import SimConfig, simulate_tpt
@@ -290,13 +349,13 @@ def suggest(trace: dict, costs: dict, *, link: str = "paper", draft_ms: Optional
         vb = max(0.0, costs["target_score_1_s"] - vt)
     wire = _wire_costs(link, sampling)
     base = SimConfig(gen_s=gen_s, verify_base_s=vb, verify_per_token_s=vt, segments=segments, **wire, **fit)
-    pipelined = {}
+    d = TriggerConfig()
+    default = simulate_tpt(d.tau_seq, d.tau_tok, base)
+    pipelined = {(d.tau_seq, d.tau_tok): default}  # never suggest what the model finds slower than the defaults
     for ts in TAU_GRID:
         for tt in TAU_GRID:
             pipelined[(ts, tt)] = simulate_tpt(ts, tt, base)
     (bs, bt), best = min(pipelined.items(), key=lambda kv: kv[1].tpt_s)
-    d = TriggerConfig()
-    default = simulate_tpt(d.tau_seq, d.tau_tok, base)
     serial = {k: simulate_tpt(0.0, 0.0, base, pipeline=False, max_draft=k) for k in K_GRID}
     k_best, s_best = min(serial.items(), key=lambda kv: kv[1].tpt_s)
     method = "pipesd" if best.tpt_s <= s_best.tpt_s else "vanilla-sd"
@@ -335,38 +394,120 @@ class PairReport:
         return d
 
 
+def checkpoint_parameters(model_dir: Union[str, Path]) -> Optional[int]:
+    """Parameters stored in a model directory's ``*.safetensors`` files, read from their headers
+    (no weights are loaded); None when there are none (e.g. a ``.bin`` checkpoint)."""
+    total, found = 0, False
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError):
+            return None
+        for name, t in header.items():
+            if name != "__metadata__":
+                total += math.prod(t.get("shape", []))
+                found = True
+    return total if found else None
+
+
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def _config(model_dir: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+
+
+def _logit_rows(cfg) -> int:
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(text.vocab_size)
+
+
+def _announce(role: str, params: Optional[int]) -> str:
+    if params is None:
+        return f"loading the {role} (parameter count unknown: no safetensors header)"
+    size = f"{params * 4 / 2**30:.1f} GiB" if params * 4 >= 2**30 else f"{params * 4 / 2**20:.0f} MiB"
+    return f"loading the {role}: {params:,} parameters, ~{size} as float32"
+
+
+def _reporter(progress: Union[TextIO, Callable[[str], None], None]) -> Callable[[str], None]:
+    if progress is None:
+        return lambda msg: None
+    if callable(progress):
+        return progress
+
+    def say(msg: str) -> None:
+        print(f"pipesd: check-pair: {msg}", file=progress, flush=True)
+    return say
+
+
 def check_pair(draft_spec: str, target_spec: str, *, prompts: Optional[Sequence[str]] = None, tokens: int = 32,
                link: str = "paper", draft_ms: Optional[float] = None, verify_ms: Optional[float] = None,
-               sampling: bool = False, reps: int = 15) -> PairReport:
-    """Load, check, measure and suggest (see the module docstring). Raises :class:`PairMismatch`
-    for an unusable pair, ``ValueError`` for bad arguments."""
+               sampling: bool = False, reps: int = 15,
+               progress: Union[TextIO, Callable[[str], None], None] = sys.stderr) -> PairReport:
+    """Load, check, measure and suggest (see the module docstring), one model in memory at a
+    time. ``progress``: a text stream for one line per step (default stderr), a callable taking
+    each line, or None. Raises :class:`PairMismatch` for an unusable pair, ``ValueError`` for bad
+    arguments."""
     from pipesd.models import DraftModel, TargetModel
 
     if not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
+    say = _reporter(progress)
     ddir, tdir = resolve_model(draft_spec, "draft"), resolve_model(target_spec, "target")
-    draft = DraftModel.from_pretrained(ddir)
-    target = TargetModel.from_pretrained(tdir)
-    tok_info = check_tokenizers(draft.tokenizer, target.tokenizer, draft.vocab_size, target.vocab_size)
+    say("tokenizers: comparing (no weights loaded yet)")
+    dcfg, tcfg = _config(ddir), _config(tdir)
+    dtok, ttok = _load_tokenizer(ddir), _load_tokenizer(tdir)
+    tok_info = check_tokenizers(dtok, ttok, _logit_rows(dcfg), _logit_rows(tcfg))
     warnings = []
     if tok_info["compared"].startswith("logit counts"):
         warnings.append("tokenizer compatibility checked by vocabulary size only: " + tok_info["compared"])
-    tok = target.tokenizer or draft.tokenizer
+    tok = ttok or dtok
     if tok is None:
         raise ValueError("neither model directory has tokenizer files: check-pair needs one to encode prompts")
     if prompts is not None:
         ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
     else:
         ids = default_prompts(tok, _bundled_name(target_spec) or _bundled_name(draft_spec))
-    dp = sum(p.numel() for p in draft.model.parameters())
+    limit = _context_limit(tokens, dcfg, tcfg)
+    longest = max(ids, key=len)
+
+    say(_announce("target", checkpoint_parameters(tdir)) + " (alone: the draft loads after it is freed)")
+    target = TargetModel.from_pretrained(tdir)
     tp = sum(p.numel() for p in target.model.parameters())
+    passes = _target_pass(target, ids, tokens, limit, say)
+    say(f"cost measurement: target scoring of 1 and 8 tokens ({reps} repetitions each)")
+    costs = measure_target_costs(target, longest, reps)
+    del target
+    gc.collect()
+
+    say(_announce("draft", checkpoint_parameters(ddir)) + " (the target is freed)")
+    draft = DraftModel.from_pretrained(ddir)
+    dp = sum(p.numel() for p in draft.model.parameters())
+    agreement = _draft_pass(draft, passes, len(ids), tokens, say)
+    del passes
+    say(f"cost measurement: draft step ({reps} repetitions)")
+    costs = {**measure_draft_costs(draft, longest, reps), **costs}
+    del draft
+    gc.collect()
+
     if dp >= tp:
         warnings.append(f"the draft ({dp:,} parameters) is not smaller than the target ({tp:,})")
-    agreement = measure_agreement(draft, target, ids, tokens)
     if agreement["greedy_agreement"] < 0.3:
         warnings.append("greedy agreement below 0.3: speculative decoding will gain little with this pair")
-    costs = measure_costs(draft, target, max(ids, key=len), reps)
+    say(f"suggestion: modelling {len(TAU_GRID) ** 2} threshold pairs and {len(K_GRID)} values of K "
+        "(pipesd.tuning.simulate_tpt)")
     sug = suggest(agreement["trace"], costs, link=link, draft_ms=draft_ms, verify_ms=verify_ms, sampling=sampling)
+    say("done")
     return PairReport(draft_spec, target_spec, str(ddir), str(tdir), dp, tp, tok_info, agreement, costs, sug, warnings)
 
 
