@@ -37,7 +37,8 @@ def test_costs_and_suggestion(report):
     c, s = report.costs, report.suggestion
     assert 0 < c["draft_step_s"] < 1 and 0 < c["target_score_1_s"] < 1 and 0 < c["target_score_8_s"] < 1
     assert s["method"] in ("pipesd", "vanilla-sd") and 1 <= s["k"] <= 8
-    assert (s["tau_seq"] in TAU_GRID and s["tau_tok"] in TAU_GRID) or [s["tau_seq"], s["tau_tok"]] == s["default_thresholds"]
+    on_grid = s["tau_seq"] in TAU_GRID and s["tau_tok"] in TAU_GRID
+    assert on_grid or [s["tau_seq"], s["tau_tok"]] == s["default_thresholds"]
     assert s["pipesd_tpt_s"] <= s["default_tpt_s"]  # the defaults are candidates too
     assert s["pipesd_tpt_s"] > 0 and s["vanilla_sd_tpt_s"] > 0
     text = format_report(report)

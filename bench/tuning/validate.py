@@ -261,7 +261,8 @@ def markdown(out: dict) -> str:
               f"Against the TPT to the last verdict (the model's own end point; the runtime's wall time adds the "
               f"threads' teardown): geometric-mean error {math.exp(statistics.mean(errs_v)) - 1:.1%}. "
               f"Verification and rollback counts equal the prediction's at {same} of {len(rows)} points. "
-              f"Greedy outputs equal the target's: {'all' if all(r['measured']['exact'] for r in rows) else 'NOT all'}.",
+              f"Greedy outputs equal the target's: "
+              f"{'all' if all(r['measured']['exact'] for r in rows) else 'NOT all'}.",
               ""]
     return "\n".join(lines)
 

@@ -335,8 +335,9 @@ def _wire_costs(link: str, sampling: bool) -> dict:
 def suggest(trace: dict, costs: dict, *, link: str = "paper", draft_ms: Optional[float] = None,
             verify_ms: Optional[float] = None, sampling: bool = False, segments: int = 1500) -> dict:
     """The modelled best ``(tau_seq, tau_tok)`` for a pipelined edge (over :data:`TAU_GRID` and
-    the defaults) and the best K for vanilla SD, from a measured trace and costs (``draft_ms`` / ``verify_ms`` replace the measured
-    draft step / verification time: the deployment's, not this machine's)."""
+    the defaults) and the best K for vanilla SD, from a measured trace and costs (``draft_ms`` /
+    ``verify_ms`` replace the measured draft step / verification time: the deployment's, not
+    this machine's)."""
     from pipesd.edge.trigger import TriggerConfig
     from pipesd.tuning import SimConfig, simulate_tpt
 
@@ -535,7 +536,7 @@ def format_report(r: PairReport) -> str:
                              f"{ms(m['verify_base_s'])} + {ms(m['verify_per_token_s'])}/token"),
         ("suggested method", s["method"]),
         ("suggested thresholds (pipesd)", f"tau_seq {s['tau_seq']}, tau_tok {s['tau_tok']} -> model TPT "
-                                          f"{ms(s['pipesd_tpt_s'])}, mean run {s['pipesd_mean_run']:.1f} "
+                                          f"{ms(s['pipesd_tpt_s'])}, {s['pipesd_mean_run']:.1f} drafts/verification "
                                           f"(defaults {tuple(s['default_thresholds'])}: {ms(s['default_tpt_s'])})"),
         ("best K (vanilla SD)", f"{s['k']} -> model TPT {ms(s['vanilla_sd_tpt_s'])}"),
     ]
