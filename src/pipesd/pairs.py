@@ -280,6 +280,9 @@ def fetch(pair: Union[str, Pair], *, force: bool = False, index_dir: Optional[Un
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Same filesystem as dest, so the final rename is atomic; a dot name is never listed as a pair.
     stage = Path(tempfile.mkdtemp(prefix=f".{pair.name}.fetching-", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the pair directory's mode
     t0 = time.perf_counter()
     try:
         (stage / "_work").mkdir()
