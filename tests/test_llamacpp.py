@@ -550,21 +550,27 @@ def test_target_greedy_through_the_server_equals_torch_target_only(pair, lc_targ
 
 @torch.inference_mode()
 def _exact_marginals(target, prompt: list[int], params: SamplingParams, depth: int) -> list[np.ndarray]:
-    """Exact distribution of the tokens at positions 0..depth-1 under target sampling, from the
-    served target's own logits."""
+    """Exact distribution of positions 0..depth-1 under target sampling, from the served target's
+    own logits: ``V + 1`` bins, the last one "ended" (an earlier token was EOS, which stops a
+    generation)."""
     from pipesd.sampling import filtered_probs
 
-    marg, prefixes = [], {(): 1.0}
+    V, eos = target.vocab_size, target.tokenizer.eos_token_id
+    marg, prefixes, ended = [], {(): 1.0}, 0.0
     s = target.new_session(prompt)
     for _ in range(depth):
         nxt: dict = {}
-        m = np.zeros(target.vocab_size)
+        m = np.zeros(V + 1)
+        m[V] = ended
         for pre, w in prefixes.items():
             logits = s.score(list(pre))[-1]
             p = filtered_probs(logits, params.temperature, params.top_k, params.top_p, params.min_p).double().numpy()
-            m += w * p
+            m[:V] += w * p
             for t in np.nonzero(p > 1e-12)[0]:
-                nxt[pre + (int(t),)] = w * p[t]
+                if int(t) == eos:
+                    ended += w * p[t]
+                else:
+                    nxt[pre + (int(t),)] = w * p[t]
         marg.append(m)
         prefixes = nxt
     s.close()
@@ -572,14 +578,15 @@ def _exact_marginals(target, prompt: list[int], params: SamplingParams, depth: i
 
 
 def _sample_counts(target, pair, prompt: list[int], params: SamplingParams, depth: int, n: int) -> np.ndarray:
-    """Histograms of positions 0..depth-1 over ``n`` seeded generations, from two edges at once."""
+    """Histograms of positions 0..depth-1 over ``n`` seeded generations, from two edges at once
+    (bins as :func:`_exact_marginals`: the last one counts generations that ended before)."""
     import threading
 
     from pipesd.cloud import CloudConfig, CloudServer
     from pipesd.edge import EdgeClient, EdgeConfig, TriggerConfig
     from pipesd.launch import load_draft
 
-    counts = np.zeros((depth, target.vocab_size))
+    counts = np.zeros((depth, target.vocab_size + 1))
     lock = threading.Lock()
     errors: list = []
     server = CloudServer(target, CloudConfig(port=0, verify_pad_s=0.003))  # a slower cloud: launches overlap
@@ -595,8 +602,8 @@ def _sample_counts(target, pair, prompt: list[int], params: SamplingParams, dept
                     p = SamplingParams(params.temperature, params.top_k, params.top_p, params.min_p, seed=i)
                     g = c.generate(prompt, depth, p)
                     with lock:
-                        for d, t in enumerate(g.token_ids):
-                            counts[d, t] += 1
+                        for d in range(depth):
+                            counts[d, g.token_ids[d] if d < len(g.token_ids) else -1] += 1
         except BaseException as e:
             errors.append(e)
 
