@@ -162,10 +162,19 @@ def load_target(spec: Optional[str] = None, threads: Optional[int] = None, gguf:
 
 
 def _load_gguf_target(path: str, threads: Optional[int]):
+    """The GGUF's own tokenizer; for a GGUF without one (another converter), the tokenizer of
+    a pair directory's ``target/`` next to it (the layout ``pipesd pair fetch`` writes)."""
     try:
         from pipesd.models.llamacpp import LlamaCppTarget
 
-        return LlamaCppTarget(path, threads=threads)
+        tok = None
+        p = Path(path)
+        if p.is_file() and (p.parent / "target" / "tokenizer.json").is_file():
+            from pipesd.zoo.gguf_export import load_gguf_tokenizer
+
+            if load_gguf_tokenizer(p) is None:
+                tok = p.parent / "target"
+        return LlamaCppTarget(path, tokenizer=tok, threads=threads)
     except ImportError as e:  # not bad input: a missing optional dependency
         raise RuntimeError(f"target GGUF {path}: {e}") from e
     except (FileNotFoundError, ValueError) as e:
