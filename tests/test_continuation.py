@@ -164,7 +164,7 @@ def test_nothing_verified_while_the_bonus_is_unconfirmed(server, ref):
     e.c.send(M.DraftBatch(session_id=10, epoch=0, first_pos=2, tokens=np.zeros(0, np.int32),
                           probs=np.zeros(0, np.float32), verify=True))
     assert e.c.recv(0.5) is None
-    e.send(0, 3, [], verify=True)  # target-only style: "give me the next one"
+    e.send(0, 3, [], verify=True)  # target-per-token style: "give me the next one"
     v = e.verdict()
     assert (v.epoch, v.start_pos, v.accepted, v.token) == (0, 3, 0, ref[3])
     e.close()

@@ -340,12 +340,14 @@ def test_long_unverified_suffix_is_verified_in_chunks():
     assert "rvu" in kinds  # a chunk accepted, the rest of the tail shown again as unverified
 
 
-def test_target_only_method_recovers(pair, ref):
-    """target-only has no draft online; offline it drafts like the others, then reconciles."""
+@pytest.mark.parametrize("method", ["target-per-token", "cloud-stream"])
+def test_cloud_decoding_methods_recover(pair, ref, method):
+    """target-per-token and cloud-stream have no draft online; offline they draft like the
+    others, then reconcile (cloud-stream: a fresh stream for what is left)."""
     c = Cloud(pair[1], verify_pad_s=0.05).start()
     try:
         draft = Gated(pair[0])
-        with EdgeClient(c.url, draft, EdgeConfig.for_method("target-only", **FAST)) as client:
+        with EdgeClient(c.url, draft, EdgeConfig.for_method(method, **FAST)) as client:
             draft.before = kill_then_restart(c, client, kill_at=-1, restart_after=3)
             events = []
             for ev in client.stream_events(PROMPT, N_NEW):

@@ -201,12 +201,13 @@ def test_streaming_equals_non_streaming(oc, greedy):
     assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt_ids), len(ids))
 
 
-@pytest.mark.parametrize("method", ["vanilla-sd", "target-only"])
-def test_method_extension(oc, greedy, method):
+@pytest.mark.parametrize("method,canonical", [("vanilla-sd", "vanilla-sd"), ("cloud-stream", "cloud-stream"),
+                                              ("target-only", "target-per-token")])  # a deprecated alias
+def test_method_extension(oc, greedy, method, canonical):
     want, _, _ = greedy(PROMPTS[1])
     r = _complete(oc, PROMPTS[1], extra_body={"pipesd": {"method": method}})
     assert r.choices[0].text == want
-    assert r.model_extra["pipesd"]["method"] == method
+    assert r.model_extra["pipesd"]["method"] == canonical
 
 
 def test_chat_completions_both_ways(oc, greedy):

@@ -41,10 +41,15 @@ CONFIGS = [
     EdgeConfig.for_method("vanilla-sd", k=4),
     EdgeConfig.for_method("vanilla-sd", k=1),
     EdgeConfig.for_method("fixed-batch", batch_size=2),
-    EdgeConfig.for_method("fixed-k-pipeline", k=6),
-    EdgeConfig.for_method("single-threshold"),
-    EdgeConfig.for_method("seq-threshold"),
-    EdgeConfig.for_method("target-only"),
+    EdgeConfig.for_method("pipe-fixed-k", k=6),
+    EdgeConfig.for_method("pipe-token-only"),
+    EdgeConfig.for_method("pipe-seq-only"),
+    EdgeConfig.for_method("dual-no-pipeline"),
+    EdgeConfig.for_method("hsl"),
+    EdgeConfig.for_method("hsl", tau_tok=0.7),
+    EdgeConfig.for_method("edgellm"),
+    EdgeConfig.for_method("cloud-stream"),
+    EdgeConfig.for_method("target-per-token"),
 ]
 
 
@@ -54,7 +59,7 @@ def test_greedy_equals_target_only(pair, refs, server, cfg):
     with EdgeClient(url, pair[0], cfg) as client:
         for p in PROMPTS:
             g = client.generate(p, N_NEW)
-            assert g.token_ids == refs[tuple(p)], f"{cfg.method} diverged from target-only greedy on prompt {p}"
+            assert g.token_ids == refs[tuple(p)], f"{cfg.method} diverged from the target's greedy output on prompt {p}"
             assert g.stats.new_tokens == N_NEW
 
 
@@ -168,7 +173,7 @@ def test_sampling_matches_target_distribution():
         assert p > 1e-3, f"position {d}: sampled distribution differs from the target's (chi2 p={p:.2e})"
 
 
-@pytest.mark.parametrize("method", ["target-only", "vanilla-sd"])
+@pytest.mark.parametrize("method", ["target-per-token", "cloud-stream", "vanilla-sd", "hsl", "dual-no-pipeline"])
 def test_sampling_seeds_matter_and_reproduce(method):
     # Serial methods are bit-reproducible for a seed. (Pipelined runs are distributed exactly
     # as the target's but not bit-reproducible: where segments end depends on timing.)

@@ -348,6 +348,7 @@ def cmd_demo(args) -> int:
     import numpy as np
 
     from pipesd.edge import EdgeClient, EdgeConfig
+    from pipesd.edge.config import canonical_method
 
     _set_threads(1)
     print("pipesd demo: bundled pair, edge and cloud on this machine", flush=True)
@@ -363,7 +364,7 @@ def cmd_demo(args) -> int:
         print(f"  link: {link_desc}; edge draft step padded to {args.draft_ms:.0f} ms; cloud verify padded to "
               f"{args.verify_pad_ms:.0f} ms; {len(DEMO_PROMPTS[: args.prompts])} prompts x {args.max_new_tokens} tokens",
               flush=True)
-        methods = args.methods.split(",")
+        methods = [canonical_method(m) for m in args.methods.split(",")]
         with EdgeClient(f"127.0.0.1:{port}", draft, auth_token=token, link=link) as client:
             for method in methods:
                 cfg = EdgeConfig.for_method(method, draft_step_s=args.draft_ms / 1e3, k=args.k)
@@ -389,10 +390,11 @@ def cmd_demo(args) -> int:
     if args.json:
         out = {m: [g.stats.to_dict() for g in rows] for m, rows in results.items()}
         Path(args.json).write_text(json.dumps(out, indent=1, default=float))
-    # Lossless check the user can see: PipeSD's tokens equal target-only's.
-    if "target-only" in results and "pipesd" in results:
-        same = all(a.token_ids == b.token_ids for a, b in zip(results["pipesd"], results["target-only"]))
-        print(f"PipeSD output identical to target-only greedy output: {'yes' if same else 'NO'}")
+    # Lossless check the user can see: PipeSD's tokens equal the target's own (decoding alone).
+    ref = next((m for m in ("target-per-token", "cloud-stream") if m in results), None)
+    if ref is not None and "pipesd" in results:
+        same = all(a.token_ids == b.token_ids for a, b in zip(results["pipesd"], results[ref]))
+        print(f"PipeSD output identical to {ref} greedy output: {'yes' if same else 'NO'}")
         if not same:
             return 1
     return 0
@@ -405,9 +407,9 @@ def _print_demo_table(results: dict, args) -> None:
         rows = results.get(m)
         return float(np.median([g.stats.tpt_s for g in rows])) if rows else float("nan")
 
-    base_v, base_t = tpt("vanilla-sd"), tpt("target-only")
+    base_v, base_t = tpt("vanilla-sd"), tpt("target-per-token")
     print()
-    print(f"| method | TPT (ms, median) | mean accepted | verifications / 100 tok | speedup vs vanilla SD | speedup vs target-only |")
+    print(f"| method | TPT (ms, median) | mean accepted | verifications / 100 tok | speedup vs vanilla SD | speedup vs target-per-token |")
     print("|---|---|---|---|---|---|")
     for m, rows in results.items():
         t = tpt(m)
@@ -421,14 +423,10 @@ def _generate_config(args):
     """EdgeConfig of `pipesd generate`: the method's preset, --k, --tau-seq/--tau-tok, and a
     recorded timeline when the run is saved."""
     from pipesd.edge import EdgeConfig
-    from pipesd.edge.trigger import TriggerConfig
 
     kw = dict(draft_step_s=args.draft_ms / 1e3, k=args.k, record_timeline=bool(args.save_run))
-    if args.tau_seq is not None or args.tau_tok is not None:
-        d = TriggerConfig()
-        kw["trigger"] = TriggerConfig(d.tau_seq if args.tau_seq is None else args.tau_seq,
-                                      d.tau_tok if args.tau_tok is None else args.tau_tok, d.max_draft)
-    return EdgeConfig.for_method(args.method, **kw)
+    # A threshold not given keeps the method's own default (hsl: tau_tok 0.99).
+    return EdgeConfig.for_method(args.method, tau_seq=args.tau_seq, tau_tok=args.tau_tok, **kw)
 
 
 # ---------------------------------------------------------------------------- timeline
@@ -492,7 +490,9 @@ def cmd_pair_list(args) -> int:
 
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from pipesd.edge.config import METHODS
+    from pipesd.edge.config import ALIASES, METHODS
+
+    method_names = METHODS + tuple(ALIASES)  # deprecated aliases are accepted, and map to their method
     from pipesd.transport.link import preset_names
 
     p = argparse.ArgumentParser(prog="pipesd", description="Cloud-edge pipelined speculative decoding")
@@ -530,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft", default=None, help="draft model directory or bundled pair name (default: bundled)")
     g.add_argument("--draft-gguf", default=None, metavar="PATH",
                    help="draft as a GGUF file run by llama.cpp (needs llama-cpp-python; a bundled pair name: its draft.gguf)")
-    g.add_argument("--method", default="pipesd", choices=METHODS)
+    g.add_argument("--method", default="pipesd", choices=method_names, metavar="METHOD",
+                   help=f"one of {', '.join(METHODS)} (docs/runtime.md, Methods)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--auth-token", default=None)
     _add_edge_tls_args(g)
@@ -538,9 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-ms", type=float, default=0.0, help="emulate a slower edge: pad each draft step")
     _add_link_args(g)
     _add_sampling_args(g)
-    g.add_argument("--k", type=int, default=4, help="draft length of vanilla-sd / fixed-k-pipeline")
+    g.add_argument("--k", type=int, default=4, help="draft length of vanilla-sd / pipe-fixed-k")
     g.add_argument("--tau-seq", type=float, default=None, help="sequence-confidence threshold (default 0.35)")
-    g.add_argument("--tau-tok", type=float, default=None, help="token-confidence threshold (default 0.5)")
+    g.add_argument("--tau-tok", type=float, default=None, help="token-confidence threshold (default 0.5; hsl 0.99)")
     g.add_argument("--tuner", default=None, choices=["bayes", "fixed"],
                    help="tune (tau_seq, tau_tok) online from the given thresholds (bayes: GP over 64-token windows; "
                         "fixed: measure windows, never move); each evaluation and the final thresholds go to stderr")
@@ -562,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--draft-gguf", default=None, metavar="PATH",
                    help="draft as a GGUF file run by llama.cpp (needs llama-cpp-python; a bundled pair name: its draft.gguf)")
     e.add_argument("--model-name", default=None, help="model id clients ask for (default: the pair or directory name)")
-    e.add_argument("--method", default="pipesd", choices=METHODS, help="default decoding method")
+    e.add_argument("--method", default="pipesd", choices=method_names, metavar="METHOD",
+                   help=f"default decoding method: one of {', '.join(METHODS)}")
     e.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     e.add_argument("--default-max-tokens", type=int, default=16, help="completions without max_tokens (as OpenAI)")
     e.add_argument("--default-temperature", type=float, default=1.0,
@@ -583,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft as a GGUF file run by llama.cpp (needs llama-cpp-python; a bundled pair name: its draft.gguf)")
     d.add_argument("--prompts", type=int, default=3)
     d.add_argument("--max-new-tokens", type=int, default=64)
-    d.add_argument("--methods", default="target-only,vanilla-sd,pipesd")
+    d.add_argument("--methods", default="target-per-token,vanilla-sd,pipesd")
     d.add_argument("--k", type=int, default=4, help="draft length of vanilla SD")
     d.add_argument("--draft-ms", type=float, default=30.0, help="edge compute profile: ms per draft token")
     d.add_argument("--verify-pad-ms", type=float, default=30.0, help="cloud compute profile: ms per verification")

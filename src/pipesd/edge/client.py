@@ -5,7 +5,7 @@ stream_events). It dials the cloud and composes the rooms:
   verdicts through :class:`pipesd.protocol.EdgeSession`, wire accounting);
 - :mod:`pipesd.edge.pipeline`: the compute, send and receive threads around the ring;
 - :mod:`pipesd.edge.offline`: the offline policy (draft alone, reconnect, reconcile);
-- :mod:`pipesd.edge.baselines`: ``target-only`` and ``edge-only``;
+- :mod:`pipesd.edge.baselines`: ``cloud-stream``, ``target-per-token`` and ``edge-only``;
 - :mod:`pipesd.edge.stats`: :class:`Generation` and :class:`GenerationStats`.
 
 Rollback is exact: after a correction at position r every record, batch and cache entry past
@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Callable, Iterator, Optional, Sequence, Union
 
-from pipesd.edge.baselines import edge_only, target_only
+from pipesd.edge.baselines import cloud_stream, edge_only, target_per_token
 from pipesd.edge.config import EdgeConfig
 from pipesd.edge.offline import CloudUnavailableError, EventText, StreamEvent, is_link_loss, reconcile, recover
 from pipesd.edge.pipeline import run_pipelined
@@ -286,8 +286,10 @@ class EdgeClient:
                 if run.complete:
                     run.stats.wall_s = time.perf_counter() - run.t0
                     run.wire_stats(self.conn)
-                elif run.cfg.method == "target-only":
-                    target_only(self, run)
+                elif run.cfg.method == "target-per-token":
+                    target_per_token(self, run)
+                elif run.cfg.method == "cloud-stream":
+                    cloud_stream(self, run)
                 else:
                     self._pipelined(run)
                 return
@@ -297,7 +299,7 @@ class EdgeClient:
                 cause = e
 
     def _tuned(self, cfg: EdgeConfig) -> bool:
-        return self.tuner is not None and cfg.method in ("pipesd", "fixed-batch")
+        return self.tuner is not None and cfg.method in ("pipesd", "fixed-batch", "dual-no-pipeline")
 
     def _pipelined(self, run: Run) -> None:
         tuned = self._tuned(run.cfg)

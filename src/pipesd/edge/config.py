@@ -2,25 +2,55 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
+from typing import Optional
 
 from pipesd.edge.offline import OFFLINE_POLICIES
-from pipesd.edge.trigger import TriggerConfig
+from pipesd.edge.trigger import TRIGGER_RULES, TriggerConfig
 
-__all__ = ["EdgeConfig", "METHODS"]
+__all__ = ["ALIASES", "EdgeConfig", "METHODS", "canonical_method"]
 
-#: Every method the runtime runs. All but ``target-only`` and ``edge-only`` are the same
-#: edge machinery with other settings, so comparisons measure the mechanism, not the code.
+#: Every method the runtime runs. The pipelined and serial ones are the same edge machinery
+#: with other settings, so comparisons measure the mechanism, not the code; ``cloud-stream``,
+#: ``target-per-token`` and ``edge-only`` are the references (docs/runtime.md, "Methods").
 METHODS = (
     "pipesd",            # pipeline + DP batches + dual-threshold trigger
-    "vanilla-sd",        # draft K, send, verify, wait (serial; HSL/EdgeLLM-style fixed K)
+    "vanilla-sd",        # draft K, send, verify, wait (serial, fixed K)
+    "hsl",               # HSL as its paper ran it: token threshold (tau_tok 0.99), stop, send all, wait
+    "edgellm",           # EdgeLLM as its paper ran it: adaptive sequence threshold, pipelined, sent at the trigger
     "fixed-batch",       # pipeline + dual trigger, fixed-size batches instead of the DP plan
-    "fixed-k-pipeline",  # pipeline + DP batches, fixed draft length K instead of the dual trigger
-    "single-threshold",  # pipeline + DP, token-confidence threshold only (HSL-style)
-    "seq-threshold",     # pipeline + DP, sequence-confidence threshold only (EdgeLLM-style)
-    "target-only",       # autoregressive decoding by the cloud, one round trip per token
+    "dual-no-pipeline",  # ablation: pipesd without the pipeline (drafting pauses for each verdict)
+    "pipe-fixed-k",      # ablation: pipeline + DP batches, fixed draft length K instead of the dual trigger
+    "pipe-token-only",   # ablation: pipeline + DP, token-confidence threshold only
+    "pipe-seq-only",     # ablation: pipeline + DP, sequence-confidence threshold only
+    "cloud-stream",      # the cloud decodes alone and streams: one request, a verdict per token
+    "target-per-token",  # the cloud decodes, one round trip per token
     "edge-only",         # the draft model alone (not the target's output: a speed reference)
 )
+
+#: Deprecated method names, accepted wherever a method is (for_method, the CLI, edge-server).
+ALIASES = {
+    "target-only": "target-per-token",
+    "single-threshold": "pipe-token-only",
+    "seq-threshold": "pipe-seq-only",
+    "fixed-k-pipeline": "pipe-fixed-k",
+}
+
+
+def canonical_method(name: str) -> str:
+    """The method ``name`` denotes (an alias maps to its canonical name); ValueError otherwise."""
+    if name in METHODS:
+        return name
+    if name in ALIASES:
+        warnings.warn(f"method {name!r} is deprecated; use {ALIASES[name]!r}", DeprecationWarning, stacklevel=2)
+        return ALIASES[name]
+    raise ValueError(f"method must be one of {', '.join(METHODS)} (deprecated aliases: "
+                     f"{', '.join(ALIASES)}); got {name!r}")
+
+
+HSL_TAU_TOK = 0.99
+"""HSL's per-token confidence threshold for code (its math runs used 0.7)."""
 
 
 @dataclass
@@ -29,6 +59,7 @@ class EdgeConfig:
 
     method: str = "pipesd"
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    trigger_rule: str = "dual"  # "dual" (fixed thresholds) | "edgellm" (EdgeLLM's adaptive sequence threshold)
     batching: str = "dp"  # "dp" | "fixed" | "trigger" (nothing goes up before the trigger)
     batch_size: int = 4  # for batching="fixed"
     pipeline: bool = True  # keep drafting while a verdict is awaited
@@ -52,8 +83,9 @@ class EdgeConfig:
     offline_wait_s: float = 60.0  # "wait": give up when the cloud is gone this long (as long as a verdict may take)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        self.method = canonical_method(self.method)
+        if self.trigger_rule not in TRIGGER_RULES:
+            raise ValueError(f"trigger_rule must be one of {', '.join(TRIGGER_RULES)}; got {self.trigger_rule!r}")
         if self.batching not in ("dp", "fixed", "trigger"):
             raise ValueError(f"batching must be 'dp', 'fixed' or 'trigger', got {self.batching!r}")
         if self.wire_q not in ("auto", "topk", "full"):
@@ -77,29 +109,39 @@ class EdgeConfig:
             raise ValueError(f"ring_capacity must be a power of two >= 2, got {self.ring_capacity}")
 
     @classmethod
-    def for_method(cls, method: str = "pipesd", **overrides) -> "EdgeConfig":
-        """The preset for ``method``; keyword arguments override any field."""
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    def for_method(cls, method: str = "pipesd", *, tau_seq: Optional[float] = None, tau_tok: Optional[float] = None,
+                   **overrides) -> "EdgeConfig":
+        """The preset for ``method`` (a deprecated alias maps to its canonical name); keyword
+        arguments override any field. ``tau_seq`` / ``tau_tok`` set the trigger's thresholds
+        where the method has them (``hsl``: ``tau_tok``, default 0.99 as in HSL's code runs, 0.7
+        for math; ``edgellm``: ``tau_seq`` is the initial threshold); ``trigger`` gives them all."""
+        method = canonical_method(method)
         k = overrides.get("k", cls.k)
         trig = overrides.pop("trigger", None)
+        default = TriggerConfig(tau_tok=HSL_TAU_TOK) if method == "hsl" else TriggerConfig()
+        t = trig or default
+        if tau_seq is not None or tau_tok is not None:
+            t = TriggerConfig(t.tau_seq if tau_seq is None else tau_seq, t.tau_tok if tau_tok is None else tau_tok,
+                              t.max_draft)
         base = dict(method=method)
-        if method == "pipesd":
-            base.update(batching="dp", pipeline=True, trigger=trig or TriggerConfig())
+        if method in ("pipesd", "fixed-batch", "dual-no-pipeline"):
+            base.update(batching="fixed" if method == "fixed-batch" else "dp", pipeline=method != "dual-no-pipeline",
+                        trigger=t)
         elif method == "vanilla-sd":
             base.update(batching="trigger", pipeline=False, trigger=TriggerConfig(0.0, 0.0, k))
-        elif method == "fixed-batch":
-            base.update(batching="fixed", pipeline=True, trigger=trig or TriggerConfig())
-        elif method == "fixed-k-pipeline":
+        elif method == "pipe-fixed-k":
             base.update(batching="dp", pipeline=True, trigger=TriggerConfig(0.0, 0.0, k))
-        elif method == "single-threshold":
-            t = trig or TriggerConfig()
+        elif method == "pipe-token-only":
             base.update(batching="dp", pipeline=True, trigger=TriggerConfig(0.0, t.tau_tok, t.max_draft))
-        elif method == "seq-threshold":
-            t = trig or TriggerConfig()
+        elif method == "pipe-seq-only":
             base.update(batching="dp", pipeline=True, trigger=TriggerConfig(t.tau_seq, 0.0, t.max_draft))
+        elif method == "hsl":  # stop at the trigger, the whole draft in one message, wait
+            base.update(batching="trigger", pipeline=False, trigger=TriggerConfig(0.0, t.tau_tok, t.max_draft))
+        elif method == "edgellm":  # keep drafting during verification; tokens go up at the trigger only
+            base.update(batching="trigger", pipeline=True, trigger=TriggerConfig(t.tau_seq, 0.0, t.max_draft),
+                        trigger_rule="edgellm")
         else:
-            base.update(trigger=trig or TriggerConfig())
+            base.update(trigger=t)
         base.update(overrides)
         return cls(**base)
 

@@ -22,7 +22,7 @@ import numpy as np
 from pipesd.edge.batching import DPBatcher, FixedBatcher, TriggerOnlyBatcher
 from pipesd.edge.offline import is_link_loss
 from pipesd.edge.session import Run, apply_verdict, recv_for
-from pipesd.edge.trigger import DualThresholdTrigger, TriggerConfig
+from pipesd.edge.trigger import TriggerConfig, make_trigger
 from pipesd.protocol import SendState
 from pipesd.protocol.edge import STOP_REASONS
 from pipesd.ring import FLAG_STOP, FLAG_VERIFY, TokenRing
@@ -73,7 +73,8 @@ class Compute:
         self.edge, self.run, self.ring, self.verdicts = edge, run, ring, verdicts
         self.draft = edge.draft
         cfg = run.cfg
-        self.trig = DualThresholdTrigger(cfg.trigger)
+        self.trig = make_trigger(cfg.trigger, cfg.trigger_rule)
+        self.probs: dict = {}  # run position -> draft probability (only for a trigger that learns from verdicts)
         self.want_q = cfg.wire_q in ("topk", "full") or not run.params.greedy
         self.tuner, self.tuner_ver = run.tuner, -1
         self.overhead = 0.0  # time outside the draft forward, the padding and verdict waits
@@ -113,6 +114,8 @@ class Compute:
             if isinstance(v, BaseException):
                 raise v
             out = apply_verdict(run, self.draft, v)
+            if self.trig.wants_feedback and not out.stale:
+                self._feedback(v)
             if out.rollback_at is not None:
                 self.ring.bump_epoch()  # the ring's epoch is the session's: its old records are void
             if out.moved:
@@ -123,6 +126,16 @@ class Compute:
         self.overhead += time.perf_counter() - t0
         return True
 
+    def _feedback(self, v) -> None:
+        """The trigger's update hook: the verified round's length, acceptances and cumulative
+        confidence (the product of its drafts' probabilities)."""
+        start, n = v.start_pos + self.run.proto.base, v.end_pos - v.start_pos
+        conf = 1.0
+        for pos in range(start, start + n):
+            conf *= self.probs.get(pos, 1.0)
+        self.trig.on_verdict(n, v.accepted, conf)
+        self.run.stats.tau_seq = self.trig.alpha  # the threshold the run ends with
+
     def _step(self) -> bool:
         """Draft one token and push it; False when the run ended while the ring was full."""
         run, perf, cfg = self.run, time.perf_counter, self.run.cfg
@@ -132,6 +145,8 @@ class Compute:
         t_end = perf()
         self.edge.cost.observe_draft(t_end - t_step)
         pos, reason = run.proto.on_draft(st.token, self.trig.update(st.prob))
+        if self.trig.wants_feedback:
+            self.probs[pos] = st.prob
         flags = 0
         if reason is not None:
             if reason in STOP_REASONS:

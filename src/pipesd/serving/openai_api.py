@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipesd.edge.config import METHODS, EdgeConfig
+from pipesd.edge.config import METHODS, EdgeConfig, canonical_method
 from pipesd.sampling import SamplingParams
 from pipesd.serving.backend import EdgeBackend, Job
 from pipesd.serving.schemas import APIError, ChatRequest, CompletionRequest, error_body
@@ -98,8 +98,7 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
     - ``metrics``: an object with ``observe_generation(gen)`` and a prometheus ``registry``
       (``pipesd.metrics.EdgeMetrics``); serves it at ``/metrics``.
     """
-    if default_method not in METHODS:
-        raise ValueError(f"default_method must be one of {', '.join(METHODS)}; got {default_method!r}")
+    default_method = canonical_method(default_method)  # ValueError for an unknown one; an alias maps
     if not (isinstance(max_tokens_limit, int) and max_tokens_limit >= 1):
         raise ValueError(f"max_tokens_limit must be an int >= 1, got {max_tokens_limit!r}")
     if not (1 <= default_max_tokens <= max_tokens_limit):
@@ -170,9 +169,11 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
                "a non-zero presence or frequency penalty (it would change the target's distribution)")
         refuse(bool(req.logit_bias), "logit_bias", "logit_bias")
         method = (req.pipesd.method if req.pipesd is not None else None) or default_method
-        if method not in METHODS:
+        try:
+            method = canonical_method(method)  # a deprecated alias maps to its method
+        except ValueError:
             raise APIError(400, f"pipesd.method must be one of {', '.join(METHODS)}; got {method!r}",
-                           param="pipesd.method")
+                           param="pipesd.method") from None
         cfg = base if method == base.method else EdgeConfig.for_method(
             method, draft_step_s=base.draft_step_s, verdict_timeout_s=base.verdict_timeout_s, offline_policy="fail")
         # Lengths.

@@ -38,7 +38,7 @@ class PipesdOptions(BaseModel):
     """The ``pipesd`` extension of a request: how the edge decodes it."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Optional[str] = None  # one of pipesd.edge.METHODS (default: the server's)
+    method: Optional[str] = None  # one of pipesd.edge.METHODS or its ALIASES (default: the server's)
 
 
 class _Common(BaseModel):
