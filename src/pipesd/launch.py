@@ -5,7 +5,8 @@
   ``--help`` from the preset table, so the two cannot drift apart.
 - :func:`load_draft`, :func:`load_target`: one model from a spec (a local model directory,
   ``bundled``, a bundled pair name, a local pair directory; a draft also as ``self-noisy:SCALE``
-  or a GGUF file); :func:`load_pair`: both halves of a pair from one spec.
+  or a GGUF file; either as ``replay:FILE``, a recorded pair, :mod:`pipesd.models.replay`);
+  :func:`load_pair`: both halves of a pair from one spec.
 - :data:`PROMPTS`: the code prompts the demo and the benchmarks generate from.
 - :func:`serve_until_stopped`: run a :class:`~pipesd.cloud.CloudServer` in this process until
   SIGINT/SIGTERM; :func:`start_server_subprocess` / :func:`stop_process`: ``pipesd serve`` in
@@ -32,6 +33,8 @@ __all__ = ["BUNDLED", "PROMPTS", "link_help", "make_link", "load_draft", "load_t
 #: Spec of the default bundled pair (``pipesd.zoo.DEFAULT_PAIR``); ``None`` and ``""`` mean the same.
 BUNDLED = "bundled"
 _NOISY = "self-noisy:"
+#: Spec prefix of a recorded pair (``replay:FILE``, :mod:`pipesd.models.replay`), draft or target.
+REPLAY = "replay:"
 
 #: Code prompts of the bundled pair's domain. Benchmarks take the first N; their recorded
 #: results depend on this order, so append rather than reorder.
@@ -156,6 +159,10 @@ def load_target(spec: Optional[str] = None, threads: Optional[int] = None, gguf:
     run by llama.cpp (``threads`` None: all cores)."""
     if gguf:
         return _load_gguf_target(gguf, threads)
+    if spec and spec.startswith(REPLAY):
+        from pipesd.models.replay import ReplayTarget
+
+        return ReplayTarget.from_file(spec[len(REPLAY):])
     from pipesd.models import TargetModel
 
     return TargetModel.from_pretrained(_model_dir(spec, "target"), threads=threads)
@@ -193,6 +200,10 @@ def load_draft(spec: Optional[str] = None, threads: Optional[int] = None, gguf: 
         return _load_gguf_draft(gguf, threads)
     if spec and spec.startswith(_NOISY):
         return _noisy_draft(load_target(None, threads), spec, threads)
+    if spec and spec.startswith(REPLAY):
+        from pipesd.models.replay import ReplayDraft
+
+        return ReplayDraft.from_file(spec[len(REPLAY):])
     return DraftModel.from_pretrained(_model_dir(spec, "draft"), threads=threads)
 
 
