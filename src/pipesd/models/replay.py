@@ -34,7 +34,7 @@ from typing import Optional, Sequence, TextIO
 import numpy as np
 import torch
 
-from pipesd.models.runners import DraftStep, _SeqState
+from pipesd.models.runners import DraftStep, _SeqState, _checked_ids as _checked
 
 __all__ = ["FORMAT", "VERSION", "Recording", "PromptRecord", "ReplayDraft", "ReplayTarget", "ReplayTargetSession",
            "ReplayTokenizer", "record", "load_recording", "edge_prompt_ids"]
@@ -344,13 +344,6 @@ def _feed_rows(st: _SeqState, seq: Sequence[int], want_from: int) -> int:
     st.prepare(f)
     st.finish(seq, f, want_from, [None] * (n - max(f, want_from)))
     return n - f
-
-
-def _checked(ids: Sequence[int], vocab: int) -> list[int]:
-    out = [int(t) for t in ids]
-    if out and (min(out) < 0 or max(out) >= vocab):
-        raise ValueError(f"token ids must be in [0, {vocab}), got min {min(out)} max {max(out)}")
-    return out
 
 
 # ---------------------------------------------------------------------------- target
