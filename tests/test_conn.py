@@ -263,6 +263,23 @@ def test_concurrent_senders():
             assert mine == sorted(mine)
 
 
+def test_wake_ends_a_blocked_recv_and_a_stale_wake_is_dropped():
+    """How a run's receive thread is stopped at the end of a generation without waiting out its
+    poll; a wake left behind must not cut the next run's receive short."""
+    with Server() as srv, connect(srv) as c:
+        me, other, got = object(), object(), []
+        t = threading.Thread(target=lambda: got.append(c.recv(60.0, wake_token=me)))
+        t.start()
+        c.wake(me)
+        t.join(10.0)
+        assert not t.is_alive() and got == [None]  # returned on the wake, not after 60 s
+        c.wake(other)  # nobody waits with this token: stale
+        c.send(M.CloseSession(session_id=9))
+        assert c.recv(5.0, wake_token=me) == M.CloseSession(session_id=9)  # the stale wake was skipped
+        c.wake(other)
+        assert c.recv(0.05) is None  # a recv without a token is never woken: it times out
+
+
 def test_messages_before_the_peer_closed_are_delivered_then_closed():
     async def say_and_leave(reader, writer, hello):
         await conn.write_message(writer, M.Error(code=M.E_INTERNAL, message="going away"))

@@ -224,8 +224,20 @@ def test_target_rows_argmax_is_the_path_up_to_the_first_mismatch(rec):
 
 
 def test_sampling_is_refused(rec, replay_server):
-    with EdgeClient(replay_server, ReplayDraft(rec)) as c:
-        with pytest.raises(ValueError, match="greedy only"):
+    with EdgeClient(replay_server, ReplayDraft(rec)) as c:  # by the cloud, at open
+        with pytest.raises(RuntimeError, match="greedy sessions only"):
+            c.generate(TEXTS[0], 8, sampling=SamplingParams(temperature=0.8))
+    d = ReplayDraft(rec)  # and by the replay draft itself, whatever cloud it talks to
+    d.reset(rec.prompts[0].prompt_ids)
+    with pytest.raises(ValueError, match="greedy only"):
+        d.step(SamplingParams(temperature=0.8))
+
+
+def test_the_cloud_refuses_a_sampling_session_on_a_replay_target(pair, replay_server):
+    """A live draft cannot get sampled verdicts out of a recording either: the cloud refuses the
+    session when it opens (a replay target holds no distributions to sample from)."""
+    with EdgeClient(replay_server, pair.draft) as c:
+        with pytest.raises(RuntimeError, match="greedy sessions only"):
             c.generate(TEXTS[0], 8, sampling=SamplingParams(temperature=0.8))
 
 

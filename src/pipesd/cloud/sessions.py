@@ -74,6 +74,9 @@ class SessionStore:
             raise codec.ProtocolError(M.E_TOKENIZER, "tokenizer fingerprint differs from the cloud's: "
                                       f"edge {msg.tokenizer_fingerprint}, cloud {self.fingerprint}")
         params = self._params(msg)
+        if not params.greedy and getattr(self.target, "greedy_only", False):
+            raise codec.ProtocolError(M.E_BAD_FIELD, f"this cloud's target ({type(self.target).__name__}) serves "
+                                                     "greedy sessions only (temperature 0)")
         if not (1 <= msg.max_new_tokens <= cfg.max_new_tokens):
             raise codec.ProtocolError(M.E_LIMIT, f"max_new_tokens {msg.max_new_tokens} outside [1, {cfg.max_new_tokens}]")
         gen = torch.Generator()

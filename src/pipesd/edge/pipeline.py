@@ -259,7 +259,7 @@ class Receiver:
     def loop(self) -> None:
         while not self.run.done.is_set():
             try:
-                v = recv_for(self.conn, self.run.sid, 0.05)
+                v = recv_for(self.conn, self.run.sid, 0.05, wake_token=self)  # run_pipelined wakes us at the end
             except RuntimeError as e:  # an Error frame from the cloud
                 self.verdicts.put(e)
                 return
@@ -299,7 +299,8 @@ def run_pipelined(edge, run: Run) -> None:
         run.fail(e)
     finally:
         run.done.set()
-        ring.close()
+        ring.close()  # wakes the send thread
+        edge.conn.wake(receiver)  # and the receive thread, rather than let it finish its 50 ms poll
         if run.error is not None and is_link_loss(run.error):
             edge.conn.close(flush_timeout_s=0.5)  # unblocks a send stuck on a silent cloud
         for t in threads:
@@ -308,7 +309,7 @@ def run_pipelined(edge, run: Run) -> None:
     st.edge_overhead_s += sender.overhead
     st.batch_sizes.extend(sender.sizes)
     st.hints_sent += sender.hints
-    st.wall_s = time.perf_counter() - run.t0
+    st.wall_s = time.perf_counter() - run.t0  # after the joins: when the caller has its result
     run.wire_stats(edge.conn)
     if run.error is not None:
         raise run.error

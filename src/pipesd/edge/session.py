@@ -97,12 +97,13 @@ class Run:
         self.stats.bytes_sent, self.stats.bytes_received, self.stats.messages_sent = self.wire_acc
 
 
-def recv_for(c: wire.EdgeConnection, sid: int, timeout_s: float, kind=M.Verdict):
+def recv_for(c: wire.EdgeConnection, sid: int, timeout_s: float, kind=M.Verdict, wake_token: object = None):
     """The one receive loop: the next ``kind`` message of session ``sid`` (others are skipped),
-    or None after ``timeout_s``. An Error frame raises RuntimeError; a lost link raises."""
+    or None after ``timeout_s`` (or at once on ``c.wake(wake_token)``). An Error frame raises
+    RuntimeError; a lost link raises."""
     deadline = time.monotonic() + timeout_s
     while True:
-        msg = c.recv(max(0.0, deadline - time.monotonic()))
+        msg = c.recv(max(0.0, deadline - time.monotonic()), wake_token)
         if msg is None:
             return None
         if isinstance(msg, M.Error):

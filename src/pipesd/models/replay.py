@@ -422,7 +422,7 @@ class ReplayTarget:
     """A :class:`~pipesd.models.TargetModel` look-alike that serves a recording (greedy only)."""
 
     replayed = True
-    greedy_only = True  # for a cloud that can refuse sampling sessions (it does not ask yet)
+    greedy_only = True  # the cloud refuses sampling sessions (SessionStore.open)
 
     def __init__(self, rec: Recording) -> None:
         h = rec.header

@@ -183,6 +183,15 @@ class _Eof:
         self.error = error
 
 
+class _Wake:
+    """Queued by :meth:`EdgeConnection.wake`: the receiver holding ``token`` returns at once."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: object) -> None:
+        self.token = token
+
+
 class EdgeConnection:
     """The edge's end of the wire.
 
@@ -396,8 +405,14 @@ class EdgeConnection:
                 self._out_cv.notify_all()
             self._inbox.put(_Eof(end))
 
-    def recv(self, timeout_s: float) -> Optional[M.Message]:
-        """The next message, or None after ``timeout_s``.
+    def wake(self, token: object) -> None:
+        """Make a ``recv(..., wake_token=token)`` blocked now (or the next one) return None at
+        once: how a run's receive thread is told to stop without waiting out its poll. A wake
+        nobody was waiting for is dropped by the next ``recv`` with another token."""
+        self._inbox.put(_Wake(token))
+
+    def recv(self, timeout_s: float, wake_token: object = None) -> Optional[M.Message]:
+        """The next message, or None after ``timeout_s`` (or on a :meth:`wake` with ``wake_token``).
 
         Messages that arrived before the connection ended are still handed out; then it raises
         :class:`ProtocolError` once if the cloud sent a malformed frame, and
@@ -412,6 +427,10 @@ class EdgeConnection:
                     item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     return None
+                if isinstance(item, _Wake):
+                    if wake_token is not None and item.token is wake_token:
+                        return None
+                    continue  # a stale wake, meant for a receiver that already left
                 if isinstance(item, _Eof):
                     self._eof = item
                     if isinstance(item.error, ProtocolError):
