@@ -2,6 +2,7 @@
 checks every method's greedy output against the target (the benchmark's exit code says so)."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,30 @@ def test_a_tiny_run_checks_exactness_and_writes_results(tmp_path):
     row = next(r for r in d["rows"] if r["method"] == "pipesd")
     assert row["cloud_busy_ms_per_token"] > 0 and len(row["speedup_vs_cloud-stream"]) == 3
     assert (tmp_path / next(tmp_path.glob("e2e-*.json")).name.replace(".json", "-pareto.png")).is_file()
+
+
+def test_the_live_gguf_scenario_serves_the_pairs_gguf_target(tmp_path):
+    """live-gguf on a fetched pair: the cloud subprocess loads the pair's target GGUF with
+    llama.cpp (and nothing else: --model with --target-gguf is refused), the edge drafts with
+    the draft GGUF, and every greedy output equals the llama.cpp target's own greedy. The
+    'fetched pair' is the bundled one, exported to GGUF in the test."""
+    pytest.importorskip("llama_cpp")
+    from pipesd import zoo
+    from pipesd.zoo import gguf_export as gx
+
+    root = tmp_path / "home" / "pairs" / "bundled-gguf"
+    root.mkdir(parents=True)
+    for role in ("draft", "target"):
+        (root / role).symlink_to(zoo.pair_path() / role, target_is_directory=True)
+        gx.export_gguf(zoo.pair_path() / role, root / f"{role}.gguf", "f32")
+    (root / "pair.json").write_text("{}\n")
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, str(RUN), "--pair", "bundled-gguf", "--scenarios", "live-gguf",
+                        "--methods", "cloud-stream,pipesd", "--prompts", "bundled:1", "--max-new-tokens", "8",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PIPESD_HOME=str(tmp_path / "home")))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    d = json.loads((out / "e2e-full-bundled-gguf-live-gguf.json").read_text())
+    assert d["header"]["pair"] == "bundled-gguf (live)" and d["header"]["all_exact"] is True
+    assert {g["method"] for g in d["generations"]} == {"cloud-stream", "pipesd"}
+    assert all(g["exact"] and g["scenario"] == "live-gguf" for g in d["generations"])

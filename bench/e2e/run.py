@@ -130,7 +130,8 @@ def parse_pair(spec: str, replay: bool) -> Pair:
         if not path.is_file():
             raise ValueError(f"no recording at {path}; record one with bench/e2e/record.py (docs/models.md, "
                              "'Replay')")
-        return Pair(f"{path.name} (replayed)", "replay-" + path.name.split(".")[0], spec, spec, replayed=True,
+        name = path.name.removesuffix(".gz").removesuffix(".jsonl")
+        return Pair(f"{name} (replayed)", "replay-" + name, spec, spec, replayed=True,
                     real=True)
     if ":" in spec:
         d, _, t = spec.partition(":")
@@ -160,7 +161,9 @@ def uplink_scale(args, vocab_size: int) -> float:
 def git_commit() -> str:
     try:
         c = subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], text=True).strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "src", "bench"]).returncode
+        # The code that ran: results written by an earlier run of this bench do not make it dirty.
+        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "src", "bench",
+                                ":!bench/results"]).returncode
         return c + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
@@ -439,9 +442,9 @@ def main(argv=None) -> int:
         for sc in args.scenario_list:
             key = ("gguf", 0.0) if sc.live else ("torch", args.verify_ms)
             if key not in servers:
-                extra = ("--target-gguf", pair.target_gguf) if sc.live else ()
                 servers[key] = start_server_subprocess(pair.target, threads=1, verify_pad_ms=key[1],
-                                                       auth_token="bench", extra=extra, timeout_s=600)
+                                                       auth_token="bench", timeout_s=600,
+                                                       target_gguf=pair.target_gguf if sc.live else None)
             proc, port = servers[key]
             edge_draft = draft
             if sc.live:
@@ -537,7 +540,7 @@ def main(argv=None) -> int:
 def markdown(header, rows) -> str:
     s = header["settings"]
     lines = [f"# PipeSD end-to-end benchmark ({'quick' if s['quick'] else 'full'}): {header['pair']}", "",
-             f"pair: **{header['pair']}** ({header['mode']}); prompts: {s['prompts']} ({s['n_prompts']}) x "
+             f"pair: **{header['pair'].removesuffix(' (' + header['mode'] + ')')}** ({header['mode']}); prompts: {s['prompts']} ({s['n_prompts']}) x "
              f"{s['max_new_tokens']} tokens",
              f"machine: {header['machine']['processor']}, {header['machine']['cpus']} CPUs, "
              f"{header['machine']['platform']}; commit {header['commit']}; {header['date']}; "
