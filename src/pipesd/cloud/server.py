@@ -119,6 +119,7 @@ class CloudServer:
         self._started = threading.Event()
         self._start_error: Optional[BaseException] = None
         self._stop_event: Optional[asyncio.Event] = None
+        self._conn_tasks: dict = {}  # each connection's task -> its writer (closed at shutdown)
         self.address: tuple[str, int] = (self.config.host, self.config.port)
 
     # ------------------------------------------------------------------ lifecycle
@@ -128,7 +129,7 @@ class CloudServer:
         self._ready = asyncio.Queue()
         self._stop_event = asyncio.Event()
         tls = {"ssl": self._ssl, "ssl_handshake_timeout": self.config.handshake_timeout_s} if self._ssl else {}
-        self._server = await asyncio.start_server(self._handle, self.config.host, self.config.port, **tls)
+        self._server = await asyncio.start_server(self._on_connection, self.config.host, self.config.port, **tls)
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
         verifier = asyncio.create_task(self._verifier())
@@ -141,6 +142,7 @@ class CloudServer:
             verifier.cancel()
             for c in list(self._clients):
                 c.writer.close()
+            await self._end_connections()
             try:
                 await self._server.wait_closed()
             except Exception:  # pragma: no cover
@@ -166,13 +168,51 @@ class CloudServer:
         return self.address
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Clean shutdown: stop accepting, close connections, finish the verifier."""
-        if self._loop is not None and self._stop_event is not None:
-            self._loop.call_soon_threadsafe(self._stop_event.set)
-        if self._thread is not None:
+        """Clean shutdown: stop accepting, close connections, finish the verifier. Idempotent:
+        stopping a stopped server (its event loop closed) does nothing."""
+        loop, event = self._loop, self._stop_event
+        if loop is not None and event is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the loop closed in between: stopped already
+                pass
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
 
     # ------------------------------------------------------------------ connections
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio's task for one connection. It never ends cancelled or failed: Python 3.11's
+        stream callback calls ``task.exception()`` on it, which prints an ``Exception in
+        callback ... CancelledError`` traceback for a task cancelled at shutdown."""
+        task = asyncio.current_task()
+        self._conn_tasks[task] = writer
+        try:
+            await self._handle(reader, writer)
+        except asyncio.CancelledError:  # shutdown: the connection goes with the server
+            writer.transport.abort()
+        except Exception:  # never let one connection take the server down
+            log.exception("connection %s failed", writer.get_extra_info("peername"))
+            writer.transport.abort()
+        finally:
+            self._conn_tasks.pop(task, None)
+
+    async def _end_connections(self, timeout_s: float = 2.0) -> None:
+        """At shutdown: close every connection (handshaking ones too) and let its task end on its
+        own, freeing its sessions; a task still running after ``timeout_s`` is cancelled."""
+        for w in list(self._conn_tasks.values()):
+            w.close()
+        tasks = list(self._conn_tasks)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for t in pending:
+            w = self._conn_tasks.get(t)
+            if w is not None:
+                w.transport.abort()
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(writer.get_extra_info("peername"))
         self._n_conns += 1
@@ -252,6 +292,8 @@ class CloudServer:
             self.stats.protocol_errors += 1
             sid = getattr(msg, "session_id", -1)
             client.send(M.Error(code=e.code, message=str(e), session_id=sid))
+            if sid == -1:
+                return False  # a connection-level error closes the connection (docs/wire.md)
             if sid in client.sessions:
                 self.sessions.close(client.sessions[sid])
         return True

@@ -59,10 +59,14 @@ class SessionStore:
         self.count = 0
 
     def open(self, client, msg: M.OpenSession) -> Optional[Session]:
-        """A new session, or None when over the limits (the client gets E_LIMIT)."""
+        """A new session, or None when over the limits (the client gets E_LIMIT) or when ``sid``
+        is open already (E_BAD_FIELD; the open session goes on untouched)."""
         cfg, sid = self.config, msg.session_id
-        if sid in client.sessions:
-            raise codec.ProtocolError(M.E_BAD_FIELD, f"session {sid} is already open on this connection")
+        if sid in client.sessions:  # answered here: a raised error would close the session of that id
+            self.stats.protocol_errors += 1
+            client.send(M.Error(code=M.E_BAD_FIELD, message=f"session {sid} is already open on this connection",
+                                session_id=sid))
+            return None
         if len(client.sessions) >= cfg.max_sessions_per_client or self.count >= cfg.max_sessions:
             client.send(M.Error(code=M.E_LIMIT, message="too many sessions", session_id=sid))
             return None
