@@ -637,3 +637,25 @@ def test_target_sampling_matches_its_distribution_and_a_stale_rollback_is_caught
         bad.close()
     assert any(st.fails(torch.from_numpy(bad_counts[d]), torch.from_numpy(exact[d])) for d in range(depth)), \
         "a target that trusts stale KV cells on rollback was not caught"
+
+
+@pytest.mark.parametrize("role", ["draft", "target"])
+def test_a_gguf_without_a_tokenizer_takes_the_pair_directory_next_to_it(llama_cpp, pair, f32_gguf, target_gguf,
+                                                                       tmp_path, monkeypatch, role):
+    """An upstream GGUF (a fetched pair's) carries llama.cpp's tokenizer, not a Hugging Face one:
+    both loaders then take the tokenizer of ``role/`` beside the file, as ``pipesd pair fetch``
+    lays a pair out, so text prompts and the fingerprint check work on the edge and the cloud."""
+    import shutil
+
+    from pipesd.launch import load_draft, load_target
+
+    gg = tmp_path / f"{role}.gguf"
+    shutil.copy(f32_gguf if role == "draft" else target_gguf, gg)
+    (tmp_path / role).symlink_to(zoo.pair_path() / role, target_is_directory=True)
+    monkeypatch.setattr(gx, "load_gguf_tokenizer", lambda path: None)  # as for an upstream file
+    m = load_draft(gguf=str(gg), threads=1) if role == "draft" else load_target(gguf=str(gg), threads=1)
+    try:
+        assert m.tokenizer is not None
+        assert tokenizer_fingerprint(m.tokenizer) == tokenizer_fingerprint(pair.tokenizer)
+    finally:
+        getattr(m, "close", lambda: None)()

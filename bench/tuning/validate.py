@@ -1,6 +1,7 @@
 """Is ``pipesd.tuning.simulate_tpt`` right? Its predicted TPT against the real runtime's.
 
     python bench/tuning/validate.py            # bundled pair, 2 scenarios, ~3-5 min on 2 cores
+    python bench/tuning/validate.py --pair replay:bench/results/replay/qwen2.5-coder-0.5b-1.5b.jsonl.gz
 
 **Setup** (as ``bench/e2e/run.py`` sets up its runs): the cloud is ``pipesd serve`` in its own
 process (one thread) with ``--verify-pad-ms``; the edge is an :class:`pipesd.edge.EdgeClient`
@@ -23,6 +24,14 @@ suggested when its model was protocol 1; ``check-pair``'s suggestion now (its me
 and costs on its own prompts, modelled at the scenario's pads and link); ``(0.0, 0.9)``; and
 vanilla SD with K = 4 (the serial mode). The wall-clock check of the suggestion is the
 measured TPT of the suggestion over the defaults'.
+
+**A replayed real pair** (``--pair replay:FILE``, docs/models.md "Replay"): the edge and the
+cloud serve the recording, the prompts are the recorded ones, and the trace is the recording's
+own (the draft's probability of its greedy token along the target's path, and whether it is the
+target's token). ``check-pair`` cannot run on a replay (it measures real compute), so its
+suggestion is :func:`pipesd.checkpair.suggest` on that trace at the scenario's pads and link:
+what check-pair computes from the pair's measured trace, here measured on the same prompts the
+points run (in-sample).
 
 Writes ``bench/results/tpt-model-validation.{md,json}``.
 """
@@ -86,6 +95,16 @@ def traces_for(draft, target, prompts: list, tokens: int) -> list[dict]:
     return out
 
 
+def replay_traces(rec, n_prompts: int, tokens: int) -> list[dict]:
+    """The recording's trace per prompt (what :func:`traces_for` measures on live models)."""
+    out = []
+    for r in rec.prompts[:n_prompts]:
+        n = min(tokens, len(r.target))
+        out.append({"continuation": list(r.target[:n]), "confidence": [float(e[1]) for e in r.draft[:n]],
+                    "accepted": [e[0] == t for e, t in zip(r.draft[:n], r.target[:n])]})
+    return out
+
+
 def run_point(client, prompts, tokens, cfg) -> list:
     return [client.generate(list(ids), tokens, config=cfg) for ids in prompts]
 
@@ -134,11 +153,29 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=6, help="prompts per point (default 6)")
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens per generation (default 64)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tpt-model-validation"),
-                    help="output path without extension")
+    ap.add_argument("--pair", default="bundled",
+                    help="bundled (default) or replay:FILE, a real pair's recording (bench/e2e/record.py)")
+    ap.add_argument("--out", default=None, help="output path without extension (default: "
+                    "bench/results/tpt-model-validation[-replay-NAME])")
     args = ap.parse_args(argv)
     if not 1 <= args.prompts <= 6 or args.tokens < 8:
         ap.error("--prompts must be in 1..6 and --tokens >= 8")
+    rec = None
+    if args.pair != "bundled":
+        if not args.pair.startswith("replay:"):
+            ap.error(f"--pair must be bundled or replay:FILE, got {args.pair!r}")
+        from pipesd.models.replay import load_recording
+
+        try:
+            rec = load_recording(args.pair[len("replay:"):])
+        except ValueError as e:
+            ap.error(f"--pair {args.pair}: {e}")
+        if len(rec.prompts) < args.prompts or any(len(r.target) < args.tokens for r in rec.prompts[:args.prompts]):
+            ap.error(f"--pair {args.pair}: the recording holds {len(rec.prompts)} prompts of "
+                     f"{min(len(r.target) for r in rec.prompts)}+ tokens; ask for at most that")
+    if args.out is None:
+        args.out = str(ROOT / "bench" / "results" / ("tpt-model-validation" if rec is None else
+                                                      f"tpt-model-validation-replay-{rec.pair_name}"))
     import torch
 
     torch.set_num_threads(1)
@@ -147,16 +184,25 @@ def main(argv=None) -> int:
     from pipesd.launch import PROMPTS, load_draft, load_target, make_link, start_server_subprocess, stop_process
 
     t_start = time.time()
-    draft, target = load_draft(None, threads=1), load_target(None, threads=1)
-    prompts = [draft.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:args.prompts]]
-    traces = traces_for(draft, target, prompts, args.tokens)
-    print(f"traces: {len(traces)} prompts x {args.tokens} tokens, greedy agreement "
+    if rec is None:
+        pair_label, serve_model = "stdlib-code (bundled)", None
+        draft, target = load_draft(None, threads=1), load_target(None, threads=1)
+        prompts = [draft.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:args.prompts]]
+        traces = traces_for(draft, target, prompts, args.tokens)
+        report = check_pair("stdlib-code:draft", "stdlib-code:target", tokens=32, reps=9, progress=None)
+        sug_trace, sug_costs = report.agreement["trace"], report.costs
+    else:
+        pair_label, serve_model = f"{rec.pair_name} (replayed)", args.pair
+        draft = load_draft(args.pair, threads=1)
+        prompts = [list(r.prompt_ids) for r in rec.prompts[:args.prompts]]
+        traces = replay_traces(rec, args.prompts, args.tokens)
+        sug_trace = {k: [x for t in traces for x in t[k]] for k in ("confidence", "accepted")}
+        sug_costs = {}  # the scenario's pads replace measured costs
+    print(f"{pair_label}: {len(traces)} prompts x {args.tokens} tokens, greedy agreement "
           f"{statistics.mean(a for t in traces for a in t['accepted']):.3f}", flush=True)
-    report = check_pair("stdlib-code:draft", "stdlib-code:target", tokens=32, reps=9, progress=None)
     rows, scenarios = [], []
     for sc in SCENARIOS:
-        sug = suggest(report.agreement["trace"], report.costs, link=sc["link"], draft_ms=sc["draft_ms"],
-                      verify_ms=sc["verify_ms"])
+        sug = suggest(sug_trace, sug_costs, link=sc["link"], draft_ms=sc["draft_ms"], verify_ms=sc["verify_ms"])
         points = [{"label": "defaults", "method": "pipesd", "tau_seq": 0.35, "tau_tok": 0.5},
                   {"label": "protocol-1 suggestion", "method": "pipesd", "tau_seq": 0.99, "tau_tok": 0.0},
                   {"label": "check-pair suggestion", "method": "pipesd", "tau_seq": sug["tau_seq"],
@@ -166,7 +212,7 @@ def main(argv=None) -> int:
         nominal = {"gen_s": sc["draft_ms"] / 1e3, "verify_base_s": sc["verify_ms"] / 1e3, **wire_costs(sc["link"])}
         print(f"== {sc['name']}: draft {sc['draft_ms']:.0f} ms, verify {sc['verify_ms']:.0f} ms, link {sc['link']}; "
               f"check-pair suggests {sug['method']} ({sug['tau_seq']}, {sug['tau_tok']})", flush=True)
-        proc, port = start_server_subprocess(None, threads=1, verify_pad_ms=sc["verify_ms"], auth_token="bench")
+        proc, port = start_server_subprocess(serve_model, threads=1, verify_pad_ms=sc["verify_ms"], auth_token="bench")
         try:
             link = make_link(sc["link"])
             with EdgeClient(f"127.0.0.1:{port}", draft, auth_token="bench", link=link) as client:
@@ -196,10 +242,12 @@ def main(argv=None) -> int:
         scenarios.append({**sc, "suggestion": {k: sug[k] for k in ("method", "tau_seq", "tau_tok", "pipesd_tpt_s",
                                                                   "default_tpt_s", "k", "vanilla_sd_tpt_s")},
                           "nominal_costs": nominal})
-    out = {"settings": {"pair": "stdlib-code (bundled)", "prompts": args.prompts, "tokens": args.tokens,
+    out = {"settings": {"pair": pair_label, "prompts": args.prompts, "tokens": args.tokens,
                         "method_k": K_SERIAL, "threads": 1, "machine": platform.platform(),
                         "cpu": platform.processor() or platform.machine(), "commit": git_commit(),
-                        "wall_s": time.time() - t_start, "check_pair_costs": report.costs},
+                        "wall_s": time.time() - t_start, "check_pair_costs": sug_costs,
+                        "suggestion_from": "check-pair on its own prompts" if rec is None else
+                        "suggest() on the recording's trace (the same prompts, in-sample)"},
            "scenarios": scenarios, "rows": rows}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +265,8 @@ def markdown(out: dict) -> str:
     s, rows = out["settings"], out["rows"]
     ms = lambda x: f"{x * 1e3:.2f}"  # noqa: E731
     lines = ["# TPT model validation: `simulate_tpt` against the real runtime", "",
-             f"Bundled pair, {s['prompts']} prompts x {s['tokens']} greedy tokens per point; cloud `pipesd serve "
+             f"Pair **{s['pair']}**, {s['prompts']} prompts x {s['tokens']} greedy tokens per point (suggestion: "
+             f"{s.get('suggestion_from', 'check-pair on its own prompts')}); cloud `pipesd serve "
              f"--verify-pad-ms` in its own process, edge `EdgeClient` with `draft_step_s` and an emulated link, one "
              f"thread each; {s['machine']}, commit {s['commit']}, {s['wall_s']:.0f} s. Written by "
              "`bench/tuning/validate.py`. *Predicted*: `simulate_tpt` replaying each prompt's measured trace "

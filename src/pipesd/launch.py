@@ -168,20 +168,25 @@ def load_target(spec: Optional[str] = None, threads: Optional[int] = None, gguf:
     return TargetModel.from_pretrained(_model_dir(spec, "target"), threads=threads)
 
 
+def _sibling_tokenizer(path, role: str) -> Optional[Path]:
+    """None (the GGUF's own tokenizer) or, for a GGUF without one (another converter, e.g. a
+    fetched pair's upstream file), the tokenizer of the pair directory's ``role/`` next to it
+    (the layout ``pipesd pair fetch`` writes)."""
+    p = Path(path)
+    if p.is_file() and (p.parent / role / "tokenizer.json").is_file():
+        from pipesd.zoo.gguf_export import load_gguf_tokenizer
+
+        if load_gguf_tokenizer(p) is None:
+            return p.parent / role
+    return None
+
+
 def _load_gguf_target(path: str, threads: Optional[int]):
-    """The GGUF's own tokenizer; for a GGUF without one (another converter), the tokenizer of
-    a pair directory's ``target/`` next to it (the layout ``pipesd pair fetch`` writes)."""
+    """A llama.cpp target; its tokenizer as :func:`_sibling_tokenizer` finds it."""
     try:
         from pipesd.models.llamacpp import LlamaCppTarget
 
-        tok = None
-        p = Path(path)
-        if p.is_file() and (p.parent / "target" / "tokenizer.json").is_file():
-            from pipesd.zoo.gguf_export import load_gguf_tokenizer
-
-            if load_gguf_tokenizer(p) is None:
-                tok = p.parent / "target"
-        return LlamaCppTarget(path, tokenizer=tok, threads=threads)
+        return LlamaCppTarget(path, tokenizer=_sibling_tokenizer(path, "target"), threads=threads)
     except ImportError as e:  # not bad input: a missing optional dependency
         raise RuntimeError(f"target GGUF {path}: {e}") from e
     except (FileNotFoundError, ValueError) as e:
@@ -215,7 +220,7 @@ def _load_gguf_draft(spec: str, threads: Optional[int]):
         path = bundled_gguf(spec) if spec in zoo.available() else Path(spec)
         from pipesd.models.llamacpp import LlamaCppDraft
 
-        return LlamaCppDraft(path, threads=threads or 1)
+        return LlamaCppDraft(path, tokenizer=_sibling_tokenizer(path, "draft"), threads=threads or 1)
     except ImportError as e:  # not bad input: a missing optional dependency
         raise RuntimeError(f"draft GGUF {spec}: {e}") from e
     except (FileNotFoundError, ValueError) as e:
