@@ -639,7 +639,8 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     try:
         return int(args.fn(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: whatever ran was cancelled and closed on the way out (docs/reliability.md)
+        print("\npipesd: interrupted", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, TimeoutError, ConnectionError, OSError) as e:
         print(f"pipesd: error: {e}", file=sys.stderr)

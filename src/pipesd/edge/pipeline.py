@@ -297,14 +297,15 @@ def run_pipelined(edge, run: Run) -> None:
         compute.loop()
     except BaseException as e:
         run.fail(e)
+        if isinstance(e, KeyboardInterrupt):
+            run.error = e  # a Ctrl-C wins over a failure that raced it (never taken for a lost link)
     finally:
         run.done.set()
         ring.close()  # wakes the send thread
         edge.conn.wake(receiver)  # and the receive thread, rather than let it finish its 50 ms poll
         if run.error is not None and is_link_loss(run.error):
             edge.conn.close(flush_timeout_s=0.5)  # unblocks a send stuck on a silent cloud
-        for t in threads:
-            t.join(timeout=cfg.verdict_timeout_s)
+        _join(run, threads, cfg.verdict_timeout_s)
     st = run.stats
     st.edge_overhead_s += sender.overhead
     st.batch_sizes.extend(sender.sizes)
@@ -313,6 +314,21 @@ def run_pipelined(edge, run: Run) -> None:
     run.wire_stats(edge.conn)
     if run.error is not None:
         raise run.error
+
+
+def _join(run: Run, threads: list, timeout_s: float) -> None:
+    """Join the send and receive threads, also through a Ctrl-C: a thread still blocked in the
+    native ring when the interpreter exits aborts the process ("terminate called without an
+    active exception"). They end within one poll once ``run.done`` is set; the interrupt is
+    kept as the run's error (raised by :func:`run_pipelined`)."""
+    for t in threads:
+        while True:
+            try:
+                t.join(timeout=timeout_s)
+                break
+            except KeyboardInterrupt as e:
+                run.fail(e)
+                run.error = e
 
 
 def _guard(run: Run, fn) -> None:

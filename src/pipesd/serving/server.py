@@ -35,13 +35,25 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, cancelling the app's generations when the shutdown begins (SIGINT, SIGTERM,
+    :meth:`ServerThread.stop`): a stream in progress then ends at once (``finish_reason``
+    ``"cancelled"``) instead of running on through the graceful-shutdown wait."""
+
+    async def shutdown(self, sockets=None) -> None:
+        backend = getattr(getattr(self.config.app, "state", None), "backend", None)
+        if backend is not None and hasattr(backend, "cancel_all"):
+            backend.cancel_all("server shutting down")
+        await super().shutdown(sockets)
+
+
 def _server(app, log_level: str) -> uvicorn.Server:
     level = str(log_level).lower()
     if level not in ("critical", "error", "warning", "info", "debug", "trace"):
         level = "warning"
     cfg = uvicorn.Config(app, log_level=level, access_log=level in ("debug", "info", "trace"),
                          timeout_graceful_shutdown=5, lifespan="on")
-    return uvicorn.Server(cfg)
+    return _Server(cfg)
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning",
