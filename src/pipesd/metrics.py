@@ -160,11 +160,18 @@ class CloudCollector:
                 ("stale_batches", "Draft batches of an old epoch (dropped)", s.stale_batches),
                 ("duplicate_batches", "Draft batches already seen (dropped)", s.duplicate_batches),
                 ("protocol_errors", "Frames refused as malformed or out of protocol", s.protocol_errors),
+                ("failed_launches", "Verifier launches that raised (their sessions re-verified one by one)",
+                 s.failed_launches),
                 ("busy_seconds", "Verifier busy time (including --verify-pad-ms padding)", s.busy_s),
                 ("forward_seconds", "Time in target forwards", s.forward_s),
                 ("kernel_seconds", "Time in verification launches", s.kernel_s),
                 ("overhead_seconds", "Verifier time outside forwards and launches", s.overhead_s)):
             yield CounterMetricFamily(f"{ns}_{name}", doc, value=value)
+        calls = CounterMetricFamily(f"{ns}_verify_calls", "verify_chain calls by the path taken (triton: the "
+                                    "kernels; torch: the PyTorch reference)", labels=["backend"])
+        for name, n in sorted(s.verify_backends.items()):
+            calls.add_metric([name], n)
+        yield calls
         yield GaugeMetricFamily(f"{ns}_batch_sessions_max", "Largest batched launch so far (sessions)",
                                 value=s.max_batch)
         counts = dict(getattr(s, "batch_size_counts", None) or {})

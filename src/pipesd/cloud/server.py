@@ -89,6 +89,8 @@ class CloudStats:
     clients_dropped: int = 0  # dropped by the server: send buffer limit or write deadline
     throttled_s: float = 0.0  # time clients spent paused by the token bucket
     isolated_failures: int = 0  # sessions whose verification failed alone (others in the launch went on)
+    failed_launches: int = 0  # launches that raised (each session then re-verified alone, from a fresh cache)
+    verify_backends: dict = field(default_factory=dict)  # verify_chain calls by path: "triton" / "torch" (reference)
     batch_size_counts: dict = field(default_factory=dict)  # sessions per launch -> launches (metrics)
 
 
@@ -381,6 +383,7 @@ class CloudServer:
         try:
             return await loop.run_in_executor(self._executor, self.verifier.run, work)
         except Exception:
+            self.stats.failed_launches += 1
             log.exception("verification of %d session(s) failed", len(work))
         if len(work) == 1:
             work[0][0].tsession.close()  # the cache may be half-updated: re-feed next time
@@ -393,6 +396,7 @@ class CloudServer:
             except Exception:
                 log.exception("verification of session %d failed on its own", w[0].sid)
                 self.stats.isolated_failures += 1
+                self.stats.failed_launches += 1
                 w[0].tsession.close()
                 out.append(None)
         return out

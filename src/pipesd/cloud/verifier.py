@@ -1,8 +1,10 @@
 """Batched verification on the verifier thread: pack, score, verify, judge, commit, account.
 
 One launch verifies the jobs of several sessions: one batched target forward over their
-drafts (on top of each session's KV cache), one ``verify_chain`` launch, then each session's
-protocol clips its result (max_new_tokens, EOS). Caches are committed only once every verdict
+drafts (on top of each session's KV cache), one ``verify_chain`` call per sampling mode in the
+launch (greedy sessions, sampling sessions), then each session's protocol clips its result
+(max_new_tokens, EOS). Everything is packed on the device of the target's logits, so a CUDA
+target is verified by the Triton kernels; ``CloudStats.verify_backends`` counts the path taken. Caches are committed only once every verdict
 of the launch is known, so a failed launch can be retried session by session from fresh caches.
 """
 from __future__ import annotations
@@ -31,6 +33,23 @@ class Scored:
     verify_s: float = 0.0
 
 
+@dataclass
+class _Verdicts:
+    """A launch's verdicts on the host, in the launch's order (one copy per verify_chain call)."""
+
+    accepted: list  # per session: drafts accepted
+    tokens: list  # per session: the accepted drafts then the correction or bonus token
+    backends: list  # per verify_chain call: the path it took ("triton" or "torch", the reference)
+    kernel_s: float
+
+
+def _host(v) -> tuple[list, list, str]:
+    """A ChainVerdict as host lists: waits for the launch (CUDA) once, not per session."""
+    n = v.num_tokens.tolist()
+    tokens = v.tokens.tolist()
+    return v.accepted.tolist(), [row[:k] for row, k in zip(tokens, n)], v.backend
+
+
 class Verifier:
     """Runs launches for the server (``config``: its CloudConfig, read at each launch;
     ``stats``: its CloudStats; ``energy``: its EnergyMeter)."""
@@ -40,91 +59,100 @@ class Verifier:
         self.vocab_size = int(target.vocab_size)
 
     def run(self, work: list) -> list[Scored]:
-        """``work``: ``(session, job)`` pairs. Verifier thread only."""
+        """``work``: ``(session, job)`` pairs; a ``Scored`` per pair, in order. Verifier thread only."""
+        # Greedy sessions first: each mode's rows are then one contiguous slice of the packed
+        # batch, verified by a verify_chain call of its own mode, after one target forward for all.
+        order = sorted(range(len(work)), key=lambda i: not work[i][0].params.greedy)
         with self.energy.measure():
             t0 = time.perf_counter()
-            sessions = [s for s, _ in work]
-            jobs = [j for _, j in work]
+            sessions = [work[i][0] for i in order]
+            jobs = [work[i][1] for i in order]
             f0 = self.target.forwards
             logits = self._score(sessions, jobs)
             forwards = self.target.forwards - f0
             t_fwd = time.perf_counter()
-            v, t_kern0 = self._verify(sessions, jobs, logits)
-            kernel_s = time.perf_counter() - t_kern0
-            out = self._judge(sessions, jobs, v, forwards)
-            for s, sc in zip(sessions, out):  # only now that every verdict of the launch is known
+            v = self._verify(sessions, jobs, logits)
+            scored = self._judge(sessions, jobs, v, forwards)
+            for s, sc in zip(sessions, scored):  # only now that every verdict of the launch is known
                 s.tsession.commit(sc.judged.new)
-            self._account(out, forwards, t_fwd - t0, kernel_s, t0)
-            return out
+            self._account(scored, forwards, t_fwd - t0, v, t0)
+        out: list = [None] * len(work)
+        for k, i in enumerate(order):
+            out[i] = scored[k]
+        return out
 
     def _score(self, sessions, jobs) -> torch.Tensor:
-        """One target forward of every job's drafts: logits ``[B, K + 1, V]`` (zero-padded)."""
+        """One target forward of every job's drafts: logits ``[B, K + 1, V]`` (zero-padded), on
+        the device the target's logits are on (one on-device pad, never a round trip to the host)."""
         drafts = [j.drafts for j in jobs]
         if len(jobs) == 1:
-            rows = [sessions[0].tsession.score(drafts[0])]
-        else:
-            rows = self.target.score_batch([s.tsession for s in sessions], drafts)
-        K = max(len(d) for d in drafts)
-        logits = torch.zeros(len(jobs), K + 1, rows[0].shape[-1], dtype=rows[0].dtype)
-        for i, lg in enumerate(rows):
-            logits[i, : lg.shape[0]] = lg
-        return logits
+            return sessions[0].tsession.score(drafts[0])[None]
+        rows = self.target.score_batch([s.tsession for s in sessions], drafts)
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
-    def _verify(self, sessions, jobs, logits: torch.Tensor):
-        """One verify_chain launch; returns the verdict and when the kernel started. Every full acceptance carries the target's next token (the
-        continuation rule's bonus: its logits are computed anyway)."""
-        B, K = len(jobs), logits.shape[1] - 1
-        draft_t = torch.zeros(B, max(K, 1), dtype=torch.int64)[:, :K]
+    def _verify(self, sessions, jobs, logits: torch.Tensor) -> "_Verdicts":
+        """verify_chain on the logits' device: one call for the greedy sessions (the first ``g``),
+        one for the sampling ones, each on its slice of the batch. Every full acceptance carries
+        the target's next token (the continuation rule's bonus: its logits are computed anyway)."""
+        B, K, dev = len(jobs), logits.shape[1] - 1, logits.device
+        drafts = np.zeros((B, K), dtype=np.int64)
         for i, j in enumerate(jobs):
-            if j.drafts:
-                draft_t[i, : len(j.drafts)] = torch.tensor(j.drafts)
-        num = torch.tensor([len(j.drafts) for j in jobs], dtype=torch.int64)
-        bonus = torch.ones(B, dtype=torch.bool)
-        t_kern0 = time.perf_counter()
-        if all(s.params.greedy for s in sessions):
-            v = verify_chain(logits, draft_t, num, mode="greedy", bonus=bonus)
-        else:
-            q_ids, q_probs = self._pack_q(jobs, K)
-            p = [s.params for s in sessions]
+            drafts[i, : len(j.drafts)] = j.drafts
+        draft_t = torch.from_numpy(drafts).to(dev)
+        num = torch.tensor([len(j.drafts) for j in jobs], dtype=torch.int64, device=dev)
+        bonus = torch.ones(B, dtype=torch.bool, device=dev)
+        g = sum(1 for s in sessions if s.params.greedy)
+        calls, kernel_s = [], 0.0
+        if g:
+            t = time.perf_counter()
+            calls.append(_host(verify_chain(logits[:g], draft_t[:g], num[:g], mode="greedy", bonus=bonus[:g])))
+            kernel_s += time.perf_counter() - t
+        if g < B:
+            q_ids, q_probs = self._pack_q(jobs[g:], K, dev)
+            p = [s.params for s in sessions[g:]]
             # One seed per session, drawn from the session's own generator: a session's draws do
             # not depend on which other sessions share the launch.
-            seeds = torch.tensor([int(torch.randint(0, 2**62, (1,), generator=s.generator)) for s in sessions],
-                                 dtype=torch.int64)
-            t_kern0 = time.perf_counter()
-            v = verify_chain(logits, draft_t, num, mode="sample", draft_topk_ids=q_ids, draft_topk_probs=q_probs,
-                             temperature=torch.tensor([x.temperature for x in p], dtype=torch.float32),
-                             top_k=torch.tensor([x.top_k for x in p]),
-                             top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32),
-                             min_p=torch.tensor([x.min_p for x in p], dtype=torch.float32),
-                             seed=seeds, bonus=bonus)
-        _ = v.accepted.tolist()  # make sure the launch has finished (CUDA)
-        return v, t_kern0
+            seeds = torch.tensor([int(torch.randint(0, 2**62, (1,), generator=s.generator)) for s in sessions[g:]],
+                                 dtype=torch.int64, device=dev)
+            t = time.perf_counter()
+            calls.append(_host(verify_chain(
+                logits[g:], draft_t[g:], num[g:], mode="sample", draft_topk_ids=q_ids, draft_topk_probs=q_probs,
+                temperature=torch.tensor([x.temperature for x in p], dtype=torch.float32, device=dev),
+                top_k=torch.tensor([x.top_k for x in p], dtype=torch.int64, device=dev),
+                top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev),
+                min_p=torch.tensor([x.min_p for x in p], dtype=torch.float32, device=dev),
+                seed=seeds, bonus=bonus[g:])))
+            kernel_s += time.perf_counter() - t
+        return _Verdicts([a for c in calls for a in c[0]], [t for c in calls for t in c[1]],
+                         [c[2] for c in calls], kernel_s)
 
     @staticmethod
-    def _pack_q(jobs, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The drafts' q rows as ``[B, K, k]`` ids and probs (zero past each row's length)."""
+    def _pack_q(jobs, K: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The drafts' q rows as ``[B, K, k]`` ids and probs (zero past each row's length),
+        filled on the host and copied to ``device`` once each."""
         kq = max((len(q) for j in jobs for q in j.q_ids if q is not None), default=1)
-        q_ids = torch.zeros(len(jobs), K, kq, dtype=torch.int64)
-        q_probs = torch.zeros(len(jobs), K, kq, dtype=torch.float32)
+        q_ids = np.zeros((len(jobs), K, kq), dtype=np.int64)
+        q_probs = np.zeros((len(jobs), K, kq), dtype=np.float32)
         for i, j in enumerate(jobs):
             for t, (qi, qp) in enumerate(zip(j.q_ids, j.q_probs)):
-                q_ids[i, t, : len(qi)] = torch.as_tensor(np.array(qi, dtype=np.int64))
-                q_probs[i, t, : len(qp)] = torch.as_tensor(np.array(qp, dtype=np.float32))
-        return q_ids, q_probs
+                q_ids[i, t, : len(qi)] = qi
+                q_probs[i, t, : len(qp)] = qp
+        return torch.from_numpy(q_ids).to(device), torch.from_numpy(q_probs).to(device)
 
-    def _judge(self, sessions, jobs: list[Job], v, forwards: int) -> list[Scored]:
+    def _judge(self, sessions, jobs: list[Job], v: "_Verdicts", forwards: int) -> list[Scored]:
         out = []
         for i, (s, j) in enumerate(zip(sessions, jobs)):
-            ntok = int(v.num_tokens[i])
-            judged = s.proto.judge(j, int(v.accepted[i]), v.tokens[i, :ntok].tolist())
+            judged = s.proto.judge(j, v.accepted[i], v.tokens[i])
             new = judged.new
             if new and not (min(new) >= 0 and max(new) < self.vocab_size):
                 raise ValueError(f"session {s.sid}: the verifier returned token ids outside [0, {self.vocab_size})")
             out.append(Scored(judged, forwards if len(jobs) == 1 else len(j.drafts) + 1))
         return out
 
-    def _account(self, out: list[Scored], forwards: int, forward_s: float, kernel_s: float, t0: float) -> None:
-        st = self.stats
+    def _account(self, out: list[Scored], forwards: int, forward_s: float, v: "_Verdicts", t0: float) -> None:
+        st, kernel_s = self.stats, v.kernel_s
+        for b in v.backends:
+            st.verify_backends[b] = st.verify_backends.get(b, 0) + 1
         busy = time.perf_counter() - t0
         st.forward_s += forward_s
         st.kernel_s += kernel_s
