@@ -57,7 +57,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=_seed, default=0, help="sampling seed, 0 .. 2**63-1 (default 0)")
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="sampling seed, 0 .. 2**63-1 (default: a fresh random seed, printed with the stats so "
+                        "the run can be replayed)")
 
 
 def _seed(text: str) -> int:
@@ -212,6 +214,8 @@ def cmd_generate(args) -> int:
         print(f"pipesd: token ids: {json.dumps(list(gen.token_ids))}", file=sys.stderr)
     print(f"[{args.method}] {st.new_tokens} tokens, TPT {st.tpt_s * 1e3:.1f} ms, mean accepted "
           f"{st.mean_accepted:.2f}, {st.verifications} verifications, {st.rollbacks} rollbacks", file=sys.stderr)
+    if st.seed is not None:
+        print(f"[sampling] seed {st.seed} (replay: --seed {st.seed})", file=sys.stderr)
     if st.offline_episodes:
         print(f"[offline] cloud lost {st.offline_episodes} time(s), {st.reconnects} reconnect(s), "
               f"{st.offline_tokens} tokens drafted alone, {st.offline_s:.1f} s offline", file=sys.stderr)

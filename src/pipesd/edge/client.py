@@ -13,8 +13,10 @@ r is void (epoch), and the cloud drops stale batches by the same epoch.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
+import secrets
 import threading
 import time
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -34,6 +36,15 @@ from pipesd.transport import messages as M
 __all__ = ["EdgeClient", "Generation", "GenerationStats", "StreamEvent", "CloudUnavailableError"]
 
 log = logging.getLogger("pipesd.edge")
+
+
+def _seeded(sampling: Optional[SamplingParams]) -> SamplingParams:
+    """A run's sampling parameters. Unseeded sampling draws a fresh seed, so unseeded runs
+    differ; the run's stats report it (``GenerationStats.seed``) to replay it. Greedy draws none."""
+    p = sampling or SamplingParams()
+    if p.greedy or p.seed is not None:
+        return p
+    return dataclasses.replace(p, seed=secrets.randbelow(2**63))  # the wire's seed is a signed int64
 
 
 class EdgeClient:
@@ -113,7 +124,8 @@ class EdgeClient:
 
     def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 128,
                  sampling: Optional[SamplingParams] = None, config: Optional[EdgeConfig] = None) -> Generation:
-        """Generate up to ``max_new_tokens`` tokens (greedy unless ``sampling`` says otherwise)."""
+        """Generate up to ``max_new_tokens`` tokens (greedy unless ``sampling`` says otherwise).
+        Sampling without a seed draws a fresh one: ``stats.seed`` replays the run."""
         return self._generate(prompt, max_new_tokens, sampling, config, None)
 
     def stream(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 128,
@@ -229,9 +241,10 @@ class EdgeClient:
         cfg = config or self.config
         ids = self._encode(prompt)
         with self._lock:  # one generation at a time per connection
-            run = Run(self._new_sid(), ids, max_new_tokens, sampling or SamplingParams(), cfg,
+            run = Run(self._new_sid(), ids, max_new_tokens, _seeded(sampling), cfg,
                       getattr(self.tokenizer, "eos_token_id", None))
             run.on_event = on_event
+            run.stats.seed = run.params.seed
             self._run = run
             try:
                 if cfg.method == "edge-only":

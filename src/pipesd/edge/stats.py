@@ -16,6 +16,7 @@ class GenerationStats:
     number of drafts accepted; ``acceptance_rate`` = accepted drafts / verified drafts."""
 
     method: str = ""
+    seed: Optional[int] = None  # the sampling seed used (drawn when none was given): replays the run; greedy None
     new_tokens: int = 0
     wall_s: float = 0.0
     tpt_s: float = 0.0  # wall time per generated token, from session open to the last verdict
