@@ -87,12 +87,14 @@ def cmd_serve(args) -> int:
     _set_threads(args.threads)
     if args.target_gguf and args.model:
         raise ValueError("give --model (a torch target) or --target-gguf (a llama.cpp target), not both")
-    target = load_target(args.model, args.threads, gguf=args.target_gguf)
     token = args.auth_token if args.auth_token is not None else os.environ.get("PIPESD_AUTH_TOKEN", "")
+    identities = _serve_identities(args, token)  # a bad tokens file fails before the model loads
+    target = load_target(args.model, args.threads, gguf=args.target_gguf)
     cfg = CloudConfig(host=args.host, port=args.port, auth_token=token, max_sessions=args.max_sessions,
                       max_prompt_tokens=args.max_prompt_tokens, max_draft_in_flight=args.max_draft_in_flight,
                       verify_pad_s=args.verify_pad_ms / 1e3)
     _apply_security_args(cfg, args)
+    cfg.identities = identities
     server = CloudServer(target, cfg, tokenizer_fingerprint=tokenizer_fingerprint(target.tokenizer))
     if args.metrics_port is not None:
         from pipesd.metrics import cloud_registry, start_metrics_server
@@ -120,12 +122,49 @@ def _apply_security_args(cfg, args) -> None:
     cfg.max_send_buffer_bytes = int(args.max_send_buffer_mb * (1 << 20))
     cfg.max_inflight_bytes_per_client = int(args.max_inflight_mb * (1 << 20))
     cfg.max_frame_bytes = int(args.max_frame_mb * (1 << 20))
+    cfg.idle_timeout_s, cfg.handshake_timeout_s = args.idle_timeout_s, args.handshake_timeout_s
+    cfg.max_pending_handshakes, cfg.max_pending_per_peer = args.max_pending_handshakes, args.max_pending_per_peer
+
+
+def _serve_identities(args, token: str) -> tuple:
+    """``--auth-tokens FILE``: its identities, checked against the single token (ValueError)."""
+    if not args.auth_tokens:
+        return ()
+    from pipesd.cloud.identities import IdentityTable, load_identities
+
+    identities = tuple(load_identities(args.auth_tokens))
+    IdentityTable(token, identities)  # a clash with --auth-token / $PIPESD_AUTH_TOKEN
+    return identities
+
+
+def _number(kind, low: float, inclusive: bool = True):
+    """An argparse type: a finite ``kind`` >= ``low`` (> when not ``inclusive``); argparse names the flag."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'a whole number' if kind is int else 'a number'}: {text!r}") from None
+        if not (v >= low if inclusive else v > low) or v != v or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low:g}, got {text}")
+        return v
+    return parse
 
 
 def _add_security_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--auth-tokens", default=None, metavar="FILE",
+                   help="identities, one 'NAME TOKEN [key=value ...]' per line (keys: connections, sessions, "
+                        "inflight_mb, tokens_per_s, tokens_burst); beside --auth-token, which is identity 'default'")
+    s.add_argument("--idle-timeout-s", type=_number(float, 0), default=300.0,
+                   help="close sessions and connections idle this long, freeing their KV caches (default 300; 0: never)")
+    s.add_argument("--handshake-timeout-s", type=_number(float, 0, inclusive=False), default=5.0,
+                   help="a connection must authenticate within this (default 5)")
+    s.add_argument("--max-pending-handshakes", type=_number(int, 1), default=64,
+                   help="connections in the handshake at once; over it the oldest pending one is closed")
+    s.add_argument("--max-pending-per-peer", type=_number(int, 1), default=8,
+                   help="the same, per peer address (default 8)")
     s.add_argument("--tls-cert", default=None, help="serve TLS with this PEM certificate (chain) file")
     s.add_argument("--tls-key", default=None, help="PEM private key (default: in --tls-cert)")
-    s.add_argument("--max-clients", type=int, default=256, help="connections at once; more are refused")
+    s.add_argument("--max-clients", type=int, default=256, help="authenticated connections at once; more are refused")
     s.add_argument("--max-sessions-per-client", type=int, default=8)
     s.add_argument("--max-tokens-per-s", type=float, default=0.0,
                    help="per-client token bucket over prompt + draft tokens; over it the client is slowed "

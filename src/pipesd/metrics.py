@@ -177,6 +177,7 @@ class CloudCollector:
         counts = dict(getattr(s, "batch_size_counts", None) or {})
         if counts:
             yield _histogram(f"{ns}_batch_sessions", "Sessions per batched verifier launch", counts, BATCH_BUCKETS)
+        yield from self._limits(s, ns)
         energy = getattr(self.server, "energy", None)
         if energy is not None:
             rep = energy.report(1)
@@ -184,6 +185,47 @@ class CloudCollector:
                                     labels=["source"])
             c.add_metric([rep.source], rep.joules)
             yield c
+
+    def _limits(self, s: Any, ns: str):
+        """Admission and idle-timeout counts, and what each identity holds and was refused."""
+        gate = getattr(self.server, "_gate", None)
+        if gate is not None:
+            yield GaugeMetricFamily(f"{ns}_handshakes_pending", "Connections still in the handshake",
+                                    value=gate.pending())
+        for name, doc in (("clients_refused", "Authenticated connections refused (max_clients, identity quota)"),
+                          ("handshakes_evicted", "Pending handshakes closed to make room for new connections"),
+                          ("idle_sessions_closed", "Sessions closed by the idle timeout"),
+                          ("idle_connections_closed", "Connections closed by the idle timeout")):
+            yield CounterMetricFamily(f"{ns}_{name}", doc, value=getattr(s, name, 0))
+        identities = list(getattr(self.server, "identities", None) or ())
+        if not identities:
+            return
+        gauges = {k: GaugeMetricFamily(f"{ns}_identity_{k}", doc, labels=["identity"]) for k, doc in (
+            ("connections", "Authenticated connections open now, per identity"),
+            ("sessions", "Sessions open now, per identity"),
+            ("inflight_bytes", "Draft bytes awaiting verification now, per identity"))}
+        counters = {k: CounterMetricFamily(f"{ns}_identity_{k}", doc, labels=["identity"]) for k, doc in (
+            ("sessions_opened", "Sessions opened, per identity"),
+            ("verifications", "Verdicts sent, per identity"),
+            ("tokens_verified", "Tokens verified (committed), per identity"),
+            ("throttled_seconds", "Time the identity's connections were paused by a token bucket"))}
+        refused = CounterMetricFamily(f"{ns}_identity_refused", "Refusals per identity and quota or limit",
+                                      labels=["identity", "limit"])
+        idle = CounterMetricFamily(f"{ns}_identity_idle_closed", "Closed by the idle timeout, per identity",
+                                   labels=["identity", "kind"])
+        for ident in identities:
+            for k, fam in gauges.items():
+                fam.add_metric([ident.name], getattr(ident, k))
+            for k, fam in counters.items():
+                fam.add_metric([ident.name], getattr(ident, "throttled_s" if k == "throttled_seconds" else k))
+            for limit, n in sorted(ident.refused.items()):
+                refused.add_metric([ident.name, limit], n)
+            for kind, n in sorted(ident.idle_closed.items()):
+                idle.add_metric([ident.name, kind], n)
+        yield from gauges.values()
+        yield from counters.values()
+        yield refused
+        yield idle
 
 
 def cloud_registry(server: Any, *, process: bool = True) -> CollectorRegistry:

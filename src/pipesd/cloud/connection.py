@@ -42,14 +42,19 @@ class TokenBucket:
 
 class ClientConn:
     """An authenticated edge connection (``config``: the server's CloudConfig, ``stats``: its
-    CloudStats). ``inflight_bytes`` sums its sessions' pending draft bytes."""
+    CloudStats; ``identity``: the :class:`pipesd.cloud.identities.Identity` that authenticated
+    it). ``inflight_bytes`` sums its sessions' pending draft bytes; ``last_active`` is when it
+    last sent a frame or lost its last session (idle timeout)."""
 
-    def __init__(self, writer: asyncio.StreamWriter, peer: str, config, stats) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, peer: str, config, stats, identity=None) -> None:
         self.writer = writer
         self.peer = peer
         self.config = config
         self.stats = stats
+        self.identity = identity
         self.sessions: dict = {}  # session id -> cloud.sessions.Session
+        self.expired: dict = {}  # session id -> why the server closed it (recent ones: a later frame is told)
+        self.last_active = time.monotonic()
         self.alive = True
         self.inflight_bytes = 0
         self.drain_task: Optional[asyncio.Task] = None
@@ -93,8 +98,8 @@ class ClientConn:
         self.writer.transport.abort()
 
     async def throttle(self, msg) -> None:
-        """Wait (stop reading this client) while it is over its token rate."""
-        if self.bucket is None:
+        """Wait (stop reading this client) while it or its identity is over its token rate."""
+        if self.bucket is None and getattr(self.identity, "bucket", None) is None:
             return
         if isinstance(msg, M.DraftBatch):
             n = max(len(msg.tokens), 1 if msg.verify else 0)  # an empty verify still costs a target forward
@@ -104,7 +109,10 @@ class ClientConn:
             n = msg.budget  # a target forward per streamed token, billed up front
         else:
             return
-        wait = self.bucket.debit(n)
+        shared = getattr(self.identity, "bucket", None)  # the identity's tokens/s quota, over all its connections
+        wait = max(b.debit(n) for b in (self.bucket, shared) if b is not None)
         if wait > 0:
             self.stats.throttled_s += wait
+            if self.identity is not None:
+                self.identity.throttled_s += wait
             await asyncio.sleep(wait)

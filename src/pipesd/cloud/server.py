@@ -20,10 +20,12 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipesd.cloud.connection import ClientConn
+from pipesd.cloud.connection import ClientConn, TokenBucket
+from pipesd.cloud.identities import FairQueue, HandshakeGate, IdentityTable
 from pipesd.cloud.sessions import MIN_TEMPERATURE, Session, SessionStore
 from pipesd.cloud.verifier import Verifier
 from pipesd.transport import codec, conn
@@ -49,11 +51,21 @@ class CloudConfig:
     max_draft_in_flight: int = 256
     max_frame_bytes: int = 8 << 20
     max_batch_sessions: int = 32
-    handshake_timeout_s: float = 10.0
+    handshake_timeout_s: float = 5.0  # TLS + Hello: a connection that has not authenticated by then is closed
     write_timeout_s: float = 30.0
     # Hardening (docs/security.md). A client whose unsent replies exceed max_send_buffer_bytes,
     # or whose socket does not drain within write_timeout_s, is dropped with a logged reason.
-    max_clients: int = 256  # connections at once (handshaking included); more get E_LIMIT
+    max_clients: int = 256  # authenticated connections at once; more get E_LIMIT
+    # Connections still in the handshake count apart (never against max_clients): per peer
+    # address and in all; one over either cap evicts the oldest pending one (cloud.identities.HandshakeGate).
+    max_pending_handshakes: int = 64
+    max_pending_per_peer: int = 8
+    # Identities besides auth_token's "default" (cloud.identities.load_identities: --auth-tokens FILE),
+    # each with its quota on connections, sessions, bytes awaiting verification and tokens/s.
+    identities: tuple = ()
+    # A session with nothing to do, and a connection with no session, that sent nothing for this
+    # long are closed and their KV caches freed (the reason is logged and counted). 0 = never.
+    idle_timeout_s: float = 300.0
     max_send_buffer_bytes: int = 4 << 20  # replies queued for one client that is not reading
     max_inflight_bytes_per_client: int = 64 << 20  # draft bytes (tokens, probs, q) awaiting verification
     # Token bucket per client over prompt + draft tokens: over the rate the server stops reading
@@ -85,7 +97,10 @@ class CloudStats:
     sessions_open: int = 0
     protocol_errors: int = 0
     clients_connected: int = 0  # connections past the handshake, now
-    clients_refused: int = 0  # over max_clients
+    clients_refused: int = 0  # over max_clients or an identity's connection quota
+    handshakes_evicted: int = 0  # pending handshakes closed to make room (HandshakeGate)
+    idle_sessions_closed: int = 0  # idle_timeout_s
+    idle_connections_closed: int = 0  # idle_timeout_s
     clients_dropped: int = 0  # dropped by the server: send buffer limit or write deadline
     throttled_s: float = 0.0  # time clients spent paused by the token bucket
     isolated_failures: int = 0  # sessions whose verification failed alone (others in the launch went on)
@@ -116,7 +131,13 @@ class CloudServer:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._ready: Optional[asyncio.Queue] = None
         self._clients: set[ClientConn] = set()
-        self._n_conns = 0  # open connections, handshaking included (max_clients)
+        self._n_conns = 0  # open connections, handshaking included
+        self._n_auth = 0  # authenticated connections, and those granted a slot in the handshake (max_clients)
+        self.identities = IdentityTable(self.config.auth_token, self.config.identities)
+        for ident in self.identities:
+            q = ident.quota
+            ident.bucket = TokenBucket(q.max_tokens_per_s, q.tokens_burst) if q.max_tokens_per_s > 0 else None
+        self._gate = HandshakeGate(self.config.max_pending_handshakes, self.config.max_pending_per_peer)
         self._thread: Optional[threading.Thread] = None
         self._started = threading.Event()
         self._start_error: Optional[BaseException] = None
@@ -128,13 +149,14 @@ class CloudServer:
     async def serve(self) -> None:
         """Run until :meth:`stop` (or cancellation)."""
         self._loop = asyncio.get_running_loop()
-        self._ready = asyncio.Queue()
+        self._ready = FairQueue()  # round-robin across identities (a fair verifier)
         self._stop_event = asyncio.Event()
         tls = {"ssl": self._ssl, "ssl_handshake_timeout": self.config.handshake_timeout_s} if self._ssl else {}
         self._server = await asyncio.start_server(self._on_connection, self.config.host, self.config.port, **tls)
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
         verifier = asyncio.create_task(self._verifier())
+        sweeper = asyncio.create_task(self._sweep_idle())
         self._started.set()
         log.info("serving on %s:%d%s", *self.address, " (TLS)" if self._ssl else "")
         try:
@@ -142,6 +164,7 @@ class CloudServer:
         finally:
             self._server.close()
             verifier.cancel()
+            sweeper.cancel()
             for c in list(self._clients):
                 c.writer.close()
             await self._end_connections()
@@ -216,46 +239,73 @@ class CloudServer:
             await asyncio.wait(pending, timeout=1.0)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = str(writer.get_extra_info("peername"))
+        peername = writer.get_extra_info("peername")
+        peer = str(peername)
+        address = str(peername[0]) if isinstance(peername, (tuple, list)) and peername else peer
         self._n_conns += 1
         try:
-            if self._n_conns > self.config.max_clients:
-                await self._refuse(writer, peer)
-                return
-            client = await self._handshake(reader, writer, peer)
+            for old in self._gate.admit(writer, address):  # over a pending cap: the oldest pending one goes
+                self.stats.handshakes_evicted += 1
+                log.info("closing a pending handshake from %s to make room (max_pending_per_peer %d, "
+                         "max_pending_handshakes %d)", address, self.config.max_pending_per_peer,
+                         self.config.max_pending_handshakes, extra={"peer": address})
+                old.transport.abort()
+            try:
+                client = await self._handshake(reader, writer, peer)
+            finally:
+                self._gate.remove(writer)
             if client is not None:
                 await self._serve_client(reader, client)
         finally:
             self._n_conns -= 1
 
-    async def _refuse(self, writer: asyncio.StreamWriter, peer: str) -> None:
-        self.stats.clients_refused += 1
-        log.warning("refusing %s: %d connections open (max_clients %d)", peer, self._n_conns - 1,
-                    self.config.max_clients, extra={"peer": peer})
-        try:
-            await asyncio.wait_for(conn.write_message(writer, M.Error(
-                code=M.E_LIMIT, message=f"the cloud serves at most {self.config.max_clients} connections; try later")),
-                2.0)
-        except Exception:  # the peer may be gone already; the refusal stands
-            pass
-        writer.transport.abort()
+    def _admit(self, hello: M.Hello, granted: list) -> None:
+        """Authenticate a Hello and grant its connection a slot (appended to ``granted``), or
+        raise the ProtocolError the edge is refused with (server-wide limit, identity quota)."""
+        cfg = self.config
+        ident = self.identities.authenticate(hello.auth_token)
+        if ident is None:
+            raise codec.ProtocolError(M.E_AUTH, "authentication failed: wrong auth token")
+        q = ident.quota.max_connections
+        if q and ident.connections >= q:
+            ident.refuse("connections")
+            self.stats.clients_refused += 1
+            raise codec.ProtocolError(M.E_LIMIT, f"identity {ident.name!r} has {ident.connections} connections open "
+                                                 f"(its quota connections={q}); try later")
+        if self._n_auth >= cfg.max_clients:
+            ident.refuse("max_clients")
+            self.stats.clients_refused += 1
+            log.warning("refusing a connection of %r: %d connections open (max_clients %d)", ident.name,
+                        self._n_auth, cfg.max_clients)
+            raise codec.ProtocolError(M.E_LIMIT, f"the cloud serves at most {cfg.max_clients} connections; try later")
+        ident.connections += 1
+        self._n_auth += 1
+        granted.append(ident)
+
+    def _unbind(self, ident) -> None:
+        ident.connections -= 1
+        self._n_auth -= 1
 
     async def _handshake(self, reader, writer, peer: str) -> Optional[ClientConn]:
         cfg = self.config
         info = M.HelloAck(version=M.PROTOCOL_VERSION, server_name=cfg.server_name, vocab_size=self.vocab_size,
                           tokenizer_fingerprint=self.fingerprint, max_sessions=cfg.max_sessions_per_client,
                           max_prompt_tokens=cfg.max_prompt_tokens, max_draft_in_flight=cfg.max_draft_in_flight)
+        granted: list = []
         try:
             await conn.serve_handshake(reader, writer, expected_token=cfg.auth_token, server_info=info,
-                                       timeout_s=cfg.handshake_timeout_s)
+                                       timeout_s=cfg.handshake_timeout_s, accept=lambda h: self._admit(h, granted))
         except Exception as e:  # refused: serve_handshake already answered with an Error frame
+            for ident in granted:  # the HelloAck did not get through
+                self._unbind(ident)
             log.info("handshake with %s failed: %s", peer, e)
             writer.close()
             return None
-        client = ClientConn(writer, peer, cfg, self.stats)
+        ident = granted[0]
+        client = ClientConn(writer, peer, cfg, self.stats, ident)
         self._clients.add(client)
         self.stats.clients_connected = len(self._clients)
-        log.info("edge %s connected", peer, extra={"peer": peer})
+        log.info("edge %s connected as %r", peer, ident.name, extra={"peer": peer, "identity": ident.name})
         return client
 
     async def _serve_client(self, reader: asyncio.StreamReader, client: ClientConn) -> None:
@@ -269,6 +319,8 @@ class CloudServer:
             client.alive = False
             for s in list(client.sessions.values()):
                 self.sessions.close(s)
+            if client in self._clients:
+                self._unbind(client.identity)
             self._clients.discard(client)
             self.stats.clients_connected = len(self._clients)
             client.writer.close()  # flushes what is buffered; a peer that never reads it is cut off below
@@ -285,6 +337,7 @@ class CloudServer:
             return False
         except (asyncio.IncompleteReadError, ConnectionError):
             return False
+        client.last_active = time.monotonic()
         await client.throttle(msg)
         if not client.alive:  # dropped while this frame was read
             return False
@@ -331,6 +384,33 @@ class CloudServer:
             s.queued = True
             self._ready.put_nowait(s)
 
+    async def _sweep_idle(self) -> None:
+        """Every so often, close what has been idle for ``idle_timeout_s``: sessions with nothing
+        to do (their owner is told, with an Error naming the timeout), then connections left
+        with no session (closed without a frame: an edge sees a lost link and may reconnect)."""
+        timeout = self.config.idle_timeout_s
+        if timeout <= 0:
+            return
+        while True:
+            await asyncio.sleep(min(max(timeout / 4, 0.05), 5.0))
+            self.sweep_idle(time.monotonic())
+
+    def sweep_idle(self, now: float) -> None:
+        """One sweep at time ``now`` (monotonic): see :meth:`_sweep_idle`. Event loop only."""
+        timeout = self.config.idle_timeout_s
+        for c in list(self._clients):
+            for s in list(c.sessions.values()):
+                if s.idle and now - s.last_active >= timeout:
+                    self.sessions.expire(s, f"idle for {now - s.last_active:.1f} s (idle_timeout_s {timeout:g})")
+            if c.alive and not c.sessions and now - c.last_active >= timeout:
+                c.alive = False
+                log.warning("closing idle connection %s of %r: nothing for %.1f s (idle_timeout_s %g)", c.peer,
+                            getattr(c.identity, "name", "?"), now - c.last_active, timeout, extra={"peer": c.peer})
+                self.stats.idle_connections_closed += 1
+                if c.identity is not None:
+                    c.identity.idle_closed["connection"] = c.identity.idle_closed.get("connection", 0) + 1
+                c.writer.close()  # its read loop sees the end and cleans up
+
     # ------------------------------------------------------------------ verification
     async def _verifier(self) -> None:
         loop = asyncio.get_running_loop()
@@ -359,9 +439,7 @@ class CloudServer:
                 s.client.send(M.Error(code=M.E_INTERNAL, message="verification failed", session_id=s.sid))
                 self.sessions.close(s)
                 continue
-            held = s.proto.pending.total_bytes
-            settled = s.proto.apply(res.judged)
-            s.client.inflight_bytes += s.proto.pending.total_bytes - held
+            settled = self.sessions.apply(s, res.judged)  # held bytes, idle clock, identity counts
             self._schedule(s)
             s.client.send(self._verdict(s, res, settled))
 

@@ -8,7 +8,8 @@ every field the protocol does not (token ids, q shapes, limits) and owns the cou
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -40,6 +41,12 @@ class Session:
     proto: CloudSession
     queued: bool = False  # in the verifier's ready queue (at most once)
     closed: bool = False
+    last_active: float = field(default_factory=time.monotonic)  # last frame for it or verdict from it
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to do for the server: not being verified, not queued, not ready."""
+        return not (self.busy or self.queued or self.proto.ready)
 
     @property
     def busy(self) -> bool:
@@ -67,8 +74,9 @@ class SessionStore:
             client.send(M.Error(code=M.E_BAD_FIELD, message=f"session {sid} is already open on this connection",
                                 session_id=sid))
             return None
-        if len(client.sessions) >= cfg.max_sessions_per_client or self.count >= cfg.max_sessions:
-            client.send(M.Error(code=M.E_LIMIT, message="too many sessions", session_id=sid))
+        over = self._over_session_limits(client)
+        if over:
+            client.send(M.Error(code=M.E_LIMIT, message=f"too many sessions: {over}", session_id=sid))
             return None
         prompt = np.asarray(msg.prompt_ids)
         if len(prompt) == 0 or len(prompt) > cfg.max_prompt_tokens:
@@ -88,12 +96,34 @@ class SessionStore:
         proto = CloudSession(int(msg.max_new_tokens), self.eos_id, cfg.max_draft_in_flight)
         s = Session(sid, client, self.target.new_session([int(t) for t in prompt]), params, gen, proto)
         client.sessions[sid] = s
+        client.expired.pop(sid, None)
         self.count += 1
+        ident = client.identity
+        if ident is not None:
+            ident.sessions += 1
+            ident.sessions_opened += 1
         self.stats.sessions_opened += 1
         self.stats.sessions_open = self.count
         log.info("session %d opened by %s: %d prompt tokens, up to %d new", sid, client.peer, len(prompt),
                  msg.max_new_tokens, extra={"session": sid, "peer": client.peer})
         return s
+
+    def _over_session_limits(self, client) -> str:
+        """Which session limit a new open would break ('' if none), named for the Error."""
+        cfg, ident = self.config, client.identity
+        if ident is not None and ident.quota.max_sessions and ident.sessions >= ident.quota.max_sessions:
+            ident.refuse("sessions")
+            return (f"identity {ident.name!r} has {ident.sessions} open (its quota sessions="
+                    f"{ident.quota.max_sessions})")
+        if len(client.sessions) >= cfg.max_sessions_per_client:
+            if ident is not None:
+                ident.refuse("max_sessions_per_client")
+            return f"{len(client.sessions)} open on this connection (max_sessions_per_client {cfg.max_sessions_per_client})"
+        if self.count >= cfg.max_sessions:
+            if ident is not None:
+                ident.refuse("max_sessions")
+            return f"the cloud has {self.count} open (max_sessions {cfg.max_sessions})"
+        return ""
 
     @staticmethod
     def _params(msg: M.OpenSession) -> SamplingParams:
@@ -113,24 +143,76 @@ class SessionStore:
         s.closed = True
         log.info("session %d closed: %d tokens verified", s.sid, len(s.proto.generated), extra={"session": s.sid})
         s.client.sessions.pop(s.sid, None)
-        s.client.inflight_bytes -= s.proto.pending.total_bytes
+        self._hold(s, -s.proto.pending.total_bytes)
         s.proto.close()  # nothing pending, no more jobs (a stream stops); a job in flight holds its own copy
         self.count -= 1
+        s.client.last_active = time.monotonic()  # a connection's idle clock starts when its sessions end
+        if s.client.identity is not None:
+            s.client.identity.sessions -= 1
         self.stats.sessions_open = self.count
         if not s.busy:
             self.release(s)
 
+    def expire(self, s: Session, reason: str) -> None:
+        """Close a session the server gave up on (idle timeout): its owner gets an Error naming
+        ``reason`` now, and again if it later sends to the session."""
+        client = s.client
+        client.expired[s.sid] = reason
+        while len(client.expired) > 64:  # remember the recent ones only
+            client.expired.pop(next(iter(client.expired)))
+        log.warning("session %d of %s closed: %s", s.sid, client.peer, reason,
+                    extra={"session": s.sid, "peer": client.peer})
+        self.stats.idle_sessions_closed += 1
+        if client.identity is not None:
+            client.identity.idle_closed["session"] = client.identity.idle_closed.get("session", 0) + 1
+        self.close(s)  # freed before the owner hears of it
+        client.send(M.Error(code=M.E_LIMIT, message=f"session {s.sid} closed by the cloud: {reason}",
+                            session_id=s.sid))
+
+    def apply(self, s: Session, judged) -> int:
+        """Apply a verdict to the session's protocol state (its held bytes follow); returns the
+        positions it settled."""
+        held = s.proto.pending.total_bytes
+        settled = s.proto.apply(judged)
+        self._hold(s, s.proto.pending.total_bytes - held)
+        s.last_active = time.monotonic()
+        ident = s.client.identity
+        if ident is not None:
+            ident.verifications += 1
+            ident.tokens_verified += len(judged.new)
+        return settled
+
+    @staticmethod
+    def _hold(s: Session, delta: int) -> None:
+        """Draft bytes awaiting verification change by ``delta`` (connection and identity)."""
+        s.client.inflight_bytes += delta
+        if s.client.identity is not None:
+            s.client.identity.inflight_bytes += delta
+
+    def _session(self, client, sid: int) -> Session:
+        s = client.sessions.get(sid)
+        if s is None:
+            why = client.expired.get(sid)
+            raise codec.ProtocolError(M.E_UNKNOWN_SESSION, f"unknown session {sid}" + (
+                f" (the cloud closed it: {why})" if why else ""))
+        s.last_active = time.monotonic()
+        return s
+
     def on_draft(self, client, b: M.DraftBatch) -> Optional[Session]:
         """Check a batch and hand it to the protocol; returns the session when it asks to verify."""
-        s = client.sessions.get(b.session_id)
-        if s is None:
-            raise codec.ProtocolError(M.E_UNKNOWN_SESSION, f"unknown session {b.session_id}")
+        s = self._session(client, b.session_id)
         n = len(b.tokens)
         per_token = self._check_draft(s, b) if n else 8
         limit = self.config.max_inflight_bytes_per_client
         if client.inflight_bytes + n * per_token > limit:
             raise codec.ProtocolError(M.E_LIMIT, f"more than {limit} bytes of drafts awaiting verification "
                                                  "on this connection (max_inflight_bytes_per_client)")
+        ident = client.identity
+        quota = ident.quota.max_inflight_bytes if ident is not None else 0
+        if quota and ident.inflight_bytes + n * per_token > quota:
+            ident.refuse("inflight_mb")
+            raise codec.ProtocolError(M.E_LIMIT, f"identity {ident.name!r} has more than {quota} bytes of drafts "
+                                                 f"awaiting verification (its quota inflight_mb={quota / (1 << 20):g})")
         held = s.proto.pending.total_bytes
         qi, qp = (b.q_ids, b.q_probs) if not s.params.greedy else (None, None)
         try:
@@ -138,7 +220,7 @@ class SessionStore:
                                    sent_at=b.sent_at, nbytes=per_token)
         except ProtocolViolation as e:
             raise codec.ProtocolError(_VIOLATION_CODE[e.kind], str(e)) from None
-        client.inflight_bytes += s.proto.pending.total_bytes - held
+        self._hold(s, s.proto.pending.total_bytes - held)
         if res in ("stale", "settled"):
             self.stats.stale_batches += 1
         elif res == "duplicate":
@@ -147,9 +229,7 @@ class SessionStore:
 
     def on_stream(self, client, r: M.StreamRequest) -> Optional[Session]:
         """Hand a stream request to the protocol; returns the session when it was taken."""
-        s = client.sessions.get(r.session_id)
-        if s is None:
-            raise codec.ProtocolError(M.E_UNKNOWN_SESSION, f"unknown session {r.session_id}")
+        s = self._session(client, r.session_id)
         try:
             res = s.proto.on_stream(r.epoch, r.first_pos, r.budget, sent_at=r.sent_at)
         except ProtocolViolation as e:

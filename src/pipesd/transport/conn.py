@@ -18,7 +18,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from pipesd.transport import codec
 from pipesd.transport import messages as M
@@ -498,12 +498,15 @@ def _token_digest(token: str) -> bytes:
 
 
 async def serve_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, expected_token: str,
-                          server_info: M.HelloAck, timeout_s: float = 10.0) -> M.Hello:
+                          server_info: M.HelloAck, timeout_s: float = 10.0,
+                          accept: Optional[Callable[[M.Hello], None]] = None) -> M.Hello:
     """Cloud side of the handshake: expect a Hello, check version and token, answer HelloAck.
 
     The token comparison is constant-time (``hmac.compare_digest`` of SHA-256 digests, so the
-    length does not leak either). On failure it sends an Error frame, closes the stream and
-    raises :class:`ProtocolError` (code ``E_VERSION``, ``E_AUTH``, ``E_BAD_FRAME``, ...) or
+    length does not leak either). ``accept``, when given, replaces the token check: it is called
+    with the Hello and refuses it by raising :class:`ProtocolError` (the cloud's identities and
+    connection limits). On failure it sends an Error frame, closes the stream and raises
+    :class:`ProtocolError` (code ``E_VERSION``, ``E_AUTH``, ``E_LIMIT``, ``E_BAD_FRAME``, ...) or
     :class:`ConnectionClosed` when the peer left without a Hello.
     """
     try:
@@ -521,11 +524,17 @@ async def serve_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWr
         elif hello.version != M.PROTOCOL_VERSION:
             err = ProtocolError(M.E_VERSION, f"protocol version {hello.version} is not supported "
                                              f"(this cloud speaks {M.PROTOCOL_VERSION})")
-        elif not hmac.compare_digest(_token_digest(hello.auth_token), _token_digest(expected_token)):
-            err = ProtocolError(M.E_AUTH, "authentication failed: wrong auth token")
         else:
-            await write_message(writer, server_info)
-            return hello
+            try:
+                if accept is not None:
+                    accept(hello)
+                elif not hmac.compare_digest(_token_digest(hello.auth_token), _token_digest(expected_token)):
+                    raise ProtocolError(M.E_AUTH, "authentication failed: wrong auth token")
+            except ProtocolError as e:
+                err = e
+            else:
+                await write_message(writer, server_info)
+                return hello
     try:
         await asyncio.wait_for(write_message(writer, M.Error(code=err.code, message=str(err))), 2.0)
     except Exception:  # the peer may already be gone; the refusal stands
