@@ -177,15 +177,23 @@ def _add_security_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-frame-mb", type=float, default=8.0, help="largest frame accepted")
 
 
-def _edge_tls_env(args) -> None:
-    """``--tls-ca`` / ``--tls-insecure``: every connection this process makes uses TLS (read by
-    ``EdgeConnection.connect`` from ``PIPESD_TLS_CA`` / ``PIPESD_TLS_INSECURE``)."""
-    if getattr(args, "tls_ca", None):
-        os.environ["PIPESD_TLS_CA"] = args.tls_ca
-    if getattr(args, "tls_insecure", False):
+def _edge_tls(args) -> dict:
+    """``--tls-ca`` / ``--tls-insecure`` as ``EdgeClient`` keyword arguments (used for every
+    reconnection too); neither given: ``EdgeConnection.connect`` reads ``PIPESD_TLS*``."""
+    if args.tls_insecure:
         print("pipesd: WARNING: --tls-insecure: the cloud's certificate is NOT checked; anyone on the path can "
               "impersonate it (testing with a self-signed certificate only)", file=sys.stderr)
-        os.environ["PIPESD_TLS_INSECURE"] = "1"
+    if args.tls_ca is not None and not Path(args.tls_ca).is_file():
+        raise ValueError(f"--tls-ca: no such file: {args.tls_ca}")
+    return dict(tls_ca=args.tls_ca, tls_insecure=args.tls_insecure)
+
+
+def _host_port(text: str) -> str:
+    """``--cloud``: HOST:PORT (argparse names the flag when it is not)."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"must look like HOST:PORT (port 1-65535), got {text!r}")
+    return text
 
 
 def _add_edge_tls_args(p: argparse.ArgumentParser) -> None:
@@ -226,19 +234,26 @@ def cmd_generate(args) -> int:
     except _BadPrompt as e:
         print(f"pipesd: error: {e}", file=sys.stderr)
         return 2
-    _edge_tls_env(args)
-    _set_threads(args.threads)
-    draft = load_draft(args.draft, args.threads, args.draft_gguf)
-    cfg = _generate_config(args)
-    cfg = cfg.replace(offline_policy=args.offline_policy, verdict_timeout_s=args.verdict_timeout)
-    token = args.auth_token if args.auth_token is not None else os.environ.get("PIPESD_AUTH_TOKEN", "")
-    tty = sys.stdout.isatty()
+    # Every argument is checked before the draft loads (seconds): a typo fails at once.
+    try:
+        cfg = _generate_config(args)
+        cfg = cfg.replace(offline_policy=args.offline_policy, verdict_timeout_s=args.verdict_timeout)
+        sampling = _sampling(args)
+        link = _make_link(args)
+        tls = _edge_tls(args)
+    except ValueError as e:
+        print(f"pipesd: error: {e}", file=sys.stderr)
+        return 2
     if args.tuner and cfg.method not in ("pipesd", "fixed-batch"):
         print(f"pipesd: error: --tuner tunes the dual-threshold methods (pipesd, fixed-batch), not {args.method}",
               file=sys.stderr)
         return 2
-    with EdgeClient(args.cloud, draft, cfg, auth_token=token, link=_make_link(args), tuner=args.tuner) as client:
-        events = client.stream_events(prompt, args.max_new_tokens, _sampling(args))
+    _set_threads(args.threads)
+    draft = load_draft(args.draft, args.threads, args.draft_gguf)
+    token = args.auth_token if args.auth_token is not None else os.environ.get("PIPESD_AUTH_TOKEN", "")
+    tty = sys.stdout.isatty()
+    with EdgeClient(args.cloud, draft, cfg, auth_token=token, link=link, tuner=args.tuner, **tls) as client:
+        events = client.stream_events(prompt, args.max_new_tokens, sampling)
         _print_events(_tuner_progress(events, client.tuner) if client.tuner is not None else events, tty)
         gen = client.last_generation
         st = gen.stats
@@ -337,13 +352,20 @@ def cmd_edge_server(args) -> int:
         raise SystemExit(f"pipesd: edge-server needs the serve extra (pip install 'pipesd[serve]'): {e}")
     from pipesd.edge import EdgeClient, EdgeConfig
 
+    cfg = EdgeConfig.for_method(args.method, draft_step_s=args.draft_ms / 1e3)
+    tls = _edge_tls(args)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("PIPESD_EDGE_API_KEY") or None
+    if api_key is not None and not api_key.strip():
+        raise ValueError("--api-key must not be empty")
+    if api_key is None and args.host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"pipesd: WARNING: listening on {args.host} without --api-key (or $PIPESD_EDGE_API_KEY): anyone who "
+              "can reach the port can use this server and its cloud", file=sys.stderr)
     _set_threads(args.threads)
     draft = load_draft(args.draft, args.threads, args.draft_gguf)
-    cfg = EdgeConfig.for_method(args.method, draft_step_s=args.draft_ms / 1e3)
     token = args.auth_token if args.auth_token is not None else os.environ.get("PIPESD_AUTH_TOKEN", "")
 
     def connect():  # also used to reconnect after the cloud went away
-        return EdgeClient(args.cloud, draft, cfg, auth_token=token, link=_make_link(args))
+        return EdgeClient(args.cloud, draft, cfg, auth_token=token, link=_make_link(args), **tls)
 
     client = connect()  # fail fast on a wrong --cloud or token
     metrics = None
@@ -363,7 +385,7 @@ def cmd_edge_server(args) -> int:
                      metrics=metrics, connect=connect, default_max_tokens=min(args.default_max_tokens,
                                                                              args.max_tokens_limit),
                      max_tokens_limit=args.max_tokens_limit, default_temperature=args.default_temperature,
-                     chat_template=chat_template)
+                     chat_template=chat_template, api_key=api_key)
 
     def ready(url: str) -> None:
         print(f"pipesd: edge server (OpenAI API) at {url}/v1 - model {name!r}, cloud {args.cloud}, "
@@ -569,20 +591,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read the prompt from FILE, exact bytes (UTF-8; no newline stripped); - reads stdin")
     g.add_argument("--show-ids", action="store_true",
                    help="after the text, print the generated token ids on stderr (pipesd: token ids: [...])")
-    g.add_argument("--cloud", required=True, help="HOST:PORT of `pipesd serve`")
+    g.add_argument("--cloud", required=True, type=_host_port, help="HOST:PORT of `pipesd serve`")
     g.add_argument("--draft", default=None, help="draft model directory or bundled pair name (default: bundled)")
     g.add_argument("--draft-gguf", default=None, metavar="PATH",
                    help="draft as a GGUF file run by llama.cpp (needs llama-cpp-python; a bundled pair name: its draft.gguf)")
     g.add_argument("--method", default="pipesd", choices=method_names, metavar="METHOD",
                    help=f"one of {', '.join(METHODS)} (docs/runtime.md, Methods)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=_number(int, 1), default=128)
     g.add_argument("--auth-token", default=None)
     _add_edge_tls_args(g)
     g.add_argument("--threads", type=int, default=None)
-    g.add_argument("--draft-ms", type=float, default=0.0, help="emulate a slower edge: pad each draft step")
+    g.add_argument("--draft-ms", type=_number(float, 0), default=0.0, help="emulate a slower edge: pad each draft step")
     _add_link_args(g)
     _add_sampling_args(g)
-    g.add_argument("--k", type=int, default=4, help="draft length of vanilla-sd / pipe-fixed-k")
+    g.add_argument("--k", type=_number(int, 1), default=4, help="draft length of vanilla-sd / pipe-fixed-k")
     g.add_argument("--tau-seq", type=float, default=None, help="sequence-confidence threshold (default 0.35)")
     g.add_argument("--tau-tok", type=float, default=None, help="token-confidence threshold (default 0.5; hsl 0.99)")
     g.add_argument("--tuner", default=None, choices=["bayes", "fixed"],
@@ -593,14 +615,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--offline-policy", default="draft", choices=["draft", "wait", "fail"],
                    help="when the cloud is unreachable: draft alone, flagged unverified, and reconcile when it "
                         "returns (default); wait for it (up to 60 s); fail at once. See docs/reliability.md")
-    g.add_argument("--verdict-timeout", type=float, default=60.0, metavar="S",
+    g.add_argument("--verdict-timeout", type=_number(float, 0, inclusive=False), default=60.0, metavar="S",
                    help="no verdict for this long counts as losing the cloud (default 60)")
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("edge-server", help="OpenAI-compatible HTTP API on the edge (/v1/completions, "
                                            "/v1/chat/completions, /v1/models, /health)")
-    e.add_argument("--cloud", required=True, help="HOST:PORT of `pipesd serve`")
-    e.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    e.add_argument("--cloud", required=True, type=_host_port, help="HOST:PORT of `pipesd serve`")
+    e.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only; beyond "
+                                                       "it, set --api-key)")
+    e.add_argument("--api-key", default=None,
+                   help="clients must send 'Authorization: Bearer KEY', as to OpenAI; 401 otherwise (default: "
+                        "$PIPESD_EDGE_API_KEY, else no check)")
     e.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     e.add_argument("--draft", default=None, help="draft model directory or bundled pair name (default: bundled)")
     e.add_argument("--draft-gguf", default=None, metavar="PATH",
@@ -615,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's, "
                                                          "else a plain 'User:/Assistant:' fallback)")
     e.add_argument("--auth-token", default=None, help="the cloud's shared secret (default: $PIPESD_AUTH_TOKEN)")
+    _add_edge_tls_args(e)
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--draft-ms", type=float, default=0.0, help="emulate a slower edge: pad each draft step")
     e.add_argument("--port-file", default=None, help=argparse.SUPPRESS)

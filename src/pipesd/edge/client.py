@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import queue
 import secrets
+import ssl
 import threading
 import time
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -25,7 +26,7 @@ from pipesd.edge.baselines import cloud_stream, edge_only, target_per_token
 from pipesd.edge.config import EdgeConfig
 from pipesd.edge.offline import CloudUnavailableError, EventText, StreamEvent, is_link_loss, reconcile, recover
 from pipesd.edge.pipeline import run_pipelined
-from pipesd.edge.session import Run, open_session
+from pipesd.edge.session import Cancel, Run, open_session
 from pipesd.edge.stats import Generation, GenerationStats
 from pipesd.fingerprint import tokenizer_fingerprint
 from pipesd.sampling import SamplingParams
@@ -53,11 +54,17 @@ class EdgeClient:
     ``cloud_url`` is ``HOST:PORT``. ``draft`` is a :class:`pipesd.models.DraftModel` (default:
     the bundled pair's draft). ``link`` (a :class:`pipesd.transport.LinkEmulator`) emulates
     bandwidth, delay and per-message overhead on this connection.
+
+    TLS (``tls``, ``tls_ca``, ``tls_insecure``) and ``write_timeout_s`` are passed to
+    :meth:`pipesd.transport.conn.EdgeConnection.connect`, for the first connection and every
+    reconnection; ``tls=None`` with neither of the others reads the ``PIPESD_TLS*`` environment.
     """
 
     def __init__(self, cloud_url: str, draft=None, config: Optional[EdgeConfig] = None, *,
                  auth_token: str = "", link=None, connect_timeout_s: float = 10.0, client_name: str = "pipesd-edge",
-                 tuner: Optional[str] = None, tuner_seed: int = 0, tuner_window_tokens: int = 64) -> None:
+                 tuner: Optional[str] = None, tuner_seed: int = 0, tuner_window_tokens: int = 64,
+                 tls: Union[bool, ssl.SSLContext, None] = None, tls_ca: Optional[str] = None,
+                 tls_insecure: bool = False, write_timeout_s: float = wire.WRITE_TIMEOUT_S) -> None:
         host, _, port = cloud_url.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"cloud_url must look like HOST:PORT, got {cloud_url!r}")
@@ -71,8 +78,9 @@ class EdgeClient:
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.cloud_url = cloud_url
         self._host, self._port = host, int(port)
-        # Kept for reconnecting after the cloud was lost (same token, name, link, timeout).
-        self._connect_kw = dict(auth_token=auth_token, client_name=client_name, link=link, timeout_s=connect_timeout_s)
+        # Kept for reconnecting after the cloud was lost (same token, name, link, timeouts, TLS).
+        self._connect_kw = dict(auth_token=auth_token, client_name=client_name, link=link, timeout_s=connect_timeout_s,
+                                tls=tls, tls_ca=tls_ca, tls_insecure=tls_insecure, write_timeout_s=write_timeout_s)
         self.conn = self._dial()
         ack = self.conn.hello_ack
         self.cost = CostModel()
@@ -123,14 +131,26 @@ class EdgeClient:
         return conn
 
     def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 128,
-                 sampling: Optional[SamplingParams] = None, config: Optional[EdgeConfig] = None) -> Generation:
+                 sampling: Optional[SamplingParams] = None, config: Optional[EdgeConfig] = None, *,
+                 cancel: Optional[threading.Event] = None) -> Generation:
         """Generate up to ``max_new_tokens`` tokens (greedy unless ``sampling`` says otherwise).
-        Sampling without a seed draws a fresh one: ``stats.seed`` replays the run."""
-        return self._generate(prompt, max_new_tokens, sampling, config, None)
+        Sampling without a seed draws a fresh one: ``stats.seed`` replays the run.
+
+        ``cancel``: set it (from any thread) to end the generation early. It returns what was
+        verified by then (a prefix of the uncancelled output) with ``finish_reason``
+        ``"cancelled"``, and the cloud session is closed at once. The flag is checked at every
+        draft step or verdict, so a run waiting on a verdict ends when that verdict arrives.
+        """
+        return self._generate(prompt, max_new_tokens, sampling, config, None, Cancel(cancel))
 
     def stream(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 128,
-               sampling: Optional[SamplingParams] = None, config: Optional[EdgeConfig] = None) -> Iterator[str]:
+               sampling: Optional[SamplingParams] = None, config: Optional[EdgeConfig] = None, *,
+               cancel: Optional[threading.Event] = None) -> Iterator[str]:
         """Yield text pieces as they are verified (never text that a verdict could change).
+
+        Cancel as :meth:`generate` (``cancel``), or close the iterator (``.close()``, leaving a
+        ``for`` loop with ``break`` and dropping it): the generation ends, the cloud session is
+        closed, and ``last_generation`` holds what was verified (``finish_reason`` ``"cancelled"``).
 
         Draft-only text (offline policy "draft") is never yielded: when the run ends while the
         cloud is still unreachable, :class:`CloudUnavailableError` is raised after the verified
@@ -152,7 +172,9 @@ class EdgeClient:
                 q.put(text[len(state["text"]):])
             state["text"] = text
 
-        yield from self._on_thread(q, lambda: self._generate(prompt, max_new_tokens, sampling, config, on_commit))
+        stop = threading.Event()  # set when the consumer closes the stream
+        yield from self._on_thread(q, lambda: self._generate(prompt, max_new_tokens, sampling, config, on_commit,
+                                                             Cancel(cancel, stop)), stop)
         gen = self.last_generation
         if gen.unverified_from is not None:
             raise CloudUnavailableError(
@@ -162,11 +184,13 @@ class EdgeClient:
 
     def stream_events(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 128,
                       sampling: Optional[SamplingParams] = None,
-                      config: Optional[EdgeConfig] = None) -> Iterator[StreamEvent]:
+                      config: Optional[EdgeConfig] = None, *,
+                      cancel: Optional[threading.Event] = None) -> Iterator[StreamEvent]:
         """Yield :class:`StreamEvent` s: ``"verified"`` text (final), ``"unverified"`` text drafted
         while the cloud is unreachable, and ``"retract"`` of the unverified tail when the cloud
         has it verified (what it accepts comes back as ``"verified"``). Verified text is never
-        retracted. ``last_generation`` holds the :class:`Generation` afterwards.
+        retracted. ``last_generation`` holds the :class:`Generation` afterwards. Cancelled as
+        :meth:`stream` (``cancel``, or closing the iterator).
         """
         q: "queue.Queue" = queue.Queue()
         text = EventText(self._decode_ids, q.put)
@@ -179,16 +203,19 @@ class EdgeClient:
             else:
                 text.retract()
 
+        stop = threading.Event()  # set when the consumer closes the stream
+
         def generate() -> Generation:
-            gen = self._generate(prompt, max_new_tokens, sampling, config, on_event)
+            gen = self._generate(prompt, max_new_tokens, sampling, config, on_event, Cancel(cancel, stop))
             text.finish()
             return gen
 
-        yield from self._on_thread(q, generate)
+        yield from self._on_thread(q, generate, stop)
 
-    def _on_thread(self, q: "queue.Queue", generate: Callable[[], Generation]) -> Iterator:
+    def _on_thread(self, q: "queue.Queue", generate: Callable[[], Generation], stop: threading.Event) -> Iterator:
         """Run ``generate`` (which feeds ``q``) on its own thread and yield what it queues; its
-        error is re-raised here, its Generation becomes ``last_generation``."""
+        error is re-raised here, its Generation becomes ``last_generation``. Closing the
+        iterator sets ``stop`` (the run's cancel flag) and waits for the run to end."""
         result: dict = {}
 
         def run() -> None:
@@ -201,8 +228,15 @@ class EdgeClient:
 
         th = threading.Thread(target=run, name="pipesd-stream", daemon=True)
         th.start()
-        while (item := q.get()) is not None:
-            yield item
+        try:
+            while (item := q.get()) is not None:
+                yield item
+        except GeneratorExit:  # the consumer left: cancel, and return once the session is closed
+            stop.set()
+            th.join()
+            if "gen" in result:
+                self.last_generation = result["gen"]
+            raise
         th.join()
         if "error" in result:
             raise result["error"]
@@ -235,7 +269,7 @@ class EdgeClient:
         self._next_sid += 1
         return sid
 
-    def _generate(self, prompt, max_new_tokens, sampling, config, on_event) -> Generation:
+    def _generate(self, prompt, max_new_tokens, sampling, config, on_event, cancel: Cancel) -> Generation:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         cfg = config or self.config
@@ -245,19 +279,24 @@ class EdgeClient:
                       getattr(self.tokenizer, "eos_token_id", None))
             run.on_event = on_event
             run.stats.seed = run.params.seed
+            run.cancel = cancel
             self._run = run
             try:
-                if cfg.method == "edge-only":
+                if cancel.is_set():  # cancelled while it waited for the lock: the cloud is not asked
+                    pass
+                elif cfg.method == "edge-only":
                     edge_only(self, run)
                 else:
                     self._session(run)
             finally:
                 self._run = None
-                if cfg.method != "edge-only":
+                if cfg.method != "edge-only" and (run.opens or not cancel.is_set()):
                     try:
                         self.conn.send(M.CloseSession(session_id=run.sid))
                     except Exception:
                         pass
+            if cancel.is_set() and not run.complete:
+                run.finish_reason = "cancelled"
         return self._result(run)
 
     def _result(self, run: Run) -> Generation:
@@ -286,6 +325,8 @@ class EdgeClient:
         if self.conn.closed:
             cause = wire.ConnectionClosed("the connection to the cloud is closed")
         while True:
+            if run.cancel.is_set():
+                return  # cancelled while the cloud was lost: what is verified stands
             if cause is not None:
                 if not recover(self, run, cause):
                     run.stats.wall_s = time.perf_counter() - run.t0

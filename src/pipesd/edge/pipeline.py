@@ -82,7 +82,7 @@ class Compute:
     def loop(self) -> None:
         run, perf = self.run, time.perf_counter
         self.draft.reset(run.prompt + run.seq)  # the verified output so far (not empty after a re-open)
-        while not run.done.is_set():
+        while not run.done.is_set() and not run.cancel.is_set():  # cancelled: end with what is verified
             t_iter = perf()
             self._thresholds()
             if self._verdicts():

@@ -25,7 +25,20 @@ from pipesd.transport import messages as M
 
 log = logging.getLogger("pipesd.edge")
 
-__all__ = ["Run", "apply_verdict", "open_session", "recv_for", "wait_verdict"]
+__all__ = ["Cancel", "Run", "apply_verdict", "open_session", "recv_for", "wait_verdict"]
+
+
+class Cancel:
+    """A run's cancel flag: set when any of its events is (the caller's ``cancel=`` event, the
+    stream's own when its consumer closes it). Read with :meth:`is_set`, like an Event."""
+
+    __slots__ = ("events",)
+
+    def __init__(self, *events: Optional[threading.Event]) -> None:
+        self.events = tuple(e for e in events if e is not None)
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
 
 
 class Run:
@@ -59,6 +72,7 @@ class Run:
         self.tuner = None  # the edge's threshold tuner while this run feeds it
         self.done = threading.Event()
         self.error: Optional[BaseException] = None
+        self.cancel = Cancel()  # checked by every method's loop: ends the run with what is verified
 
     @property
     def seq(self) -> list[int]:

@@ -8,9 +8,11 @@ queue (429 when full, 503 after ``queue_timeout_s``).
 
 Each generation runs on its own thread, which iterates ``EdgeClient.stream`` and posts the
 verified text pieces, then the :class:`~pipesd.edge.Generation`, to an asyncio queue. The
-thread, not the request, releases the lock: a request that stops reading early (a stop
-string, a client that hung up) leaves the generation to finish cleanly — EdgeClient has no
-cancel — and the next one starts after it, so outputs never mix.
+thread, not the request, releases the lock, once the generation has ended and its cloud
+session is closed, so outputs never mix. A request that stops reading early (a stop string,
+a client that hung up) calls :meth:`Job.cancel`: the generation ends at its next draft step
+or verdict (``finish_reason`` ``"cancelled"``, counted in ``EdgeBackend.cancelled``) and the
+next request starts then, not after ``max_tokens``.
 
 When the connection to the cloud is lost, the next request reconnects through ``connect``
 (when given); while that fails requests get 503.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any, Callable, Optional, Sequence
 
 from pipesd.serving.schemas import APIError
@@ -55,6 +58,17 @@ class Job:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.timeout_s = timeout_s
         self._result: Optional[tuple[str, Any]] = None
+        self.cancel_event = threading.Event()  # the generation's cancel flag (EdgeClient.stream(cancel=))
+        self.cancel_reason = ""
+        self.cancelled_at = 0.0  # monotonic time of the cancel (for the log)
+
+    def cancel(self, reason: str) -> None:
+        """End the generation early (``reason``, for the log: "stop string", "client gone").
+        A no-op once it has ended; safe to call more than once."""
+        if self._result is None and not self.cancel_event.is_set():
+            self.cancel_reason = reason
+            self.cancelled_at = time.monotonic()
+            self.cancel_event.set()
 
     async def next(self) -> tuple[str, Any]:
         """``("piece", str)``, then ``("end", Generation)`` or ``("error", APIError)``."""
@@ -91,6 +105,7 @@ class EdgeBackend:
         self.queue_timeout_s = queue_timeout_s
         self.waiting = 0
         self.generations = 0
+        self.cancelled = 0  # generations ended early by Job.cancel (their finish_reason "cancelled")
         self._lock: Optional[asyncio.Lock] = None
 
     @property
@@ -172,9 +187,15 @@ class EdgeBackend:
 
         def work() -> None:
             try:
-                for piece in client.stream(list(prompt_ids), max_tokens, sampling, config=config):
+                for piece in client.stream(list(prompt_ids), max_tokens, sampling, config=config,
+                                           cancel=job.cancel_event):
                     post(_PIECE, piece)
                 gen = client.last_generation
+                if gen.finish_reason == "cancelled":
+                    self.cancelled += 1
+                    log.info("generation cancelled (%s) after %d of %d tokens, %.0f ms after the cancel",
+                             job.cancel_reason, len(gen.token_ids), max_tokens,
+                             (time.monotonic() - job.cancelled_at) * 1e3 if job.cancelled_at else 0.0)
                 if self.metrics is not None:
                     try:
                         self.metrics.observe_generation(gen)

@@ -8,12 +8,18 @@ Extension: a request may carry ``"pipesd": {"method": "vanilla-sd"}`` (any of
 :data:`pipesd.edge.METHODS`); responses carry ``"pipesd": {...}`` with the run's stats
 (TPT, acceptance, verifications, rollbacks). Text is streamed only once verified by the
 cloud, so streaming and non-streaming return the same text. Generations run one at a time
-(see :mod:`pipesd.serving.backend`).
+(see :mod:`pipesd.serving.backend`); one whose request stops reading (a stop string, a client
+that hung up) is cancelled, so the next starts at once.
+
+With ``api_key`` every route but ``/health`` wants ``Authorization: Bearer KEY`` (401 in
+OpenAI's shape otherwise), for a server that listens beyond loopback.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -26,6 +32,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipesd.edge.config import METHODS, EdgeConfig, canonical_method
@@ -78,11 +85,48 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+class BearerAuth:
+    """ASGI middleware: OpenAI-style API key check (``Authorization: Bearer KEY``) before any
+    route runs (before the body is read), except ``open_paths``. A missing or wrong key gets
+    401 with OpenAI's error body. Pure ASGI, so streamed responses pass through untouched."""
+
+    def __init__(self, app, key: str, open_paths: tuple = ("/health",)) -> None:
+        if not key:
+            raise ValueError("api_key must not be empty")
+        self.app = app
+        self._digest = hashlib.sha256(key.encode("utf-8")).digest()
+        self.open_paths = open_paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.open_paths:
+            return await self.app(scope, receive, send)
+        auth = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), None)
+        scheme, _, given = (auth or b"").decode("latin-1").partition(" ")
+        if auth is None or scheme.lower() != "bearer" or not given.strip():
+            body = error_body("You didn't provide an API key. You need to provide your API key in an Authorization "
+                              "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+        elif hmac.compare_digest(hashlib.sha256(given.strip().encode("utf-8")).digest(), self._digest):
+            return await self.app(scope, receive, send)
+        else:
+            body = error_body("Incorrect API key provided.", code="invalid_api_key")
+        await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Cancel ``job`` when the client of a non-streaming request hangs up (the body is read
+    already, so the next ASGI message is the disconnect)."""
+    while True:
+        msg = await request.receive()
+        if msg.get("type") == "http.disconnect":
+            job.cancel("client gone")
+            return
+
+
 def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_method: str = "pipesd",
                metrics=None, config: Optional[EdgeConfig] = None, connect: Optional[Callable[[], Any]] = None,
                default_max_tokens: int = 16, max_tokens_limit: int = 1024, default_temperature: float = 1.0,
                chat_template: Optional[str] = None, max_waiting: int = 32,
-               context_length: Optional[int] = None) -> FastAPI:
+               context_length: Optional[int] = None, api_key: Optional[str] = None) -> FastAPI:
     """The FastAPI app serving ``model_name`` through ``client``.
 
     - ``tokenizer``: the draft's (default ``client.tokenizer``); its chat template renders
@@ -97,6 +141,7 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
     - ``default_temperature``: when a request gives none (1.0, as OpenAI; 0 = greedy).
     - ``metrics``: an object with ``observe_generation(gen)`` and a prometheus ``registry``
       (``pipesd.metrics.EdgeMetrics``); serves it at ``/metrics``.
+    - ``api_key``: when set, requests need ``Authorization: Bearer <api_key>`` (:class:`BearerAuth`).
     """
     default_method = canonical_method(default_method)  # ValueError for an unknown one; an alias maps
     if not (isinstance(max_tokens_limit, int) and max_tokens_limit >= 1):
@@ -126,6 +171,8 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
                   description="Speculative decoding: drafts here, verification in the cloud.")
     app.state.backend = backend
     app.state.model_name = model_name
+    if api_key is not None:
+        app.add_middleware(BearerAuth, key=api_key)
 
     # -------------------------------------------------------------- errors in OpenAI's shape
     @app.exception_handler(APIError)
@@ -273,18 +320,24 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
         return {"prompt_tokens": len(p.prompt_ids), "completion_tokens": n,
                 "total_tokens": len(p.prompt_ids) + n}
 
-    async def run_plain(p: _Plan, make_body: Callable[[str, str], dict], prefix: str = "") -> dict:
+    async def run_plain(p: _Plan, make_body: Callable[[str, str], dict], request: Request,
+                        prefix: str = "") -> dict:
         job = await backend.start(p.prompt_ids, p.max_tokens, p.sampling, p.config)
-        cutter = StopCutter(p.stops)
-        parts = [prefix]
-        reason, gen = "length", None
-        async for kind, value in events(job, cutter):
-            if kind == "text":
-                parts.append(value)
-            else:
-                reason, gen = value
-        if gen is None:
-            gen = await job.result()
+        watch = asyncio.ensure_future(_cancel_on_disconnect(request, job))
+        try:
+            cutter = StopCutter(p.stops)
+            parts = [prefix]
+            reason, gen = "length", None
+            async for kind, value in events(job, cutter):
+                if kind == "text":
+                    parts.append(value)
+                else:
+                    reason, gen = value
+            if gen is None:  # a stop string ended it: the rest would be cut anyway
+                job.cancel("stop string")
+                gen = await job.result()
+        finally:
+            watch.cancel()
         body = make_body("".join(parts), reason)
         body["usage"] = usage(p, gen, cutter)
         body["pipesd"] = generation_stats(gen)
@@ -301,8 +354,13 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
             raise
         except StopAsyncIteration:  # pragma: no cover - events always ends with a finish
             head = None
+        except BaseException:
+            job.cancel("request cancelled")
+            raise
 
         async def body() -> AsyncIterator[str]:
+            # Leaving early (a stop string, or the client hung up: Starlette cancels this
+            # generator at its await) cancels the generation; after its end it is a no-op.
             try:
                 if first is not None:
                     yield _sse(first)
@@ -316,6 +374,8 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
                         last = chunk(None, reason)
                         if gen is not None:
                             last["pipesd"] = generation_stats(gen)
+                        if gen is None:  # a stop string ended it: the rest would be cut anyway
+                            job.cancel("stop string")
                         yield _sse(last)
                         if p.include_usage:
                             if gen is None:
@@ -329,10 +389,15 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
                     ev = await it.__anext__()
             except APIError as e:  # after the 200: OpenAI clients read an error event
                 yield _sse(e.body())
+            finally:
+                job.cancel("client gone")
             yield "data: [DONE]\n\n"
 
+        # The background task runs once the response ends, also when the client hung up before
+        # this generator started (then nothing else would cancel the generation).
         return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(job.cancel, "client gone"))
 
     # -------------------------------------------------------------- routes
     def model_card() -> dict:
@@ -351,11 +416,12 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
     async def health() -> JSONResponse:
         ok = await backend.try_reconnect()
         body = {"status": "ok" if ok else "unavailable", "model": model_name, "cloud_connected": ok,
-                "busy": backend.busy, "waiting": backend.waiting, "generations": backend.generations}
+                "busy": backend.busy, "waiting": backend.waiting, "generations": backend.generations,
+                "cancelled": backend.cancelled}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         refuse(req.logprobs not in (None, 0), "logprobs", "logprobs")
         refuse(bool(req.suffix), "suffix", "suffix")
@@ -385,10 +451,10 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
 
         if p.stream:
             return await run_stream(p, body, first=body(echo, None) if echo else None)
-        return await run_plain(p, body, prefix=echo)
+        return await run_plain(p, body, request, prefix=echo)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         check_model(req.model)
         refuse(bool(req.logprobs), "logprobs", "logprobs")
         refuse(bool(req.tools), "tools", "tool calling")
@@ -414,7 +480,7 @@ def create_app(client, *, model_name: str = "pipesd", tokenizer=None, default_me
             first = chunk("", None)
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
             return await run_stream(p, chunk, first=first)
-        return await run_plain(p, body)
+        return await run_plain(p, body, request)
 
     # -------------------------------------------------------------- metrics
     if metrics is not None:  # a route, not a mount: /metrics answers without a redirect

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import os
 import queue
+import select
 import socket
 import ssl
 import threading
@@ -26,14 +27,45 @@ from pipesd.transport.codec import HEADER, ProtocolError
 from pipesd.transport.link import LinkEmulator
 
 __all__ = ["EdgeConnection", "ConnectionClosed", "HandshakeError", "read_message", "write_message",
-           "serve_handshake", "HELLO_MAX_BYTES", "client_ssl_context", "server_ssl_context"]
+           "serve_handshake", "HELLO_MAX_BYTES", "WRITE_TIMEOUT_S", "client_ssl_context", "server_ssl_context"]
 
 HELLO_MAX_BYTES = 4096
 """Frame limit while waiting for a Hello (before the peer is authenticated)."""
 
+WRITE_TIMEOUT_S = 30.0
+"""How long the edge's send may wait for the cloud to take bytes (its socket buffer full)
+before the connection counts as lost: a cloud that stops reading cannot block a send forever."""
+
 
 class ConnectionClosed(ConnectionError):
     """The peer closed the connection, it broke, or it was closed locally."""
+
+
+class _WriteTimeout(OSError):
+    """No byte could be written for the write timeout (the peer stopped reading)."""
+
+
+def _send_all(sock: socket.socket, data, timeout_s: float) -> None:
+    """``sendall`` with a deadline per wait for room, without touching the socket's timeout
+    (a reader thread blocks on the same socket): non-blocking sends, ``poll`` for room."""
+    view = memoryview(data)
+    poller = None  # made only when the buffer is full: the common send is one system call
+    while view:
+        try:
+            n = sock.send(view, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        if n:
+            view = view[n:]
+            continue
+        if poller is None:
+            fd = sock.fileno()
+            if fd < 0:
+                raise OSError("the socket is closed")
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+        if not poller.poll(timeout_s * 1e3):
+            raise _WriteTimeout(f"the cloud took no data for write_timeout_s={timeout_s:g} s (it stopped reading)")
 
 
 class HandshakeError(ConnectionError):
@@ -139,12 +171,15 @@ class _TlsSocket:
             if data:
                 self.raw.sendall(data)
 
-    def sendall(self, data) -> None:
+    def sendall(self, data, timeout_s: Optional[float] = None) -> None:
         with self._wlock:
             with self._lock:
                 self._obj.write(data)
                 out = self._out.read()
-            self.raw.sendall(out)
+            if timeout_s is None:
+                self.raw.sendall(out)
+            else:
+                _send_all(self.raw, out, timeout_s)
 
     def recv_into(self, view, n: int) -> int:
         while True:
@@ -198,12 +233,17 @@ class EdgeConnection:
     ``send`` is thread-safe (a send thread plus the occasional Open/Close from another
     thread); ``recv`` is for one receiving thread. Counters: ``bytes_sent``,
     ``bytes_received`` (whole frames), ``messages_sent``, ``messages_received``.
+    ``write_timeout_s``: the longest a write waits for the cloud to take bytes; then the
+    connection is closed as lost (:data:`WRITE_TIMEOUT_S`).
     """
 
     def __init__(self, sock: socket.socket, link: Optional[LinkEmulator] = None,
-                 max_frame_bytes: int = codec.MAX_FRAME_BYTES) -> None:
+                 max_frame_bytes: int = codec.MAX_FRAME_BYTES, write_timeout_s: float = WRITE_TIMEOUT_S) -> None:
+        if not (isinstance(write_timeout_s, (int, float)) and write_timeout_s > 0):
+            raise ValueError(f"write_timeout_s must be a number > 0, got {write_timeout_s!r}")
         self.sock = sock
         self.link = link
+        self.write_timeout_s = float(write_timeout_s)
         self.max_frame_bytes = max_frame_bytes
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -230,7 +270,7 @@ class EdgeConnection:
                 link: Optional[LinkEmulator] = None, timeout_s: float = 10.0,
                 max_frame_bytes: int = codec.MAX_FRAME_BYTES,
                 tls: Union[bool, ssl.SSLContext, None] = None, tls_ca: Optional[str] = None,
-                tls_insecure: bool = False) -> "EdgeConnection":
+                tls_insecure: bool = False, write_timeout_s: float = WRITE_TIMEOUT_S) -> "EdgeConnection":
         """Connect to the cloud and do the Hello/HelloAck handshake.
 
         Raises ``ConnectionError`` when the cloud cannot be reached, :class:`HandshakeError`
@@ -241,8 +281,10 @@ class EdgeConnection:
         :func:`client_ssl_context`; an ``ssl.SSLContext`` is used as given; ``False`` is plain
         TCP; ``None`` (default) reads ``PIPESD_TLS_CA`` / ``PIPESD_TLS`` / ``PIPESD_TLS_INSECURE``
         from the environment, else plain TCP. A failed certificate check is a
-        :class:`HandshakeError` with code ``E_AUTH``.
+        :class:`HandshakeError` with code ``E_AUTH``. ``write_timeout_s``: see the class.
         """
+        if not (isinstance(write_timeout_s, (int, float)) and write_timeout_s > 0):
+            raise ValueError(f"write_timeout_s must be a number > 0, got {write_timeout_s!r}")
         if isinstance(tls, ssl.SSLContext):
             ctx: Optional[ssl.SSLContext] = tls
         elif tls or tls_ca or tls_insecure:
@@ -270,7 +312,7 @@ class EdgeConnection:
                                                     "(does it serve TLS? `pipesd serve --tls-cert`)") from None
             sock = tsock
         sock.settimeout(None)
-        c = cls(sock, link, max_frame_bytes)
+        c = cls(sock, link, max_frame_bytes, write_timeout_s)
         closed: Optional[ConnectionClosed] = None
         try:
             try:
@@ -330,9 +372,9 @@ class EdgeConnection:
                 raise ConnectionClosed("the connection to the cloud is closed")
             if self.link is None:
                 try:
-                    self.sock.sendall(data)
+                    self._write(data)
                 except OSError as e:
-                    self._closed.set()
+                    self._lost(e)
                     raise ConnectionClosed(f"sending to the cloud failed: {e}") from None
             else:
                 tx_end, deliver_at = self.link.uplink_schedule(len(data), self.link.clock())
@@ -342,6 +384,24 @@ class EdgeConnection:
                     self._out_cv.notify()
             self.bytes_sent += len(data)
             self.messages_sent += 1
+
+    def _write(self, data: bytes) -> None:
+        """Write a whole frame, waiting at most ``write_timeout_s`` for room each time."""
+        if isinstance(self.sock, _TlsSocket):
+            self.sock.sendall(data, self.write_timeout_s)
+        else:
+            _send_all(self.sock, data, self.write_timeout_s)
+
+    def _lost(self, e: OSError) -> None:
+        """A write failed. After a timeout part of a frame may be out and the peer is still
+        there: shut the socket down, so the reader thread ends and ``recv`` reports the loss
+        (after another failure the peer is gone; what it sent first can still be read)."""
+        self._closed.set()
+        if isinstance(e, _WriteTimeout):
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _pace_loop(self) -> None:
         """Write emulated-uplink frames to the socket at their delivery times, in order."""
@@ -361,9 +421,9 @@ class EdgeConnection:
                     continue
                 self._out.popleft()
             try:
-                self.sock.sendall(data)
-            except OSError:
-                self._closed.set()
+                self._write(data)
+            except OSError as e:
+                self._lost(e)
                 return
 
     # -- receiving --------------------------------------------------------------------
