@@ -251,9 +251,10 @@ def main(argv=None) -> int:
            "scenarios": scenarios, "rows": rows}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(out, indent=1, default=float))
-    path.with_suffix(".md").write_text(markdown(out))
-    print(f"wrote {path.with_suffix('.md')} and .json ({time.time() - t_start:.0f} s)")
+    md, js = Path(f"{path}.md"), Path(f"{path}.json")  # not with_suffix: a pair name has dots
+    js.write_text(json.dumps(out, indent=1, default=float))
+    md.write_text(markdown(out))
+    print(f"wrote {md} and .json ({time.time() - t_start:.0f} s)")
     return 0 if all(r["measured"]["exact"] for r in rows) else 1
 
 
