@@ -107,3 +107,58 @@ def test_the_live_gguf_scenario_serves_the_pairs_gguf_target(tmp_path):
     assert d["header"]["pair"] == "bundled-gguf (live)" and d["header"]["all_exact"] is True
     assert {g["method"] for g in d["generations"]} == {"cloud-stream", "pipesd"}
     assert all(g["exact"] and g["scenario"] == "live-gguf" for g in d["generations"])
+
+
+class _TieTarget:
+    """A fake target: after any prefix, the greedy token is ``len(prefix) % 3`` with a clear
+    margin, except after a prefix of length 6, where tokens 0 and 1 are within 0.01 (a near-tie)."""
+
+    eos_token_id = None
+    vocab_size = 4
+
+    def new_session(self, prefix):
+        import torch
+
+        class S:
+            def __init__(s, ids):
+                s.ids = list(ids)
+
+            def score(s, drafts):
+                row = torch.zeros(4)
+                if len(s.ids) == 6:
+                    row[0], row[1] = 1.0, 0.99
+                else:
+                    row[len(s.ids) % 3] = 1.0
+                return row[None]
+
+            def commit(s, toks):
+                s.ids += toks
+
+            def close(s):
+                pass
+
+        return S(prefix)
+
+
+def _gen(prompt, ids, finish="length"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(prompt_ids=prompt, token_ids=ids, verified=True, finish_reason=finish)
+
+
+def test_exactness_accepts_a_divergence_only_at_a_near_tie_of_the_reference():
+    run = _bench()
+    ref = run.Reference(_TieTarget())
+    prompt = [3, 3, 3, 3]  # greedy: position k (prefix length 4 + k) gives (4 + k) % 3, a tie at k = 2
+    greedy = [1, 2, 0, 1, 2, 0]
+    assert ref.tokens(prompt, 6) == greedy
+    g = _gen(prompt, greedy)
+    assert ref.exact(g, 6) and ref.ties[id(g)] == []  # test_perfect_match
+    took_runner_up = _gen(prompt, [1, 2, 1, 1, 2, 0])  # the tie broken the other way, then greedy from there
+    assert ref.exact(took_runner_up, 6)
+    assert [t["pos"] for t in ref.ties[id(took_runner_up)]] == [2] and ref.ties[id(took_runner_up)][0]["margin"] < 0.02
+    assert not ref.exact(_gen(prompt, [1, 0, 0, 1, 2, 0]), 6)  # a divergence with a clear margin
+    assert not ref.exact(_gen(prompt, [1, 2, 3, 1, 2, 0]), 6)  # at the tie, but not the runner-up
+    assert not ref.exact(_gen(prompt, [1, 2, 1, 0, 2, 0]), 6)  # after the tie, not the greedy from there
+    assert not ref.exact(_gen(prompt, greedy[:4]), 6)  # cut short without EOS
+    assert not run.Reference(_TieTarget(), tie_tol=0.0).exact(_gen(prompt, [1, 2, 1, 1, 2, 0]), 6)
