@@ -88,6 +88,8 @@ class EdgeClient:
         self._next_sid = 1
         self._lock = threading.Lock()
         self._run: Optional[Run] = None  # the generation in progress
+        self._owner: Optional[int] = None  # the thread running it (close() must not wait for itself)
+        self._closing = threading.Event()  # close() cancels the generation in progress
         # Online threshold tuner (PipeSD mechanism 3): "bayes", "fixed" or None. It tunes the
         # methods that use both thresholds; the others keep their configured trigger.
         self.tuner = None
@@ -107,9 +109,21 @@ class EdgeClient:
         return run is not None and run.offline_since is not None
 
     def close(self) -> None:
-        if self.tuner is not None:
-            self.tuner.close()
-        self.conn.close()
+        """Close the connection. A generation still running (on another thread, or one that a
+        Ctrl-C left behind: ``with EdgeClient(...)`` closes on the way out) is cancelled first and
+        its cloud session closed, waiting at most ``config.verdict_timeout_s``: closing the
+        socket under it would look like a lost cloud, and its threads must not outlive it."""
+        self._closing.set()
+        waited = self._owner != threading.get_ident() and self._lock.acquire(timeout=self.config.verdict_timeout_s)
+        try:
+            if waited:
+                self._closing.clear()  # a later generate (it re-dials) is not cancelled
+            if self.tuner is not None:
+                self.tuner.close()
+            self.conn.close()
+        finally:
+            if waited:
+                self._lock.release()
 
     def __enter__(self) -> "EdgeClient":
         return self
@@ -231,8 +245,8 @@ class EdgeClient:
         try:
             while (item := q.get()) is not None:
                 yield item
-        except GeneratorExit:  # the consumer left: cancel, and return once the session is closed
-            stop.set()
+        except BaseException:  # the consumer left (GeneratorExit) or was interrupted (KeyboardInterrupt):
+            stop.set()  # cancel, and go on once the session is closed and the run's threads are joined
             th.join()
             if "gen" in result:
                 self.last_generation = result["gen"]
@@ -270,6 +284,7 @@ class EdgeClient:
         return sid
 
     def _generate(self, prompt, max_new_tokens, sampling, config, on_event, cancel: Cancel) -> Generation:
+        cancel = Cancel(*cancel.events, self._closing)  # close() ends it too
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         cfg = config or self.config
@@ -280,7 +295,7 @@ class EdgeClient:
             run.on_event = on_event
             run.stats.seed = run.params.seed
             run.cancel = cancel
-            self._run = run
+            self._run, self._owner = run, threading.get_ident()
             try:
                 if cancel.is_set():  # cancelled while it waited for the lock: the cloud is not asked
                     pass
@@ -289,7 +304,7 @@ class EdgeClient:
                 else:
                     self._session(run)
             finally:
-                self._run = None
+                self._run, self._owner = None, None
                 if cfg.method != "edge-only" and (run.opens or not cancel.is_set()):
                     try:
                         self.conn.send(M.CloseSession(session_id=run.sid))

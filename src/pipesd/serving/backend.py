@@ -107,6 +107,7 @@ class EdgeBackend:
         self.generations = 0
         self.cancelled = 0  # generations ended early by Job.cancel (their finish_reason "cancelled")
         self._lock: Optional[asyncio.Lock] = None
+        self._live: set = set()  # jobs whose generation has not ended (cancel_all)
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -176,6 +177,7 @@ class EdgeBackend:
             raise
         loop = asyncio.get_running_loop()
         job = Job(timeout_s=config.verdict_timeout_s + 30.0)
+        self._live.add(job)
         client = self.client
         self.generations += 1
 
@@ -208,6 +210,7 @@ class EdgeBackend:
                     log.warning("generation failed: %s", e)
                 post(_ERROR, err)
             finally:
+                self._live.discard(job)
                 try:
                     loop.call_soon_threadsafe(lock.release)
                 except RuntimeError:
@@ -215,6 +218,12 @@ class EdgeBackend:
 
         threading.Thread(target=work, name="pipesd-openai-gen", daemon=True).start()
         return job
+
+    def cancel_all(self, reason: str) -> None:
+        """Cancel every generation in progress (the server is shutting down): each ends at its
+        next draft step or verdict, closes its cloud session, and its response ends at once."""
+        for job in list(self._live):
+            job.cancel(reason)
 
     def close(self) -> None:
         if self.client is not None:
