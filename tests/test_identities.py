@@ -302,3 +302,38 @@ def test_two_identities_generating_together_stay_exact(pair, ref):
             t.join(120)
         assert len(out) == 6 and all(v == ref for v in out.values())
         assert {i.name: i.verifications > 0 for i in srv.identities} == {"alice": True, "bob": True}
+
+
+def test_two_identities_sampling_together_match_the_target_distribution():
+    """Sessions of two identities share launches (round-robin); pooled samples still follow the
+    target's exact marginals (chi-square per position)."""
+    from pipesd.edge import EdgeConfig, TriggerConfig
+    from pipesd.sampling import SamplingParams
+    from test_runtime_lossless import _chi2_pvalue, _exact_marginals
+
+    vocab, depth, n, prompt = 12, 3, 750, [1, 2]
+    draft, target, target_m = tiny_pair(vocab=vocab, noise=0.6, wire_topk=4)
+    exact = _exact_marginals(target_m, prompt, SamplingParams(1.0, 0, 1.0), depth)
+    per = {0: np.zeros((depth, vocab)), 1: np.zeros((depth, vocab))}  # one array per thread
+    ids = parse_identities("alice tok-alice\nbob tok-bob\n")
+    with running_server(target, identities=ids) as (srv, url):
+        def run(token: str, k: int) -> None:
+            counts, seed0 = per[k], k * 100_000
+            cfg = EdgeConfig.for_method("pipesd", trigger=TriggerConfig(0.2, 0.3, 4))
+            with EdgeClient(url, DraftModel(draft.model, wire_topk=4), cfg, auth_token=token) as c:
+                for i in range(n):
+                    g = c.generate(prompt, depth, SamplingParams(1.0, 0, 1.0, 0.0, seed=seed0 + i))
+                    for d, t in enumerate(g.token_ids):
+                        counts[d, t] += 1
+
+        threads = [threading.Thread(target=run, args=(f"tok-{name}", k)) for k, name in enumerate(("alice", "bob"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        counts = per[0] + per[1]
+        assert counts.sum() == 2 * n * depth
+        assert srv.stats.max_batch >= 2  # the identities did share launches
+    for d in range(depth):
+        p = _chi2_pvalue(counts[d], exact[d])
+        assert p > 1e-3, f"position {d}: sampled distribution differs from the target's (chi2 p={p:.2e})"
