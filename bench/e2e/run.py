@@ -203,8 +203,12 @@ def ratio_ci(base, other, n: int = 2000, seed: int = 0) -> tuple[float, float, f
 #: A divergence from the reference is a near-tie when the reference's top two logits there are
 #: closer than this and the output took the runner-up: a backend whose kernels depend on the
 #: batch shape (llama.cpp: one token vs several, docs/llamacpp.md "Accuracy") may order them
-#: either way, so "the target's greedy" is defined only up to such ties.
-TIE_TOL = 0.05
+#: either way, so "the target's greedy" is defined only up to such ties. Per backend: torch's
+#: float32 logits move by < 1e-3 with the batch shape; a Q4_K_M GGUF's by up to ~0.7 (measured
+#: on the 1.5B target: 13.94 vs 14.60 for the same token at the same position, one token vs a
+#: batch of 4), since llama.cpp quantizes activations differently for the two paths and the
+#: KV cache inherits the difference.
+TIE_TOL = {"torch": 0.05, "gguf": 1.0}
 
 
 class Reference:
@@ -213,7 +217,7 @@ class Reference:
     and checks the rest of the output against the target's greedy from there. ``ties[id(g)]``:
     the near-ties of generation ``g`` (position, margin)."""
 
-    def __init__(self, target, tie_tol: float = TIE_TOL) -> None:
+    def __init__(self, target, tie_tol: float = TIE_TOL["torch"]) -> None:
         self.target, self.tie_tol = target, tie_tol
         self.cache: dict[tuple, tuple] = {}
         self.ties: dict[int, list[dict]] = {}
@@ -489,9 +493,10 @@ def main(argv=None) -> int:
             if sc.live:
                 edge_draft = load_draft(None, threads=1, gguf=pair.draft_gguf)
                 if "gguf" not in refs:
-                    refs["gguf"] = Reference(load_target(pair.target, threads=1, gguf=pair.target_gguf))
+                    refs["gguf"] = Reference(load_target(pair.target, threads=1, gguf=pair.target_gguf),
+                                             TIE_TOL["gguf"])
             elif "torch" not in refs:
-                refs["torch"] = Reference(load_target(pair.target, threads=1))
+                refs["torch"] = Reference(load_target(pair.target, threads=1), TIE_TOL["torch"])
             ref = refs[key[0]]
             print(f"== {sc.name}: draft {'live' if sc.live else f'{sc.draft_ms:.0f} ms/token'}, link {sc.link} "
                   f"({sc.note})", flush=True)
@@ -557,7 +562,7 @@ def main(argv=None) -> int:
               "all_exact": all(r["exact"] in (True, None) for r in rows),
               "near_ties": [{"scenario": g["scenario"], "method": g["method"], "prompt": g["prompt"], **t}
                             for g in gen_rows for t in g.get("ties", [])],
-              "tie_tol": TIE_TOL,
+              "tie_tol": {k: r.tie_tol for k, r in refs.items()},
               "wall_s": time.time() - t_start}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -586,7 +591,7 @@ def _ties_note(header) -> str:
     if not ties:
         return ""
     return (f" (up to {len(ties)} near-tie divergence(s) of the reference, top-2 logit margin at most "
-            f"{max(t['margin'] for t in ties):.3g} < {header['tie_tol']}, each followed by the target's greedy "
+            f"{max(t['margin'] for t in ties):.3g}, within the backend's tolerance {header['tie_tol']}, each followed by the target's greedy "
             "from there; the JSON lists them, docs/benchmark.md 'Exactness' says why)")
 
 
