@@ -93,7 +93,7 @@ class Generation:
     token_ids: list
     stats: GenerationStats
     prompt_ids: list = field(default_factory=list)
-    finish_reason: str = "length"  # "length" | "eos"
+    finish_reason: str = "length"  # "length" | "eos" | "cancelled"
     unverified_from: Optional[int] = None
 
     @property
