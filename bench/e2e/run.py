@@ -2,7 +2,7 @@
 
     python bench/e2e/run.py --quick                                    # bundled pair, 4 scenarios
     python bench/e2e/run.py --quick --pair qwen2.5-coder-0.5b-1.5b --replay   # a real pair, replayed
-    python bench/e2e/run.py --pair qwen2.5-coder-0.5b-1.5b --scenarios live-gguf  # real pair, real compute
+    python bench/e2e/run.py --quick --pair qwen2.5-coder-0.5b-1.5b --scenarios live-gguf  # real pair, real compute
     python bench/e2e/run.py                                            # the full grid
 
 **Setup.** The cloud (`pipesd serve`, its own process, one thread) verifies with the pair's
