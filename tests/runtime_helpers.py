@@ -7,6 +7,7 @@ every run has both accepted runs and rollbacks.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -63,3 +64,13 @@ def running_server(target, **cfg):
         yield server, f"{host}:{port}"
     finally:
         server.stop()
+
+
+def wait_until(cond, timeout_s: float = 10.0) -> bool:
+    """Poll ``cond`` until it holds (True) or ``timeout_s`` passes (False): a deadline, not a measurement."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
@@ -23,7 +22,7 @@ from pipesd import zoo
 from pipesd.edge import EdgeClient, EdgeConfig
 from pipesd.serving import create_app, start_in_thread
 from pipesd.serving.text import encode_text
-from runtime_helpers import reference_greedy, running_server, tiny_pair
+from runtime_helpers import reference_greedy, running_server, tiny_pair, wait_until
 
 torch.set_num_threads(1)
 
@@ -33,14 +32,6 @@ CUT = 12  # verified tokens seen before the cancel
 METHODS = ("pipesd", "vanilla-sd", "cloud-stream")
 
 
-def _until(cond, timeout_s: float = 10.0) -> bool:
-    """Poll ``cond`` until it holds or ``timeout_s`` passes (a deadline, not a measurement)."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +66,7 @@ def test_cancel_event_ends_the_run_with_a_prefix_of_the_greedy_output(pair, clou
         assert CUT <= len(gen.token_ids) < LONG
         assert gen.token_ids == reference_greedy(pair[2], PROMPT, len(gen.token_ids))  # lossless prefix
         assert _ids(text) == gen.token_ids  # the stream showed exactly what was verified
-        assert _until(lambda: srv.stats.sessions_open == 0), "the cloud session was not closed"
+        assert wait_until(lambda: srv.stats.sessions_open == 0), "the cloud session was not closed"
         # The client is ready at once, and late verdicts of the cancelled session change nothing.
         assert c.generate(PROMPT, 20).token_ids == reference_greedy(pair[2], PROMPT, 20)
 
@@ -91,7 +82,7 @@ def test_closing_the_stream_cancels_the_generation(pair, cloud, method):
         gen = c.last_generation
         assert gen.finish_reason == "cancelled" and 1 <= len(gen.token_ids) < LONG
         assert gen.token_ids == reference_greedy(pair[2], PROMPT, len(gen.token_ids))
-        assert _until(lambda: srv.stats.sessions_open == 0)
+        assert wait_until(lambda: srv.stats.sessions_open == 0)
         assert c.generate([7, 8], 10).token_ids == reference_greedy(pair[2], [7, 8], 10)
 
 
@@ -170,7 +161,7 @@ def greedy(bundled):
 
 
 def _last_cancelled(seen: _Seen, before: int):
-    assert _until(lambda: len(seen.gens) > before, 30), "the server finished no generation"
+    assert wait_until(lambda: len(seen.gens) > before, 30), "the server finished no generation"
     return seen.gens[before]
 
 
@@ -193,7 +184,7 @@ def test_a_client_that_hangs_up_mid_stream_cancels_its_generation(edge, greedy, 
     assert gen.token_ids == greedy(len(gen.token_ids))  # what it verified before the cut was exact
     assert backend.cancelled == cancelled + 1
     assert httpx.get(url + "/health", timeout=10).json()["cancelled"] == backend.cancelled
-    assert _until(lambda: srv.stats.sessions_open == 0)
+    assert wait_until(lambda: srv.stats.sessions_open == 0)
 
 
 @pytest.mark.parametrize("stream", [False, True])

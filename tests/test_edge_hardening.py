@@ -5,13 +5,11 @@ the draft."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -30,7 +28,7 @@ from pipesd.serving.text import encode_text
 from pipesd.transport import codec
 from pipesd.transport import conn
 from pipesd.transport import messages as M
-from runtime_helpers import reference_greedy, running_server, tiny_pair
+from runtime_helpers import reference_greedy, running_server, tiny_pair, wait_until
 
 torch.set_num_threads(1)
 
@@ -38,16 +36,6 @@ TOKEN = "tok"
 TLS_ENV = ("PIPESD_TLS_CA", "PIPESD_TLS", "PIPESD_TLS_INSECURE")
 
 
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command line tool is not installed: cannot make a test certificate")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
-                   check=True, capture_output=True, timeout=60)
-    return str(d / "cert.pem"), str(d / "key.pem")
 
 
 @pytest.fixture
@@ -71,7 +59,7 @@ def test_edge_client_takes_tls_explicitly_and_keeps_it_for_reconnections(cert, n
             assert c.generate([1, 2, 3], 10).token_ids == reference_greedy(target_m, [1, 2, 3], 10)
             srv.stop()
             srv = None
-            assert _until(lambda: c.conn.closed)
+            assert wait_until(lambda: c.conn.closed)
             srv2 = CloudServer(target, CloudConfig(port=port, auth_token=TOKEN, tls_cert=cert[0], tls_key=cert[1]))
             srv2.start_in_thread()
             gen = c.generate([4, 5], 10)  # reconnects: with the same CA, else the TLS cloud refuses it
@@ -84,13 +72,6 @@ def test_edge_client_takes_tls_explicitly_and_keeps_it_for_reconnections(cert, n
                 s.stop()
 
 
-def _until(cond, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 # ---------------------------------------------------------------------------- the edge server's API key
@@ -147,7 +128,7 @@ def test_cli_edge_server_with_tls_to_the_cloud_and_an_api_key(cert):
         env["OMP_NUM_THREADS"] = "1"
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            assert _until(lambda: port_file.exists() and port_file.read_text().strip() or proc.poll() is not None,
+            assert wait_until(lambda: port_file.exists() and port_file.read_text().strip() or proc.poll() is not None,
                           120), "edge-server did not start within 120 s"
             assert proc.poll() is None, f"edge-server exited early:\n{proc.stderr.read()}"
             base = f"http://127.0.0.1:{int(port_file.read_text())}"

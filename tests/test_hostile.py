@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -376,16 +375,6 @@ def test_inflight_bytes_and_connection_limits(pair):
 
 
 # --------------------------------------------------------------------------- TLS
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command line tool is not installed: cannot make a test certificate")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
-                   check=True, capture_output=True, timeout=60)
-    return str(d / "cert.pem"), str(d / "key.pem")
 
 
 @pytest.fixture(scope="module")

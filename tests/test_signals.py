@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -36,7 +35,7 @@ from pipesd.cloud import CloudConfig, CloudServer
 from pipesd.edge import EdgeClient, EdgeConfig
 from pipesd.transport import messages as M
 from pipesd.transport.conn import ConnectionClosed, EdgeConnection
-from runtime_helpers import reference_greedy, running_server, tiny_pair
+from runtime_helpers import reference_greedy, running_server, tiny_pair, wait_until
 
 torch.set_num_threads(1)
 
@@ -46,14 +45,6 @@ METHODS = ("pipesd", "vanilla-sd", "cloud-stream")
 NEVER = ("lost the cloud", "terminate called", "Traceback", "offline policy")
 
 
-def _until(cond, timeout_s: float = 20.0) -> bool:
-    """Poll ``cond`` until it holds or ``timeout_s`` passes (a deadline, not a measurement)."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def _default_sigint() -> None:
@@ -90,7 +81,7 @@ class Child:
             buf += chunk
 
     def wait_output(self, timeout_s: float = 120.0) -> None:
-        assert _until(lambda: self.out or self.proc.poll() is not None, timeout_s), "no output within the deadline"
+        assert wait_until(lambda: self.out or self.proc.poll() is not None, timeout_s), "no output within the deadline"
         assert self.proc.poll() is None, f"exited early ({self.proc.returncode}):\n{self.err.decode()}"
 
     def finish(self, timeout_s: float = 60.0) -> tuple[int, str]:
@@ -109,7 +100,7 @@ class Child:
 def _freed_and_serving(srv, url: str, pair, opened_before: int) -> None:
     """The cloud freed the interrupted session and serves the next generation exactly."""
     assert srv.stats.sessions_opened > opened_before, "the child never opened a session"
-    assert _until(lambda: srv.stats.sessions_open == 0), "the interrupted session was not freed"
+    assert wait_until(lambda: srv.stats.sessions_open == 0, 20), "the interrupted session was not freed"
     ids = pair.tokenizer.encode(PROMPT, add_special_tokens=False)
     with EdgeClient(url, pair.draft) as c:
         assert c.generate(PROMPT, 8).token_ids == reference_greedy(pair.target.model, ids, 8)
@@ -168,7 +159,7 @@ def test_keyboard_interrupt_in_an_edge_client_caller_propagates_after_a_clean_cl
     child = Child([sys.executable, "-c", CALLER, url, how, method, str(LONG)])
     child.wait_output()  # "connected"
     verified = srv.stats.verifications
-    assert _until(lambda: srv.stats.sessions_open >= 1 and srv.stats.verifications > verified + 2, 60), \
+    assert wait_until(lambda: srv.stats.sessions_open >= 1 and srv.stats.verifications > verified + 2, 60), \
         "the generation did not start"
     child.proc.send_signal(signal.SIGINT)
     rc, err = child.finish()
@@ -187,7 +178,7 @@ def test_edge_server_stops_cleanly_on_a_signal_during_a_stream(pair, cloud, sig)
     child = Child([sys.executable, "-m", "pipesd", "edge-server", "--cloud", url, "--port", "0", "--threads", "1",
                    "--port-file", str(port_file), "--default-temperature", "0"])
     try:
-        assert _until(lambda: (port_file.exists() and port_file.read_text().strip()) or child.proc.poll() is not None,
+        assert wait_until(lambda: (port_file.exists() and port_file.read_text().strip()) or child.proc.poll() is not None,
                       120), "edge-server did not start"
         assert child.proc.poll() is None, child.err.decode()
         base = f"http://127.0.0.1:{int(port_file.read_text())}"
@@ -252,7 +243,7 @@ def test_cloud_stop_with_connections_open_logs_no_cancelled_error(tiny, caplog):
             done.set()
 
         threading.Thread(target=run, daemon=True).start()
-        assert _until(lambda: srv.stats.verifications >= 3), "the generation did not start"
+        assert wait_until(lambda: srv.stats.verifications >= 3, 20), "the generation did not start"
         srv.stop()
         assert not srv._thread.is_alive(), "stop() did not finish"
         assert done.wait(30), "the edge did not notice the cloud going"
