@@ -270,6 +270,9 @@ def cmd_generate(args) -> int:
           f"{st.mean_accepted:.2f}, {st.verifications} verifications, {st.rollbacks} rollbacks", file=sys.stderr)
     if st.seed is not None:
         print(f"[sampling] seed {st.seed} (replay: --seed {st.seed})", file=sys.stderr)
+    if cfg.lookup != "off":
+        print(f"[lookup] {st.lookup_hits} hits, {st.lookup_proposals} proposals ({st.draft_forwards_saved} draft "
+              f"forwards saved), {st.lookup_accepted} accepted; {st.draft_steps} draft forwards", file=sys.stderr)
     if st.offline_episodes:
         print(f"[offline] cloud lost {st.offline_episodes} time(s), {st.reconnects} reconnect(s), "
               f"{st.offline_tokens} tokens drafted alone, {st.offline_s:.1f} s offline", file=sys.stderr)
@@ -490,6 +493,8 @@ def _generate_config(args):
     from pipesd.edge import EdgeConfig
 
     kw = dict(draft_step_s=args.draft_ms / 1e3, k=args.k, record_timeline=bool(args.save_run))
+    if getattr(args, "lookup", "off") != "off":
+        kw["lookup"] = args.lookup
     # A threshold not given keeps the method's own default (hsl: tau_tok 0.99).
     return EdgeConfig.for_method(args.method, tau_seq=args.tau_seq, tau_tok=args.tau_tok, **kw)
 
@@ -610,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tuner", default=None, choices=["bayes", "fixed"],
                    help="tune (tau_seq, tau_tok) online from the given thresholds (bayes: GP over 64-token windows; "
                         "fixed: measure windows, never move); each evaluation and the final thresholds go to stderr")
+    g.add_argument("--lookup", default="off", choices=["off", "ngram"],
+                   help="ngram: prompt-lookup proposals (the token after the last earlier occurrence of the last "
+                        "1-3 tokens) drafted without a draft forward; lossless (docs/runtime.md)")
     g.add_argument("--save-run", default=None, metavar="RUN.json",
                    help="write the run (tokens, stats, timeline, settings) for `pipesd timeline`")
     g.add_argument("--offline-policy", default="draft", choices=["draft", "wait", "fail"],

@@ -81,6 +81,15 @@ class EdgeConfig:
     reconnect_initial_s: float = 0.2  # first retry soon: a restarting cloud is often back in < 1 s
     reconnect_max_s: float = 5.0  # cap: a returning cloud is noticed within ~5 s, without hammering it
     offline_wait_s: float = 60.0  # "wait": give up when the cloud is gone this long (as long as a verdict may take)
+    # Prompt-lookup proposals (pipesd.edge.lookup; docs/runtime.md, "Prompt-lookup proposals"):
+    # "ngram" drafts the token after the most recent earlier occurrence of the last n tokens
+    # (n from lookup_max_n down to lookup_min_n) without a draft forward; at most
+    # lookup_max_tokens in a row, each with trigger confidence lookup_confidence.
+    lookup: str = "off"
+    lookup_max_n: int = 3
+    lookup_min_n: int = 1
+    lookup_max_tokens: int = 8
+    lookup_confidence: float = 0.9
 
     def __post_init__(self) -> None:
         self.method = canonical_method(self.method)
@@ -107,6 +116,22 @@ class EdgeConfig:
             raise ValueError(f"offline_wait_s must be > 0, got {self.offline_wait_s}")
         if self.ring_capacity < 2 or self.ring_capacity & (self.ring_capacity - 1):
             raise ValueError(f"ring_capacity must be a power of two >= 2, got {self.ring_capacity}")
+        self._check_lookup()
+
+    def _check_lookup(self) -> None:
+        from pipesd.edge.lookup import LOOKUP_MODES
+
+        if self.lookup not in LOOKUP_MODES:
+            raise ValueError(f"lookup must be one of {', '.join(LOOKUP_MODES)}; got {self.lookup!r}")
+        for name in ("lookup_max_n", "lookup_min_n", "lookup_max_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 64:
+                raise ValueError(f"{name} must be an int in [1, 64], got {v!r}")
+        if self.lookup_min_n > self.lookup_max_n:
+            raise ValueError(f"lookup_min_n ({self.lookup_min_n}) must be <= lookup_max_n ({self.lookup_max_n})")
+        c = self.lookup_confidence
+        if not isinstance(c, (int, float)) or isinstance(c, bool) or not 0.0 < c <= 1.0:
+            raise ValueError(f"lookup_confidence must be in (0, 1], got {c!r}")
 
     @classmethod
     def for_method(cls, method: str = "pipesd", *, tau_seq: Optional[float] = None, tau_tok: Optional[float] = None,

@@ -20,6 +20,7 @@ from collections import deque
 import numpy as np
 
 from pipesd.edge.batching import DPBatcher, FixedBatcher, TriggerOnlyBatcher
+from pipesd.edge.lookup import LookupDraft, NgramIndex
 from pipesd.edge.offline import is_link_loss
 from pipesd.edge.session import Run, apply_verdict, recv_for
 from pipesd.edge.trigger import TriggerConfig, make_trigger
@@ -71,8 +72,10 @@ class Compute:
 
     def __init__(self, edge, run: Run, ring: TokenRing, verdicts: Mailbox) -> None:
         self.edge, self.run, self.ring, self.verdicts = edge, run, ring, verdicts
-        self.draft = edge.draft
         cfg = run.cfg
+        self.draft = edge.draft if cfg.lookup == "off" else _lookup_draft(edge.draft, cfg)
+        self.lookup = isinstance(self.draft, LookupDraft)
+        self.model_steps, self.model_s = 0, 0.0  # the draft model's steps and their forward time (no padding)
         self.trig = make_trigger(cfg.trigger, cfg.trigger_rule)
         self.probs: dict = {}  # run position -> draft probability (only for a trigger that learns from verdicts)
         self.want_q = cfg.wire_q in ("topk", "full") or not run.params.greedy
@@ -82,15 +85,26 @@ class Compute:
     def loop(self) -> None:
         run, perf = self.run, time.perf_counter
         self.draft.reset(run.prompt + run.seq)  # the verified output so far (not empty after a re-open)
-        while not run.done.is_set() and not run.cancel.is_set():  # cancelled: end with what is verified
-            t_iter = perf()
-            self._thresholds()
-            if self._verdicts():
-                continue  # re-evaluate position and pausing with the new state
-            self.overhead += perf() - t_iter
-            if not self._step():
-                return
-        run.stats.edge_overhead_s += self.overhead
+        try:
+            while not run.done.is_set() and not run.cancel.is_set():  # cancelled: end with what is verified
+                t_iter = perf()
+                self._thresholds()
+                if self._verdicts():
+                    continue  # re-evaluate position and pausing with the new state
+                self.overhead += perf() - t_iter
+                if not self._step():
+                    return
+            run.stats.edge_overhead_s += self.overhead
+        finally:
+            self._draft_stats()
+
+    def _draft_stats(self) -> None:
+        st = self.run.stats
+        st.draft_steps += self.model_steps
+        st.draft_s += self.model_s
+        if self.lookup:
+            st.lookup_hits += self.draft.hits
+            st.lookup_proposals += self.draft.proposals
 
     def _thresholds(self) -> None:
         if self.tuner is not None:
@@ -114,6 +128,9 @@ class Compute:
             if isinstance(v, BaseException):
                 raise v
             out = apply_verdict(run, self.draft, v)
+            if self.lookup and not out.stale:
+                at = len(run.prompt) + v.start_pos + run.proto.base  # accepted drafts stand below their end
+                run.stats.lookup_accepted += self.draft.lookup_tokens_in(at, at + v.accepted)
             if self.trig.wants_feedback and not out.stale:
                 self._feedback(v)
             if out.rollback_at is not None:
@@ -141,9 +158,14 @@ class Compute:
         run, perf, cfg = self.run, time.perf_counter, self.run.cfg
         t_step = perf()
         st = self.draft.step(run.params, run.gen)
-        _pad(t_step, cfg.draft_step_s)
-        t_end = perf()
-        self.edge.cost.observe_draft(t_end - t_step)
+        if self.lookup and self.draft.last_lookup:
+            t_end = perf()  # a lookup proposal: no forward, no padding, not a draft step for the cost model
+        else:
+            self.model_steps += 1
+            self.model_s += perf() - t_step
+            _pad(t_step, cfg.draft_step_s)
+            t_end = perf()
+            self.edge.cost.observe_draft(t_end - t_step)
         pos, reason = run.proto.on_draft(st.token, self.trig.update(st.prob))
         if self.trig.wants_feedback:
             self.probs[pos] = st.prob
@@ -268,6 +290,11 @@ class Receiver:
                 return
             if v is not None:
                 self.verdicts.put(v)
+
+
+def _lookup_draft(draft, cfg) -> LookupDraft:
+    return LookupDraft(draft, NgramIndex(cfg.lookup_max_n, cfg.lookup_min_n), confidence=cfg.lookup_confidence,
+                       max_tokens=cfg.lookup_max_tokens)
 
 
 def _batcher(edge, cfg):

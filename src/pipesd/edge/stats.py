@@ -50,12 +50,23 @@ class GenerationStats:
     offline_tokens: int = 0  # tokens drafted while offline (unverified when shown)
     offline_s: float = 0.0  # time from each loss to the first verdict after it (or to the end)
     unverified_tokens: int = 0  # tokens of the output still unverified at the end
+    # Draft cost and prompt-lookup proposals (pipesd.edge.lookup; the pipelined methods).
+    draft_steps: int = 0  # draft-model steps (forwards) in the compute thread
+    draft_s: float = 0.0  # their measured time, catch-up of looked-up tokens included, padding excluded
+    lookup_hits: int = 0  # lookups that found an earlier occurrence
+    lookup_proposals: int = 0  # drafts that were lookup proposals: each a draft forward saved
+    lookup_accepted: int = 0  # lookup proposals the cloud accepted
 
     timeline: list = field(default_factory=list)  # (lane, t0, t1, info) relative to the start
 
     @property
     def edge_overhead_per_draft_s(self) -> float:
         return self.edge_overhead_s / self.drafted if self.drafted else 0.0
+
+    @property
+    def draft_forwards_saved(self) -> int:
+        """Draft forwards a lookup proposal replaced (one each)."""
+        return self.lookup_proposals
 
     @property
     def acceptance_rate(self) -> float:
@@ -80,6 +91,7 @@ class GenerationStats:
         d["acceptance_rate"] = self.acceptance_rate
         d["mean_accepted"] = self.mean_accepted
         d["edge_overhead_per_draft_s"] = self.edge_overhead_per_draft_s
+        d["draft_forwards_saved"] = self.draft_forwards_saved
         return d
 
 
