@@ -82,6 +82,8 @@ def test_bad_settings_are_refused_naming_the_parameter():
         EdgeConfig(lookup="suffix")
     with pytest.raises(ValueError, match="lookup_min_n .* must be <= lookup_max_n"):
         EdgeConfig(lookup="ngram", lookup_min_n=4, lookup_max_n=2)
+    with pytest.raises(ValueError, match="lookup_confirm must be a bool"):
+        EdgeConfig(lookup="ngram", lookup_confirm="yes")
     for name, bad in (("lookup_max_n", 0), ("lookup_max_tokens", 1.5), ("lookup_min_n", True)):
         with pytest.raises(ValueError, match=f"{name} must be an int"):
             EdgeConfig(lookup="ngram", **{name: bad})
@@ -93,7 +95,7 @@ def test_bad_settings_are_refused_naming_the_parameter():
 # --------------------------------------------------------------------------- fusion with the draft
 def test_a_lookup_draft_costs_no_forward_and_the_cache_catches_up_in_one():
     draft, _, _ = tiny_pair()
-    ld = LookupDraft(draft, NgramIndex(3, 1), confidence=0.8, max_tokens=4)
+    ld = LookupDraft(draft, NgramIndex(3, 1), confidence=0.8, max_tokens=4, confirm=False)
     prompt = [1, 2, 3, 4, 1, 2, 3]
     ld.reset(prompt)
     f0 = draft.forwards
@@ -112,6 +114,44 @@ def test_a_lookup_draft_costs_no_forward_and_the_cache_catches_up_in_one():
     assert ld.from_lookup[len(prompt):] == [True] * 4 + [False]
     ld.truncate(len(prompt) + 2)  # a rollback reaches the draft and the index alike
     assert draft.tokens == ld.index.tokens == prompt + [4, 1] and ld.lookup_tokens_in(0, 100) == 2
+
+
+class FixedDraft:
+    """A stand-in draft model that always drafts ``token`` (and counts its steps)."""
+
+    vocab_size = 48
+
+    def __init__(self, token: int) -> None:
+        self.token, self.steps, self.tokens = token, 0, []
+
+    def reset(self, ids):
+        self.tokens = list(ids)
+
+    def truncate(self, n):
+        del self.tokens[n:]
+
+    def extend(self, ids):
+        self.tokens.extend(ids)
+
+    def step(self, params=None, generator=None, want_full_q=False):
+        from pipesd.models.runners import DraftStep
+
+        self.steps += 1
+        self.tokens.append(self.token)
+        return DraftStep(self.token, 0.7, np.array([self.token]), np.array([1.0]))
+
+
+def test_a_confirmed_copy_starts_only_where_the_draft_model_copied_too():
+    prompt = [1, 2, 3, 4, 1, 2, 3]  # the lookup proposes 4, then 1 2 3 4 ...
+    copier = LookupDraft(FixedDraft(4), NgramIndex(3, 1), max_tokens=8)  # confirm: the default
+    copier.reset(prompt)
+    assert copier.step().token == 4 and not copier.last_lookup  # a hit, unconfirmed: the model steps (and copies)
+    assert [copier.step().token for _ in range(3)] == [1, 2, 3] and copier.inner.steps == 1  # the copy runs on
+    copier.truncate(len(prompt) + 2)  # a rollback: trust is earned again
+    assert copier.step().token == 4 and not copier.last_lookup and copier.inner.steps == 2
+    other = LookupDraft(FixedDraft(9), NgramIndex(3, 1), max_tokens=8)
+    other.reset(prompt)
+    assert [other.step().token for _ in range(3)] == [9, 9, 9] and other.proposals == 0  # never confirmed
 
 
 # --------------------------------------------------------------------------- greedy, several edges in one launch
@@ -152,10 +192,10 @@ def _edges_at_once(url: str, pair, cfgs: list[EdgeConfig], prompts: list) -> dic
 
 LOOKUP_CFGS = [
     EdgeConfig.for_method("pipesd", lookup="ngram"),
-    EdgeConfig.for_method("pipesd", lookup="ngram", lookup_max_tokens=1, lookup_min_n=2),
-    EdgeConfig.for_method("vanilla-sd", k=4, lookup="ngram"),
+    EdgeConfig.for_method("pipesd", lookup="ngram", lookup_max_tokens=1, lookup_min_n=2, lookup_confirm=False),
+    EdgeConfig.for_method("vanilla-sd", k=4, lookup="ngram", lookup_confirm=False),
     EdgeConfig.for_method("pipesd", trigger=TriggerConfig(0.0, 0.0, 64), lookahead=64, lookup="ngram",
-                          lookup_max_tokens=32),  # long runs: lookups far ahead, rollbacks
+                          lookup_max_tokens=32, lookup_confirm=False),  # long runs: lookups far ahead, rollbacks
 ]
 
 
@@ -183,11 +223,13 @@ class GarbageIndex(NgramIndex):
 
 def test_a_garbage_proposer_still_gives_the_exact_greedy_output(pair, refs, monkeypatch):
     def garbage(draft, cfg):
-        return LookupDraft(draft, GarbageIndex(1, 1), confidence=cfg.lookup_confidence, max_tokens=cfg.lookup_max_tokens)
+        return LookupDraft(draft, GarbageIndex(1, 1), confidence=cfg.lookup_confidence, max_tokens=cfg.lookup_max_tokens,
+                           confirm=cfg.lookup_confirm)
 
     monkeypatch.setattr(pipeline, "_lookup_draft", garbage)
-    cfgs = [EdgeConfig.for_method("pipesd", lookup="ngram"),
-            EdgeConfig.for_method("pipesd", lookup="ngram", trigger=TriggerConfig(0.0, 0.0, 16), lookup_max_tokens=3)]
+    cfgs = [EdgeConfig.for_method("pipesd", lookup="ngram", lookup_confirm=False),
+            EdgeConfig.for_method("pipesd", lookup="ngram", trigger=TriggerConfig(0.0, 0.0, 16), lookup_max_tokens=3,
+                                  lookup_confirm=False)]
     with running_server(pair[1], verify_pad_s=0.003) as (srv, url):
         out = _edges_at_once(url, pair, cfgs, REPEATING)
     rollbacks = 0
@@ -252,14 +294,16 @@ def test_sampling_with_lookup_matches_the_target_distribution_and_a_soft_q_is_ca
     draft, target, target_m = tiny_pair(vocab=vocab, noise=0.6, wire_topk=4)
     prompt = [1, 2, 1, 2, 1]  # repeats: lookups propose from the first step on
     exact = _exact_marginals(target_m, prompt, SamplingParams(1.0, 0, 1.0), depth)
-    cfg = EdgeConfig.for_method("pipesd", trigger=TriggerConfig(0.2, 0.3, 4), lookup="ngram", lookup_max_tokens=2)
+    cfg = EdgeConfig.for_method("pipesd", trigger=TriggerConfig(0.2, 0.3, 4), lookup="ngram", lookup_max_tokens=2,
+                                lookup_confirm=False)
     with running_server(target) as (srv, url):
         counts, proposals = _sampled_counts(url, draft, prompt, depth, n, vocab, cfg, 0)
         assert proposals > n  # most generations drafted with lookups
         for d in range(depth):
             p = _chi2_pvalue(counts[d], exact[d])
             assert p > 1e-3, f"position {d}: sampled distribution with lookup differs from the target's (p={p:.2e})"
-        monkeypatch.setattr(pipeline, "_lookup_draft", lambda d, c: SoftQLookup(d, NgramIndex(3, 1), max_tokens=2))
+        monkeypatch.setattr(pipeline, "_lookup_draft",
+                            lambda d, c: SoftQLookup(d, NgramIndex(3, 1), max_tokens=2, confirm=False))
         bad, _ = _sampled_counts(url, draft, prompt, depth, n // 2, vocab, cfg, 10_000)
     assert min(_chi2_pvalue(bad[d], exact[d]) for d in range(depth)) < 1e-6, "the planted soft q was not caught"
 

@@ -84,12 +84,14 @@ class EdgeConfig:
     # Prompt-lookup proposals (pipesd.edge.lookup; docs/runtime.md, "Prompt-lookup proposals"):
     # "ngram" drafts the token after the most recent earlier occurrence of the last n tokens
     # (n from lookup_max_n down to lookup_min_n) without a draft forward; at most
-    # lookup_max_tokens in a row, each with trigger confidence lookup_confidence.
+    # lookup_max_tokens in a row, each with trigger confidence lookup_confidence; with
+    # lookup_confirm, only once the draft model's own token matched the lookup's (a confirmed copy).
     lookup: str = "off"
     lookup_max_n: int = 3
     lookup_min_n: int = 1
     lookup_max_tokens: int = 8
     lookup_confidence: float = 0.9
+    lookup_confirm: bool = True
 
     def __post_init__(self) -> None:
         self.method = canonical_method(self.method)
@@ -132,6 +134,8 @@ class EdgeConfig:
         c = self.lookup_confidence
         if not isinstance(c, (int, float)) or isinstance(c, bool) or not 0.0 < c <= 1.0:
             raise ValueError(f"lookup_confidence must be in (0, 1], got {c!r}")
+        if not isinstance(self.lookup_confirm, bool):
+            raise ValueError(f"lookup_confirm must be a bool, got {self.lookup_confirm!r}")
 
     @classmethod
     def for_method(cls, method: str = "pipesd", *, tau_seq: Optional[float] = None, tau_tok: Optional[float] = None,

@@ -15,9 +15,12 @@ looked-up tokens in that one forward (the runners' contract: the cache is valid 
 common prefix of what it fed and what it is asked about).
 
 Terms: a **hit** is a lookup that found an earlier occurrence; a **lookup proposal** is a hit
-used as the draft (a hit is not used once ``max_tokens`` proposals ran in a row: the draft
-model steps then, so its confidence and cache stay current); each lookup proposal is one draft
-forward saved. A lookup proposal is a deterministic draft: its q is one-hot (top-k wire: ids
+used as the draft; each is one draft forward saved. A hit is not used once ``max_tokens``
+proposals ran in a row (the draft model steps then, so its confidence and cache stay current),
+nor, with ``confirm`` (the default), before the copy is **confirmed**: the draft model's own
+last token equalled the lookup's proposal there (it is copying too); a confirmed copy runs
+until a model step or a rollback. Unconfirmed lookups propose a wrong token far more often
+than the draft does (bench/results/lookup-hit-rate.md), and a rejection costs a round trip. A lookup proposal is a deterministic draft: its q is one-hot (top-k wire: ids
 ``[x]``, probs ``[1.0]``), so the cloud's rejection rule (accept with ``p(x)``, else sample the
 residual ``p`` without ``x``) stays exact. Its trigger confidence is the fixed ``confidence``
 (``EdgeConfig.lookup_confidence``): a lookup has no probability of its own, and a fixed value
@@ -114,11 +117,13 @@ class LookupDraft:
     """
 
     def __init__(self, draft, index: Optional[NgramIndex] = None, *, confidence: float = 0.9,
-                 max_tokens: int = 8) -> None:
+                 max_tokens: int = 8, confirm: bool = True) -> None:
         self.inner = draft
         self.index = index if index is not None else NgramIndex()
         self.confidence = float(confidence)
         self.max_tokens = int(max_tokens)
+        self.confirm = bool(confirm)
+        self.trusted = False  # confirm: the draft model's last token equalled the lookup's there
         self.from_lookup: list[bool] = []
         self.run = 0  # lookup proposals in a row since the draft model last stepped
         self.hits = self.proposals = self.model_steps = 0
@@ -137,32 +142,28 @@ class LookupDraft:
         self.inner.reset(prompt_ids)
         self.index.reset(prompt_ids)
         self.from_lookup = [False] * len(self.index)
-        self.run = 0
+        self.run, self.trusted = 0, False
 
     def truncate(self, length: int) -> None:
         self.inner.truncate(length)
         self.index.truncate(length)
         del self.from_lookup[length:]
-        self.run = 0
+        self.run, self.trusted = 0, False
 
     def extend(self, ids: Sequence[int]) -> None:
         self.inner.extend(ids)
         self.index.extend(ids)
         self.from_lookup.extend([False] * len(ids))
-        self.run = 0
-
-    def propose(self) -> Optional[int]:
-        """The lookup proposal for the next position, or None (a miss, or ``max_tokens`` in a row)."""
-        hit = self.index.lookup()
-        if hit is None:
-            return None
-        self.hits += 1
-        return hit[0] if self.run < self.max_tokens else None
+        self.run, self.trusted = 0, False
 
     def step(self, params=None, generator=None, want_full_q: bool = False) -> DraftStep:
-        """A lookup proposal when there is one (no forward), else the draft model's step."""
-        tok = self.propose()
-        if tok is not None:
+        """A lookup proposal when there is a hit (no forward), else the draft model's step. Not
+        used: a hit after ``max_tokens`` proposals in a row, or (``confirm``) one not confirmed."""
+        hit = self.index.lookup()
+        self.hits += hit is not None
+        use = hit is not None and self.run < self.max_tokens and (self.trusted or not self.confirm)
+        if use:
+            tok = hit[0]
             self.inner.extend([tok])
             qi, qp = one_hot_q(tok)
             full = None
@@ -180,6 +181,7 @@ class LookupDraft:
             self.model_steps += 1
             self.run = 0
             self.last_lookup = False
+            self.trusted = hit is not None and hit[0] == st.token  # the model copied: trust the copy
         self.index.append(st.token)
         self.from_lookup.append(self.last_lookup)
         return st

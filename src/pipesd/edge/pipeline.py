@@ -294,7 +294,7 @@ class Receiver:
 
 def _lookup_draft(draft, cfg) -> LookupDraft:
     return LookupDraft(draft, NgramIndex(cfg.lookup_max_n, cfg.lookup_min_n), confidence=cfg.lookup_confidence,
-                       max_tokens=cfg.lookup_max_tokens)
+                       max_tokens=cfg.lookup_max_tokens, confirm=cfg.lookup_confirm)
 
 
 def _batcher(edge, cfg):
