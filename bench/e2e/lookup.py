@@ -73,7 +73,9 @@ def _defaults() -> dict:
 
 DEFAULT = _defaults()
 RUNS = {"off": dict(lookup="off"), "ngram": dict(lookup="ngram"),  # the EdgeConfig defaults
-        "ngram-unconfirmed": dict(lookup="ngram", lookup_confirm=False)}
+        "ngram-unconfirmed": dict(lookup="ngram", lookup_confirm=False),
+        "ngram n1..3": dict(lookup="ngram", lookup_min_n=1, lookup_max_n=3),
+        "ngram n1..3 unconfirmed": dict(lookup="ngram", lookup_min_n=1, lookup_max_n=3, lookup_confirm=False)}
 
 
 def path_walk(prompt: list[int], target: list[int], draft_tokens: list[int], max_n: int, min_n: int,
@@ -230,8 +232,8 @@ def write_md(path: Path, data: dict) -> None:
              f"Command: `{data['command']}`.", "",
              f"## (a) Bundled pair ({data['bundled_pair']}), end to end, method pipesd, greedy, "
              f"{data['settings']['prompts']} x {data['settings']['tokens']} tokens",
-             "", f"Lookup settings (the EdgeConfig defaults): {_label(DEFAULT)}, confidence 0.9; `ngram-unconfirmed`: "
-                 "the same without confirmation. Outputs with lookup on equal those with it off (asserted).", "",
+             "", f"Lookup settings of `ngram` (the EdgeConfig defaults): {_label(DEFAULT)}, confidence 0.9; the other rows "
+                 "change what their name says. Outputs with lookup on equal those with it off (asserted).", "",
              "| lookup | committed | drafted | lookup proposals (share) | lookup accepted | draft forwards / token "
              "| draft ms / token | acceptance | TPT ms |", "|---|---|---|---|---|---|---|---|---|"]
     for mode, r in a["runs"].items():

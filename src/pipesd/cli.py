@@ -617,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "fixed: measure windows, never move); each evaluation and the final thresholds go to stderr")
     g.add_argument("--lookup", default="off", choices=["off", "ngram"],
                    help="ngram: prompt-lookup proposals (the token after the last earlier occurrence of the last "
-                        "1-3 tokens) drafted without a draft forward; lossless (docs/runtime.md)")
+                        "3-4 tokens) drafted without a draft forward; lossless (docs/runtime.md)")
     g.add_argument("--save-run", default=None, metavar="RUN.json",
                    help="write the run (tokens, stats, timeline, settings) for `pipesd timeline`")
     g.add_argument("--offline-policy", default="draft", choices=["draft", "wait", "fail"],

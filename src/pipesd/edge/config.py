@@ -87,8 +87,8 @@ class EdgeConfig:
     # lookup_max_tokens in a row, each with trigger confidence lookup_confidence; with
     # lookup_confirm, only once the draft model's own token matched the lookup's (a confirmed copy).
     lookup: str = "off"
-    lookup_max_n: int = 3
-    lookup_min_n: int = 1
+    lookup_max_n: int = 4
+    lookup_min_n: int = 3  # shorter matches propose wrong tokens far more often (bench/results/lookup-hit-rate.md)
     lookup_max_tokens: int = 8
     lookup_confidence: float = 0.9
     lookup_confirm: bool = True

@@ -54,7 +54,7 @@ class NgramIndex:
     is the most recent earlier occurrence, and ``tokens[p]`` followed it.
     """
 
-    def __init__(self, max_n: int = 3, min_n: int = 1) -> None:
+    def __init__(self, max_n: int = 4, min_n: int = 3) -> None:
         if not (isinstance(min_n, int) and isinstance(max_n, int) and 1 <= min_n <= max_n):
             raise ValueError(f"need ints 1 <= lookup_min_n <= lookup_max_n, got {min_n!r}, {max_n!r}")
         self.max_n, self.min_n = max_n, min_n
