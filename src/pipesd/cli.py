@@ -89,12 +89,14 @@ def cmd_serve(args) -> int:
         raise ValueError("give --model (a torch target) or --target-gguf (a llama.cpp target), not both")
     token = args.auth_token if args.auth_token is not None else os.environ.get("PIPESD_AUTH_TOKEN", "")
     identities = _serve_identities(args, token)  # a bad tokens file fails before the model loads
-    target = load_target(args.model, args.threads, gguf=args.target_gguf)
     cfg = CloudConfig(host=args.host, port=args.port, auth_token=token, max_sessions=args.max_sessions,
                       max_prompt_tokens=args.max_prompt_tokens, max_draft_in_flight=args.max_draft_in_flight,
                       verify_pad_s=args.verify_pad_ms / 1e3)
     _apply_security_args(cfg, args)
     cfg.identities = identities
+    if args.replicas > 1 or args.ray_address:
+        return _serve_fleet(args, cfg)
+    target = load_target(args.model, args.threads, gguf=args.target_gguf)
     server = CloudServer(target, cfg, tokenizer_fingerprint=tokenizer_fingerprint(target.tokenizer))
     if args.metrics_port is not None:
         from pipesd.metrics import cloud_registry, start_metrics_server
@@ -109,6 +111,45 @@ def cmd_serve(args) -> int:
 
     serve_until_stopped(server, on_started=started)
     print("pipesd: cloud stopped", flush=True)
+    return 0
+
+
+def _serve_fleet(args, cfg) -> int:
+    """``serve --replicas N``: N replicas of this server on Ray behind one address (docs/fleet.md)."""
+    from dataclasses import asdict
+
+    from pipesd.fleet import Fleet, FleetConfig, import_ray, start_ray
+
+    import_ray()  # no Ray: RuntimeError naming pip install 'pipesd[fleet]', before anything starts
+    cloud = {k: v for k, v in asdict(cfg).items() if k not in ("host", "port")}
+    cloud["identities"] = cfg.identities  # as given (asdict would flatten them)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.replicas)
+    fcfg = FleetConfig(replicas=args.replicas, host=args.host, port=args.port, cloud=cloud, model=args.model,
+                       target_gguf=args.target_gguf, threads=threads, drain_grace_s=args.drain_grace_s)
+    owns = start_ray(args.ray_address, args.replicas)
+    try:
+        fleet = Fleet(fcfg, owns_ray=owns)
+    except BaseException:
+        if owns:
+            import ray
+
+            ray.shutdown()
+        raise
+    if args.metrics_port is not None:
+        from pipesd.fleet.observe import start_fleet_http
+
+        mhost, mport = start_fleet_http(fleet, args.metrics_port, args.metrics_host, cfg.auth_token)
+        print(f"pipesd: metrics on http://{mhost}:{mport}/metrics, fleet status on http://{mhost}:{mport}/fleet",
+              flush=True)
+
+    def started(fleet) -> None:
+        print(f"pipesd: fleet of {args.replicas} replicas serving on {fleet.address[0]}:{fleet.address[1]}",
+              flush=True)
+        if args.port_file:
+            Path(args.port_file).write_text(str(fleet.address[1]))
+
+    serve_until_stopped(fleet, on_started=started)
+    print("pipesd: fleet stopped", flush=True)
     return 0
 
 
@@ -587,6 +628,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port-file", default=None, help=argparse.SUPPRESS)
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: any)")
     s.add_argument("--metrics-host", default="127.0.0.1", help="metrics address (default: loopback only)")
+    s.add_argument("--replicas", type=_number(int, 1), default=1,
+                   help="verifier replicas on Ray behind this one address (default 1: a single server, no Ray; "
+                        "needs pip install 'pipesd[fleet]'; docs/fleet.md)")
+    s.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (e.g. HEAD:6379, after `ray start --head`); default: start a local one")
+    s.add_argument("--drain-grace-s", type=_number(float, 0), default=0.0,
+                   help="fleet: on SIGTERM let open sessions finish this long before stopping (default 0)")
     s.set_defaults(fn=cmd_serve)
 
     g = sub.add_parser("generate", help="generate text with an edge client (streams to the terminal)")
