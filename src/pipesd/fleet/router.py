@@ -140,7 +140,9 @@ class Fleet:
             log.warning("replica %d restarted (pid %s -> %s), now on %s:%d", r.index, r.pid, pid, *addr)
             self._close_conns(r)  # any left belong to the dead process
         r.address, r.pid, r.load, r.live = addr, pid, load, True
-        r.draining = r.draining or bool(load.get("draining"))
+        # The replica's word. A poll answered just before a drain began may clear the router's flag
+        # for one period: a connection routed then is handed back by the replica (still lossless).
+        r.draining = bool(load.get("draining"))
 
     def _down(self, r: _Replica, why: str) -> None:
         if r.live:
@@ -256,6 +258,14 @@ class Fleet:
         r.draining = True
         return ray.get(r.actor.drain.remote(float(grace_s)), timeout=grace_s + 30)
 
+    def undrain(self, index: int) -> None:
+        """Call a drain off: replica ``index`` takes new connections and sessions again."""
+        import ray
+
+        r = self.replicas[index]
+        ray.get(r.actor.undrain.remote(), timeout=30)
+        r.draining = False
+
     def drain_all(self, grace_s: float) -> list:
         """Drain every replica at once (SIGTERM with ``drain_grace_s``)."""
         import ray
@@ -321,22 +331,24 @@ class Fleet:
         try:
             up = None
             for r in self._ranked():
+                r.conns.add(writer)  # counted at once: edges routed while this one connects see it
                 try:
                     ur, uw = await asyncio.wait_for(asyncio.open_connection(*r.address),
                                                     self.config.connect_timeout_s)
                 except (OSError, asyncio.TimeoutError) as e:
+                    r.conns.discard(writer)
                     self._down(r, f"connect: {e}")  # until its next load() answers
                     continue
                 up = (r, ur, uw)
                 break
             if up is None or writer.transport.is_closing():
                 if up is not None:
+                    up[0].conns.discard(writer)
                     up[2].transport.abort()
                 log.warning("no live replica for a connection from %s: closing it (the edge retries)", peer)
                 writer.transport.abort()
                 return
             r, ur, uw = up
-            r.conns.add(writer)
             r.connections_routed += 1
             try:
                 await self._splice(reader, writer, ur, uw, lambda: self._done_pending(peer, writer))
