@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -91,7 +92,7 @@ def cmd_serve(args) -> int:
     identities = _serve_identities(args, token)  # a bad tokens file fails before the model loads
     cfg = CloudConfig(host=args.host, port=args.port, auth_token=token, max_sessions=args.max_sessions,
                       max_prompt_tokens=args.max_prompt_tokens, max_draft_in_flight=args.max_draft_in_flight,
-                      verify_pad_s=args.verify_pad_ms / 1e3)
+                      verify_pad_s=args.verify_pad_ms / 1e3, max_batch_sessions=args.max_batch_sessions)
     _apply_security_args(cfg, args)
     cfg.identities = identities
     if args.replicas > 1 or args.ray_address:
@@ -311,6 +312,8 @@ def cmd_generate(args) -> int:
           f"{st.mean_accepted:.2f}, {st.verifications} verifications, {st.rollbacks} rollbacks", file=sys.stderr)
     if st.seed is not None:
         print(f"[sampling] seed {st.seed} (replay: --seed {st.seed})", file=sys.stderr)
+    if st.schedule:
+        print(f"[schedule] {st.schedule_reason}", file=sys.stderr)
     if cfg.lookup != "off":
         print(f"[lookup] {st.lookup_hits} hits, {st.lookup_proposals} proposals ({st.draft_forwards_saved} draft "
               f"forwards saved), {st.lookup_accepted} accepted; {st.draft_steps} draft forwards", file=sys.stderr)
@@ -337,8 +340,8 @@ def _tuner_progress(events, tuner):
         for r in st["history"][shown:]:
             shown += 1
             print(f"pipesd: tuner: evaluation {shown}: tau_seq {r['tau_seq']:.4f}, tau_tok {r['tau_tok']:.4f} -> "
-                  f"{r['tokens']} tokens in {r['wall_s'] * 1e3:.0f} ms, TPT {r['tpt_s'] * 1e3:.2f} ms", file=sys.stderr,
-                  flush=True)
+                  f"{r['tokens']} tokens in {r['wall_s'] * 1e3:.0f} ms, TPT {r['tpt_s'] * 1e3:.2f} ms, cloud "
+                  f"{r.get('cloud_ms_per_token', 0.0):.2f} ms/token", file=sys.stderr, flush=True)
 
     for ev in events:
         yield ev
@@ -351,6 +354,11 @@ def _tuner_progress(events, tuner):
     state = (f"converged after {st['evaluations']} evaluations" if st["converged"] else
              f"still tuning: {st['evaluations']} of {getattr(tuner.tuner, 'max_evals', '?')} evaluations, "
              f"{st['window_tokens']}-token windows; the tuner keeps its state only within one process")
+    budget = st.get("cloud_budget_ms_per_token")
+    best = st.get("best") or {}
+    if budget is not None and best.get("within_budget") is not None:
+        state += (f"; cloud budget {budget:g} ms/token: {'met' if best['within_budget'] else 'NOT met'} "
+                  f"({best['cloud_ms_per_token']:.2f} ms/token)")
     print(f"pipesd: tuner: final thresholds tau_seq {st['tau_seq']:.4f}, tau_tok {st['tau_tok']:.4f} ({state})",
           file=sys.stderr, flush=True)
 
@@ -528,6 +536,22 @@ def _print_demo_table(results: dict, args) -> None:
     print()
 
 
+def _cloud_budget(text: str):
+    """``--cloud-budget``: milliseconds >= 0, ``vanilla`` (None) or ``none`` / ``inf`` (no limit)."""
+    t = text.strip().lower()
+    if t == "vanilla":
+        return None
+    if t in ("none", "inf"):
+        return math.inf
+    try:
+        v = float(t)
+    except ValueError:
+        v = -1.0
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected milliseconds >= 0, 'vanilla' or 'none', got {text!r}")
+    return v
+
+
 def _generate_config(args):
     """EdgeConfig of `pipesd generate`: the method's preset, --k, --tau-seq/--tau-tok, and a
     recorded timeline when the run is saved."""
@@ -536,6 +560,8 @@ def _generate_config(args):
     kw = dict(draft_step_s=args.draft_ms / 1e3, k=args.k, record_timeline=bool(args.save_run))
     if getattr(args, "lookup", "off") != "off":
         kw["lookup"] = args.lookup
+    if getattr(args, "cloud_budget", None) is not None:
+        kw["cloud_budget_ms_per_token"] = args.cloud_budget
     # A threshold not given keeps the method's own default (hsl: tau_tok 0.99).
     return EdgeConfig.for_method(args.method, tau_seq=args.tau_seq, tau_tok=args.tau_tok, **kw)
 
@@ -624,6 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, default=4096)
     s.add_argument("--max-draft-in-flight", type=int, default=256)
     s.add_argument("--verify-pad-ms", type=float, default=0.0, help="emulate a slower cloud: pad each verification")
+    s.add_argument("--max-batch-sessions", type=_number(int, 1), default=32,
+                   help="most sessions verified in one batched launch (1: no cross-session batching)")
     _add_security_args(s)
     s.add_argument("--port-file", default=None, help=argparse.SUPPRESS)
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: any)")
@@ -663,6 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tuner", default=None, choices=["bayes", "fixed"],
                    help="tune (tau_seq, tau_tok) online from the given thresholds (bayes: GP over 64-token windows; "
                         "fixed: measure windows, never move); each evaluation and the final thresholds go to stderr")
+    g.add_argument("--cloud-budget", type=_cloud_budget, default=None, metavar="MS|vanilla|none",
+                   help="the most cloud busy ms per generated token the adaptive schedule (--method "
+                        "pipesd-adaptive) and the tuner may spend; vanilla (default for pipesd-adaptive): what vanilla "
+                        "SD at its best K spends; none: no limit (cloud streaming allowed)")
     g.add_argument("--lookup", default="off", choices=["off", "ngram"],
                    help="ngram: prompt-lookup proposals (the token after the last earlier occurrence of the last "
                         "3-4 tokens) drafted without a draft forward; lossless (docs/runtime.md)")
