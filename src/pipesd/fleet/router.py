@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 log = logging.getLogger("pipesd.fleet")
 
-__all__ = ["Fleet", "FleetConfig", "RAY_MISSING", "import_ray", "start_ray"]
+__all__ = ["Fleet", "FleetConfig", "RAY_MISSING", "import_ray", "splice", "start_ray"]
 
 #: What ``--replicas`` says without Ray.
 RAY_MISSING = "pipesd serve --replicas needs Ray: pip install 'pipesd[fleet]'"
@@ -351,7 +351,7 @@ class Fleet:
             r, ur, uw = up
             r.connections_routed += 1
             try:
-                await self._splice(reader, writer, ur, uw, lambda: self._done_pending(peer, writer))
+                await splice(reader, writer, ur, uw, lambda: self._done_pending(peer, writer))
             finally:
                 r.conns.discard(writer)
                 uw.transport.abort()
@@ -359,25 +359,27 @@ class Fleet:
         finally:
             self._done_pending(peer, writer)
 
-    @staticmethod
-    async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, first=None) -> None:
-        while True:
-            data = await src.read(1 << 16)
-            if not data:
-                return
-            if first is not None:
-                first()  # the replica answered: no longer a pending handshake
-                first = None
-            dst.write(data)
-            await dst.drain()
 
-    async def _splice(self, er, ew, ur, uw, on_first_reply) -> None:
-        """Bytes both ways until either side ends; then both are closed."""
-        tasks = [asyncio.create_task(self._pump(er, uw)), asyncio.create_task(self._pump(ur, ew, on_first_reply))]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, first=None) -> None:
+    while True:
+        data = await src.read(1 << 16)
+        if not data:
+            return
+        if first is not None:
+            first()  # the replica answered: no longer a pending handshake
+            first = None
+        dst.write(data)
+        await dst.drain()
 
+
+async def splice(er: asyncio.StreamReader, ew: asyncio.StreamWriter, ur: asyncio.StreamReader,
+                 uw: asyncio.StreamWriter, on_first_reply=None) -> None:
+    """Copy bytes edge -> replica and replica -> edge until either side ends (then both pumps
+    stop; the caller closes the sockets). ``on_first_reply``: called at the replica's first bytes."""
+    tasks = [asyncio.create_task(_pump(er, uw)), asyncio.create_task(_pump(ur, ew, on_first_reply))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
