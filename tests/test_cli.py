@@ -231,11 +231,11 @@ def test_generate_with_the_bayes_tuner_reports_each_evaluation_and_stays_exact()
         launch.stop_process(proc)
     assert r.returncode == 0, r.stderr
     evals = re.findall(r"^pipesd: tuner: evaluation (\d+): tau_seq ([\d.]+), tau_tok ([\d.]+) -> (\d+) tokens in "
-                       r"\d+ ms, TPT ([\d.]+) ms$", r.stderr, re.M)
+                       r"\d+ ms, TPT ([\d.]+) ms, cloud ([\d.]+) ms/token$", r.stderr, re.M)
     assert [int(e[0]) for e in evals] == list(range(1, len(evals) + 1)) and len(evals) >= 2, r.stderr
     assert (float(evals[0][1]), float(evals[0][2])) == (0.35, 0.5)  # the first window: the given thresholds
     assert len({(e[1], e[2]) for e in evals}) >= 2  # the tuner moved them
-    assert all(int(e[3]) >= 64 and float(e[4]) > 0 for e in evals)
+    assert all(int(e[3]) >= 64 and float(e[4]) > 0 and float(e[5]) > 0 for e in evals)  # cloud busy time measured
     (final,) = re.findall(r"^pipesd: tuner: final thresholds tau_seq [\d.]+, tau_tok [\d.]+ \((.*)\)$", r.stderr, re.M)
     assert final.startswith(f"still tuning: {len(evals)} of 16 evaluations")
     (ids,) = [ln for ln in r.stderr.splitlines() if ln.startswith("pipesd: token ids: ")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -615,3 +616,171 @@ def test_online_settling_across_a_run_gap_adds_no_time():
         assert core.tells == [((0.1, 0.1), pytest.approx(0.5))]
     finally:
         ot.close()
+
+
+# ----------------------------------------------------------------------------- budgeted tuning
+# The model of the replayed real pair (Qwen2.5-Coder 0.5B -> 1.5B): the recording's own trace
+# (6 HumanEval prompts x 64 tokens) at S1's costs (20 ms draft step, 25 ms verification, the
+# paper link). Unconstrained, the best points verify almost every token (~8.5 cloud ms/token).
+REPLAY_FILE = Path(__file__).resolve().parents[1] / "bench" / "results" / "replay" / "qwen2.5-coder-0.5b-1.5b.jsonl.gz"
+S1 = SimConfig(gen_s=0.020, verify_base_s=0.025, verify_per_token_s=0.0, max_new=64, lookahead=48,
+               startup_s=0.0005, per_token_s=3.2e-6, hint_s=3.2e-6, delay_s=0.010)
+BUDGET_MS = 5.0  # cloud busy ms per generated token: binding (the unconstrained optimum spends more)
+
+
+@pytest.fixture(scope="module")
+def replay_model():
+    """``f(tau_seq, tau_tok) -> (tpt_s, cloud ms/token, drafts per verification)`` on the replay, cached."""
+    from pipesd.models.replay import load_recording
+
+    rec = load_recording(str(REPLAY_FILE))
+    traces = [{"confidence": [float(e[1]) for e in r.draft[:64]],
+               "accepted": [e[0] == t for e, t in zip(r.draft[:64], r.target[:64])]} for r in rec.prompts[:6]]
+    cache = {}
+
+    def f(a, b):
+        key = (round(a, 12), round(b, 12))
+        if key not in cache:
+            r = simulate_tpt(a, b, S1, trace=traces)
+            cache[key] = (r.tpt_s, r.cloud_busy_per_token_s * 1e3, r.mean_draft_len)
+        return cache[key]
+    return f
+
+
+def _budget_grid_best(f, budget, active=("tau_seq", "tau_tok")):
+    """The reference: best TPT over a nines grid (with 0) of the active knobs, within ``budget``."""
+    us = [0.0] + [1 - 10 ** -(-math.log10(1 - 0.995) * i / 14) for i in range(1, 15)]
+    pts = [(a if "tau_seq" in active else 0.0, b if "tau_tok" in active else 0.0) for a in us for b in us]
+    ok = [f(*p)[0] for p in set(pts) if budget is None or f(*p)[1] <= budget]
+    return min(ok)
+
+
+def _run_budgeted(tuner, f):
+    while not tuner.converged:
+        p = tuner.ask()
+        tpt, cost, _ = f(*p)
+        tuner.tell(p, tpt, cost=cost)
+    return tuner.best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_budgeted_tuner_respects_the_budget_and_nears_the_grid_optimum_under_it(seed, replay_model):
+    f = replay_model
+    ref = _budget_grid_best(f, BUDGET_MS)
+    unconstrained = _budget_grid_best(f, None)
+    assert ref > unconstrained  # the budget binds: the fastest points spend more cloud time
+    t = BayesTuner(seed=seed, max_evals=16, x0=(0.35, 0.5), cloud_budget=BUDGET_MS)
+    (point, _) = _run_budgeted(t, f)
+    tpt, cost, drafts_per_verification = f(*point)
+    assert len(t.history) == 16 and t.best_feasible
+    assert cost <= BUDGET_MS  # never settles over budget ...
+    assert drafts_per_verification > 2  # ... so not on verify-every-token
+    assert tpt <= 1.03 * ref, (point, tpt, ref)
+
+
+def test_budgeted_tuner_penalises_over_budget_points_and_reports_when_nothing_fits(replay_model):
+    f = replay_model
+    t = BayesTuner(seed=0, max_evals=6, x0=(0.99, 0.0), cloud_budget=BUDGET_MS)
+    p = t.ask()
+    tpt, cost, _ = f(*p)
+    assert cost > BUDGET_MS  # (0.99, 0): verify after about every token
+    t.tell(p, tpt, cost=cost)
+    assert t.history[0]["penalised"] == pytest.approx(tpt * (cost / BUDGET_MS) ** 4)
+    with pytest.raises(ValueError, match="needs the point's cost"):
+        t.tell(t.ask(), 0.03)
+    # A budget below every point's cost: the cheapest point measured, flagged infeasible.
+    tiny = BayesTuner(seed=0, max_evals=5, cloud_budget=0.5)
+    (point, _) = _run_budgeted(tiny, f)
+    assert tiny.best_feasible is False
+    assert f(*point)[1] == min(h["cost"] for h in tiny.history)
+
+
+def test_without_a_budget_costs_change_nothing(replay_model):
+    f = replay_model
+    told_costs, plain = BayesTuner(seed=3, max_evals=10), BayesTuner(seed=3, max_evals=10, cloud_budget=None)
+    while not plain.converged:
+        p, q = told_costs.ask(), plain.ask()
+        assert p == q
+        told_costs.tell(p, f(*p)[0], cost=f(*p)[1])
+        plain.tell(q, f(*q)[0])
+    assert told_costs.best == plain.best
+    # and unconstrained, the tuner goes where the cloud cost is high (verify often): the old optimum
+    assert f(*plain.best[0])[1] > BUDGET_MS
+
+
+def test_tuner_can_switch_a_threshold_off(replay_model):
+    """``active=("tau_seq",)``: tau_tok is held at its x0 value (0: off) and the search is 1-D; on
+    the replay it reaches the tau_seq-only grid optimum, with or without a budget."""
+    f = replay_model
+    for budget in (None, BUDGET_MS):
+        t = BayesTuner(seed=0, max_evals=10, n_initial=4, x0=(0.35, 0.0), active=("tau_seq",), cloud_budget=budget)
+        while not t.converged:
+            p = t.ask()
+            assert p[1] == 0.0
+            t.tell(p, f(*p)[0], cost=f(*p)[1])
+        ref = _budget_grid_best(f, budget, active=("tau_seq",))
+        assert f(*t.best[0])[0] <= 1.02 * ref and (budget is None or f(*t.best[0])[1] <= budget)
+    assert BayesTuner(active="tau_tok", x0=(0.3, 0.5)).ask() == (0.3, 0.5)  # x0 first, tau_seq held at 0.3
+    for bad in ((), ("lookahead",), ("tau_seq", "tau_seq")):
+        with pytest.raises(ValueError, match="active"):
+            BayesTuner(active=bad)
+    for kw in ({"cloud_budget": -1.0}, {"cloud_budget": math.nan}, {"penalty_exp": 0.0}):
+        with pytest.raises(ValueError):
+            BayesTuner(**kw)
+
+
+def test_online_budgeted_tuner_measures_cloud_cost_per_window_and_respects_the_budget(replay_model):
+    """End to end on the model: 64-token windows of the replay, each told with the cloud busy time
+    its verdicts reported (``observe(..., cloud_s=)``); converges in 16 windows within budget."""
+    from pipesd.models.replay import load_recording
+
+    rec = load_recording(str(REPLAY_FILE))
+    traces = [{"confidence": [float(e[1]) for e in r.draft[:64]],
+               "accepted": [e[0] == t for e, t in zip(r.draft[:64], r.target[:64])]} for r in rec.prompts[:6]]
+    clock = FakeClock()
+    ot = make_online_tuner("bayes", (0.35, 0.5), seed=0, window_tokens=64, clock=clock,
+                           cloud_budget_ms_per_token=BUDGET_MS)
+    try:
+        assert ot.tuner.cloud_budget == BUDGET_MS
+        ot.begin_run()
+        k = 0
+        while not ot.stats()["converged"]:
+            r = simulate_tpt(*ot.current(), S1, trace=traces[k % 6])  # one prompt's generation: one window
+            clock.t += r.wall_s
+            ot.observe(r.tokens, cloud_s=r.cloud_busy_per_token_s * r.tokens)
+            assert ot.sync()
+            k += 1
+            assert k <= 16
+        st = ot.stats()
+    finally:
+        ot.close()
+    assert st["evaluations"] == 16 and st["cloud_budget_ms_per_token"] == BUDGET_MS
+    assert all(h["cloud_ms_per_token"] > 0 for h in st["history"])
+    assert any(h["cloud_ms_per_token"] > BUDGET_MS for h in st["history"])  # it looked past the budget
+    assert st["best"]["within_budget"] and st["best"]["cloud_ms_per_token"] <= BUDGET_MS
+    assert replay_model(st["tau_seq"], st["tau_tok"])[1] <= 1.1 * BUDGET_MS  # on the whole replay too
+    with pytest.raises(ValueError, match="cloud_budget_ms_per_token"):
+        OnlineTuner(FixedTuner((0.1, 0.1)), cloud_budget_ms_per_token=-2.0)
+    with pytest.raises(ValueError, match="cloud_s"):
+        OnlineTuner(FixedTuner((0.1, 0.1))).observe(1, cloud_s=-1.0)
+
+
+def test_edge_client_passes_the_configured_cloud_budget_to_its_tuner():
+    """``EdgeClient(tuner="bayes")`` reads ``config.cloud_budget_ms_per_token``; the windows carry the
+    cloud busy time the verdicts report; output stays the target's greedy tokens."""
+    from pipesd.edge import EdgeClient, EdgeConfig
+    from runtime_helpers import reference_greedy, running_server, tiny_pair
+
+    draft, target, target_m = tiny_pair()
+    cfg = EdgeConfig.for_method("pipesd")
+    cfg.cloud_budget_ms_per_token = 50.0  # the field the adaptive schedule adds; an attribute before it
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    with running_server(target) as (_, url):
+        with EdgeClient(url, draft, cfg, tuner="bayes", tuner_window_tokens=8) as client:
+            for p in prompts:
+                g = client.generate(p, 24)
+                assert g.token_ids == reference_greedy(target_m, p, 24)
+            client.tuner.sync()
+            st = client.tuner.stats()
+    assert st["cloud_budget_ms_per_token"] == 50.0 and st["evaluations"] >= 3
+    assert all(h["cloud_ms_per_token"] > 0 for h in st["history"])

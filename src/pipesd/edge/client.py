@@ -97,8 +97,11 @@ class EdgeClient:
             from pipesd.tuning import make_online_tuner
 
             t = self.config.trigger
+            # the cloud budget (cloud busy ms per generated token) bounds what the tuner may choose
             self.tuner = make_online_tuner(tuner, (t.tau_seq, t.tau_tok), seed=tuner_seed,
-                                           window_tokens=tuner_window_tokens)
+                                           window_tokens=tuner_window_tokens,
+                                           cloud_budget_ms_per_token=getattr(self.config, "cloud_budget_ms_per_token",
+                                                                             None))
 
     # ------------------------------------------------------------------ public API
     @property

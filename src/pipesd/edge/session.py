@@ -192,7 +192,7 @@ def apply_verdict(run: Run, draft, v: M.Verdict, before_commit: Optional[Callabl
         before_commit()  # e.g. withdraw the unverified tail the verdict replaces
     run.emit("verified", out.new)
     if run.tuner is not None:
-        run.tuner.observe(len(out.new))
+        run.tuner.observe(len(out.new), cloud_s=v.verify_s)  # the cloud's busy time, as it reports it
     if out.complete:
         if out.eos:
             run.finish_reason = "eos"

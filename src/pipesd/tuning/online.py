@@ -27,7 +27,7 @@ import time
 from collections import deque
 from typing import Callable, NamedTuple, Optional, Tuple
 
-from pipesd.tuning.bayes import DEFAULT_BOX, BayesTuner, FixedTuner, Point, TunerCore, check_box
+from pipesd.tuning.bayes import DEFAULT_BOX, KNOBS, BayesTuner, FixedTuner, Point, TunerCore, check_box, check_budget
 
 __all__ = ["OnlineTuner", "make_online_tuner", "COST_KEYS"]
 
@@ -52,12 +52,19 @@ class OnlineTuner:
     cost moved by more than ``retune_rel`` (relative, and by more than ``abs_floor_s`` seconds)
     from its value when the tuner converged.
 
+    ``cloud_budget_ms_per_token`` (optional): the tuner minimises TPT subject to the cloud's busy
+    milliseconds per generated token staying within it. A window's cloud cost is the cloud busy
+    time the verdicts of its tokens report (``Verdict.verify_s``, passed as ``observe(...,
+    cloud_s=)``) divided by its tokens; the core tuner is told it with each objective (a
+    :class:`BayesTuner` gets the budget here if it has none). None: unconstrained, as before.
+
     ``clock`` must be monotonic and is only injectable for tests.
     """
 
     def __init__(self, tuner: Optional[TunerCore] = None, window_tokens: int = 64, energy_weight: float = 0.0,
                  retune_rel: float = 0.3, *, settle_tokens: int = 0, abs_floor_s: float = 1e-4,
-                 held_keep: int = 64, clock: Callable[[], float] = time.perf_counter) -> None:
+                 held_keep: int = 64, cloud_budget_ms_per_token: Optional[float] = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         for name, v, lo in (("window_tokens", window_tokens, 1), ("settle_tokens", settle_tokens, 0),
                             ("held_keep", held_keep, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -65,7 +72,14 @@ class OnlineTuner:
         for name, v in (("energy_weight", energy_weight), ("retune_rel", retune_rel), ("abs_floor_s", abs_floor_s)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        self.tuner: TunerCore = tuner if tuner is not None else BayesTuner()
+        self.cloud_budget_ms_per_token = check_budget(cloud_budget_ms_per_token)
+        self.tuner: TunerCore = tuner if tuner is not None else BayesTuner(cloud_budget=self.cloud_budget_ms_per_token)
+        if self.cloud_budget_ms_per_token is not None and isinstance(self.tuner, BayesTuner):
+            if self.tuner.cloud_budget is None:
+                self.tuner.cloud_budget = self.cloud_budget_ms_per_token
+            elif self.tuner.cloud_budget != self.cloud_budget_ms_per_token:
+                raise ValueError(f"cloud_budget_ms_per_token={self.cloud_budget_ms_per_token} differs from the "
+                                 f"tuner's cloud_budget={self.tuner.cloud_budget}")
         self.window_tokens = window_tokens
         self.energy_weight = float(energy_weight)
         self.retune_rel = float(retune_rel)
@@ -81,6 +95,7 @@ class OnlineTuner:
         self._win_tokens = 0
         self._win_wall = 0.0  # closed time of earlier runs in this window
         self._win_energy = 0.0
+        self._win_cloud = 0.0  # cloud busy seconds the window's verdicts reported
         self._seg_start: Optional[float] = None  # start of the open time segment (None: paused)
         self._last_obs: Optional[float] = None
         self._settle_left = 0
@@ -136,12 +151,14 @@ class OnlineTuner:
         self._seg_start = None
         self._running = False
 
-    def observe(self, new_tokens: int, energy_j: float = 0.0) -> None:
-        """``new_tokens`` were committed now (with ``energy_j`` joules of cloud energy since the
-        last call). O(1); when a window completes it is queued for the worker."""
-        if new_tokens < 0 or not energy_j >= 0:
-            raise ValueError(f"new_tokens and energy_j must be >= 0, got {new_tokens!r}, {energy_j!r}")
-        if new_tokens == 0 and energy_j == 0:
+    def observe(self, new_tokens: int, energy_j: float = 0.0, cloud_s: float = 0.0) -> None:
+        """``new_tokens`` were committed now (with ``energy_j`` joules of cloud energy and
+        ``cloud_s`` seconds of cloud busy time, as the verdict reports it, since the last call).
+        O(1); when a window completes it is queued for the worker."""
+        if new_tokens < 0 or not energy_j >= 0 or not cloud_s >= 0:
+            raise ValueError(f"new_tokens, energy_j and cloud_s must be >= 0, got {new_tokens!r}, {energy_j!r}, "
+                             f"{cloud_s!r}")
+        if new_tokens == 0 and energy_j == 0 and cloud_s == 0:
             return
         now = self._clock()
         if not self._running:  # no begin_run: start the clock now, these tokens have no start time
@@ -162,6 +179,7 @@ class OnlineTuner:
             return
         self._win_tokens += new_tokens
         self._win_energy += energy_j
+        self._win_cloud += cloud_s
         self._last_obs = now
         if self._win_tokens >= self.window_tokens:
             self._close_window(now)
@@ -177,6 +195,7 @@ class OnlineTuner:
         self._win_tokens = 0
         self._win_wall = 0.0
         self._win_energy = 0.0
+        self._win_cloud = 0.0
         self._handed = False
         self._settle_left = self.settle_tokens
         start = max(pub.at, self._run_start) if self._running else None
@@ -191,7 +210,8 @@ class OnlineTuner:
         tpt = wall / tokens
         obj = tpt + self.energy_weight * self._win_energy / tokens
         rec = {"tau_seq": point[0], "tau_tok": point[1], "tokens": tokens, "wall_s": wall,
-               "energy_j": self._win_energy, "tpt_s": tpt, "objective": obj}
+               "energy_j": self._win_energy, "tpt_s": tpt, "objective": obj,
+               "cloud_ms_per_token": 1e3 * self._win_cloud / tokens}
         self.windows += 1
         if self._win_tuning and obj > 0:
             self._handed = True
@@ -201,6 +221,7 @@ class OnlineTuner:
             self._win_tokens = 0
             self._win_wall = 0.0
             self._win_energy = 0.0
+            self._win_cloud = 0.0
             self._seg_start = now
 
     # ------------------------------------------------------------------ drift
@@ -244,7 +265,10 @@ class OnlineTuner:
                         self._stale += 1
                         continue
                     was = self.tuner.converged
-                    self.tuner.tell(point, obj)
+                    if self.cloud_budget_ms_per_token is None:
+                        self.tuner.tell(point, obj)
+                    else:
+                        self.tuner.tell(point, obj, cost=rec["cloud_ms_per_token"])
                     hist = getattr(self.tuner, "history", None)
                     if hist:
                         rec = {**rec, "round": hist[-1].get("round"), "phase": hist[-1].get("phase")}
@@ -294,6 +318,12 @@ class OnlineTuner:
         pub = self._pub
         best = self._best
         value = None if best is None or not math.isfinite(best[1]) else best[1]
+        budget = self.cloud_budget_ms_per_token
+        best_cost = None
+        if best is not None:
+            costs = [r["cloud_ms_per_token"] for r in self._evals
+                     if (r["tau_seq"], r["tau_tok"]) == tuple(best[0]) and "cloud_ms_per_token" in r]
+            best_cost = min(costs) if costs else None
         return {
             "tuner": "fixed" if isinstance(self.tuner, FixedTuner) else type(self.tuner).__name__,
             "tau_seq": pub.point[0],
@@ -302,7 +332,12 @@ class OnlineTuner:
             "evaluations": len(self._evals),
             "round": getattr(self.tuner, "round", 0),
             # the last converged round's best (GP posterior mean; for "fixed": the held point)
-            "best": None if best is None else {"tau_seq": best[0][0], "tau_tok": best[0][1], "objective": value},
+            "best": None if best is None else {"tau_seq": best[0][0], "tau_tok": best[0][1], "objective": value,
+                                               "cloud_ms_per_token": best_cost,
+                                               "within_budget": None if budget is None or best_cost is None
+                                               else best_cost <= budget},
+            "cloud_budget_ms_per_token": budget,
+            "active": list(getattr(self.tuner, "active", KNOBS)),
             "history": [dict(r) for r in list(self._evals)],
             "held": [dict(r) for r in list(self._held)],
             "retunes": [dict(r) for r in list(self._retunes)],
@@ -317,14 +352,18 @@ class OnlineTuner:
 
 def make_online_tuner(kind: Optional[str], initial: Point, *, seed: int = 0, **kwargs) -> Optional[OnlineTuner]:
     """What ``EdgeClient(tuner=...)`` builds: ``"bayes"`` (GP tuner seeded with ``initial``),
-    ``"fixed"`` (``initial`` held, windows still measured) or ``None`` (no tuner)."""
+    ``"fixed"`` (``initial`` held, windows still measured) or ``None`` (no tuner).
+    ``cloud_budget_ms_per_token`` (None: unconstrained) bounds the cloud cost the GP tuner may
+    choose; ``active`` (bayes only) the knobs it searches (an inactive one is held at ``initial``)."""
     if kind is None:
         return None
     if kind == "bayes":
         box = check_box(kwargs.pop("box", DEFAULT_BOX))
-        core_kw = {k: kwargs.pop(k) for k in ("max_evals", "n_initial", "scale") if k in kwargs}
+        core_kw = {k: kwargs.pop(k) for k in ("max_evals", "n_initial", "scale", "active", "penalty_exp")
+                   if k in kwargs}
         x0 = tuple(min(max(float(v), lo), hi) for v, (lo, hi) in zip(initial, box))
-        return OnlineTuner(BayesTuner(box, seed=seed, x0=x0, **core_kw), **kwargs)
+        budget = check_budget(kwargs.get("cloud_budget_ms_per_token"))
+        return OnlineTuner(BayesTuner(box, seed=seed, x0=x0, cloud_budget=budget, **core_kw), **kwargs)
     if kind == "fixed":
         return OnlineTuner(FixedTuner(initial), **kwargs)
     raise ValueError(f"tuner must be 'bayes', 'fixed' or None, got {kind!r}")
