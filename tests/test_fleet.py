@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -122,11 +123,18 @@ def run_edges(fleet, jobs, barrier: bool = True) -> dict:
     return out
 
 
+def settled(fleet) -> None:
+    """Wait until the router's last poll shows every replica live with no session open (the
+    previous test's sessions gone), so where new edges land depends on them alone."""
+    assert wait_until(lambda: all(r.live and r.load.get("sessions_open") == 0 for r in fleet.replicas), 90)
+
+
 def own_draft():
     return launch.load_draft(None, threads=1)  # each edge has its own draft model (its own state)
 
 
 def test_sessions_spread_over_both_replicas_and_stay_on_one(fleet, prompts, refs):
+    settled(fleet)
     before = loads(fleet)
     out = run_edges(fleet, {i: (own_draft(), prompts[i]) for i in range(2)})
     after = loads(fleet)
@@ -174,7 +182,7 @@ def test_a_replica_lost_mid_generation_leaves_every_edge_lossless(fleet, prompts
 
 
 def test_the_fleet_serves_new_sessions_on_both_replicas_after_a_restart(fleet, prompts, refs):
-    assert wait_until(lambda: all(r.live for r in fleet.replicas), 90)
+    settled(fleet)
     out = run_edges(fleet, {i: (own_draft(), prompts[i]) for i in range(2)})
     assert [out[i][0].token_ids for i in range(2)] == refs[:2]
     assert sorted(where for _, where in out.values()) == [0, 1]
@@ -196,8 +204,26 @@ def test_metrics_carry_a_replica_label_and_fleet_status_lists_the_replicas(fleet
     assert ei.value.code == 400 and b"replica must be in [0, 1]" in ei.value.read()
 
 
+def test_the_router_caps_pending_handshakes_per_real_peer(fleet, prompts, refs):
+    """The replicas see only the router, so the per-peer cap is the router's: one connection over
+    max_pending_per_peer from one address evicts that address's oldest pending one."""
+    before = fleet.handshakes_evicted
+    socks = [socket.create_connection(fleet.address, timeout=10) for _ in range(fleet.max_pending_per_peer + 1)]
+    try:
+        assert wait_until(lambda: fleet.handshakes_evicted == before + 1, 10)
+        try:
+            assert socks[0].recv(1) == b""  # the oldest was closed
+        except ConnectionResetError:
+            pass
+    finally:
+        for s in socks:
+            s.close()
+    out = run_edges(fleet, {0: (own_draft(), prompts[0])})  # real edges still get through
+    assert out[0][0].token_ids == refs[0]
+
+
 def test_a_draining_replica_takes_no_new_sessions(fleet, prompts, refs):
-    assert wait_until(lambda: all(r.live for r in fleet.replicas), 90)
+    settled(fleet)
     # An edge already connected to replica 1 before the drain: its next session is handed back
     # (its connection closed at OpenSession), and it re-opens on replica 0 through the router.
     early = EdgeClient(url(fleet), own_draft(), EdgeConfig(**CFG))
@@ -240,9 +266,10 @@ def test_bad_replicas_is_an_argparse_error(value):
     assert r.returncode == 2 and b"--replicas" in r.stderr and b"Traceback" not in r.stderr
 
 
-def test_cli_serve_replicas_serves_a_generate_and_stops_on_sigterm(monkeypatch, pair, prompts, refs):
+def test_cli_serve_replicas_serves_a_generate_and_drains_then_stops_on_sigterm(monkeypatch, pair, prompts, refs):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # its own local Ray, not this module's
-    proc, port = launch.start_server_subprocess(None, threads=1, extra=("--replicas", "2"), timeout_s=120)
+    proc, port = launch.start_server_subprocess(None, threads=1, extra=("--replicas", "2", "--drain-grace-s", "5"),
+                                               timeout_s=120)
     try:
         r = _pipesd("generate", "--cloud", f"127.0.0.1:{port}", "--max-new-tokens", str(N_NEW), "--threads", "1",
                     "--show-ids", PROMPTS[0])
