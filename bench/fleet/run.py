@@ -158,6 +158,7 @@ def run_point(port: int, metrics_url: str, n: int, mode: str, pair, args) -> dic
         "generations": len(tpts), "goodput_tok_s": tokens / elapsed if elapsed > 0 else 0.0,
         "tpt_p50_s": pct(tpts, 0.50), "tpt_p99_s": pct(tpts, 0.99),
         "tpt_mean_s": sum(tpts) / len(tpts) if tpts else float("nan"),
+        "tpt_min_s": min(tpts) if tpts else float("nan"),
         "sessions_per_launch": d["verifications"] / d["launches"] if d["launches"] else 0.0,
         "cloud_busy_per_token_s": d["busy_s"] / tokens if tokens else float("nan"),
         "edge_verifications": ver, "tokens_per_verification": tokens / ver if ver else float("nan"),
