@@ -78,7 +78,7 @@ def validate(doc: dict, tolerance: float = 0.15, max_n: int = 32, seed: int = 0)
                     "calibration_point": p["n_edges"] == 1, "within_tolerance": ok})
     predicted = [x for x in rows_out if not x["calibration_point"] and x["n_edges"] <= max_n]
     return {"curve_header": doc["header"], "tolerance": tolerance, "max_n": max_n,
-            "cost_fits": {k: dataclasses.asdict(c) for r, c in fits.items()}, "rows": rows_out,
+            "cost_fits": {k: dataclasses.asdict(c) for k, c in fits.items()}, "rows": rows_out,
             "all_within": bool(predicted) and all(x["within_tolerance"] for x in predicted),
             "max_abs_error": {k: max((abs(x["rel_error"][k]) for x in predicted
                                       if math.isfinite(x["rel_error"][k])), default=float("nan"))
