@@ -260,6 +260,15 @@ def test_replicas_without_ray_say_how_to_install(tmp_path):
     assert b"pip install 'pipesd[fleet]'" in r.stderr
 
 
+def test_a_ray_address_with_nothing_there_fails_fast_and_clearly():
+    with socket.socket() as s:  # a free port: no Ray head listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = _pipesd("serve", "--replicas", "2", "--ray-address", f"127.0.0.1:{port}", "--port", "0", timeout=60)
+    assert r.returncode == 1 and b"Traceback" not in r.stderr
+    assert f"--ray-address 127.0.0.1:{port}: no Ray head answers there".encode() in r.stderr
+
+
 @pytest.mark.parametrize("value", ["0", "two"])
 def test_bad_replicas_is_an_argparse_error(value):
     r = _pipesd("serve", "--replicas", value)

@@ -41,10 +41,26 @@ def start_ray(address: Optional[str], replicas: int) -> bool:
     if ray.is_initialized():
         return False
     if address:
+        _check_reachable(address)
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False, log_to_driver=False)
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``HOST:PORT`` cluster address that accepts no TCP connection fails here, clearly
+    (``ray.init`` would retry for minutes). Other forms (``auto``, ``ray://...``) go to Ray as given."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "/" in address:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RuntimeError(f"--ray-address {address}: no Ray head answers there ({e}); start one with "
+                           "`ray start --head --port PORT`, or leave --ray-address out for a local Ray") from None
 
 
 @dataclass
