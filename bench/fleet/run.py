@@ -95,10 +95,10 @@ def scrape(url: str) -> dict:
 class Edge(threading.Thread):
     """One edge: generations back to back until the deadline (at least one)."""
 
-    def __init__(self, idx: int, port: int, model, tok, method: str, args, deadline: float) -> None:
+    def __init__(self, idx: int, port: int, model, tok, method: str, args, start: threading.Barrier) -> None:
         super().__init__(name=f"fleet-edge-{idx}", daemon=True)
         self.idx, self.port, self.model, self.tok, self.method, self.args = idx, port, model, tok, method, args
-        self.deadline = deadline
+        self.start_line = start  # every edge connected before the clock starts: setup is not load
         self.tpts: list[float] = []
         self.tokens = 0
         self.verifications = 0
@@ -117,6 +117,8 @@ class Edge(threading.Thread):
             link = make_link(self.args.link) if self.args.link != "none" else None
             with EdgeClient(f"127.0.0.1:{self.port}", draft, cfg, auth_token=AUTH, link=link,
                             client_name=f"fleet-{self.idx}") as client:
+                self.start_line.wait(120)
+                deadline = time.monotonic() + self.args.duration
                 i = self.idx
                 while True:
                     g = client.generate(PROMPTS[i % len(PROMPTS)], self.args.max_new_tokens)
@@ -128,20 +130,27 @@ class Edge(threading.Thread):
                     self.accepted += s.accepted_drafts
                     if s.new_tokens:
                         self.tpts.append(s.tpt_s)
-                    if time.monotonic() >= self.deadline:
+                    if time.monotonic() >= deadline:
                         break
         except Exception as e:  # counted and shown; a point with errors is marked
+            if not self.start_line.broken:
+                self.start_line.abort()  # the others must not wait for this one
             self.errors.append(f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
 
 
 def run_point(port: int, metrics_url: str, n: int, mode: str, pair, args) -> dict:
     """N edges for ``args.duration`` seconds; the figures of one point of the curve."""
     method = "cloud-stream" if mode == "stream" else args.method
-    m0 = scrape(metrics_url)
-    t0 = time.monotonic()
-    edges = [Edge(i, port, pair.draft.model, pair.draft.tokenizer, method, args, t0 + args.duration) for i in range(n)]
+    line = threading.Barrier(n + 1)
+    edges = [Edge(i, port, pair.draft.model, pair.draft.tokenizer, method, args, line) for i in range(n)]
     for e in edges:
         e.start()
+    m0 = scrape(metrics_url)
+    try:
+        line.wait(120)
+    except threading.BrokenBarrierError:
+        pass  # an edge failed to start: its error is counted below
+    t0 = time.monotonic()
     for e in edges:
         e.join(max(1.0, t0 + args.duration + args.grace - time.monotonic()))
     elapsed = time.monotonic() - t0
