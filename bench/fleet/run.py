@@ -213,25 +213,28 @@ def run_curve(args) -> dict:
         log(f"fleet: SKIP {skipped[-1]}")
         reps = [r for r in reps if r == 1]
     points = []
+    # batch and stream share a server (same flags); nobatch needs --max-batch-sessions 1
+    groups = [g for g in ([m for m in args.modes if m != "nobatch"], [m for m in args.modes if m == "nobatch"]) if g]
     for r in reps:
-        for mode in args.modes:
-            log(f"fleet: starting `pipesd serve --replicas {r}` for mode {mode}")
+        for group in groups:
+            log(f"fleet: starting `pipesd serve --replicas {r}` for mode(s) {', '.join(group)}")
             try:
-                proc, port, url = start_cloud(r, mode, args)
+                proc, port, url = start_cloud(r, group[0], args)
             except RuntimeError as e:
-                skipped.append(f"replicas {r}, mode {mode}: {str(e).splitlines()[0][:200]}")
+                skipped.append(f"replicas {r}, modes {', '.join(group)}: {str(e).splitlines()[0][:200]}")
                 log(f"fleet: SKIP {skipped[-1]}")
                 continue
             try:
-                if args.warmup > 0:
-                    run_point(port, url, 1, mode, pair, argparse.Namespace(**{**vars(args), "duration": args.warmup}))
-                for n in args.ns:
-                    p = run_point(port, url, n, mode, pair, args)
-                    p["replicas"] = r
-                    points.append(p)
-                    log(f"  R={r} {mode:7s} N={n:3d}: goodput {p['goodput_tok_s']:7.1f} tok/s  TPT p50 "
-                        f"{p['tpt_p50_s'] * 1e3:7.1f} ms p99 {p['tpt_p99_s'] * 1e3:7.1f} ms  sessions/launch "
-                        f"{p['sessions_per_launch']:.2f}  errors {p['errors']}")
+                for mode in group:
+                    if args.warmup > 0:
+                        run_point(port, url, 1, mode, pair, argparse.Namespace(**{**vars(args), "duration": args.warmup}))
+                    for n in args.ns:
+                        p = run_point(port, url, n, mode, pair, args)
+                        p["replicas"] = r
+                        points.append(p)
+                        log(f"  R={r} {mode:7s} N={n:3d}: goodput {p['goodput_tok_s']:7.1f} tok/s  TPT p50 "
+                            f"{p['tpt_p50_s'] * 1e3:7.1f} ms p99 {p['tpt_p99_s'] * 1e3:7.1f} ms  sessions/launch "
+                            f"{p['sessions_per_launch']:.2f}  errors {p['errors']}")
             finally:
                 stop_process(proc, 30)
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in ("out", "tag")}
