@@ -21,7 +21,7 @@ def _load(name: str):
 @pytest.fixture(scope="module")
 def curve(tmp_path_factory):
     run = _load("run")
-    args = run.parse_args(["--ns", "1,2", "--replicas", "1", "--modes", "batch,stream", "--duration", "0.3",
+    args = run.parse_args(["--ns", "1,2", "--replicas", "1", "--modes", "batch,nobatch,stream", "--duration", "0.3",
                            "--max-new-tokens", "6", "--warmup", "0", "--draft-ms", "5", "--verify-ms", "2"])
     doc = run.run_curve(args)
     out = tmp_path_factory.mktemp("fleet")
@@ -34,8 +34,8 @@ def test_the_curve_has_every_point_with_its_header(curve):
     h = doc["header"]
     assert {"machine", "commit", "date", "pair", "settings", "skipped"} <= set(h)
     assert h["pair"] == "bundled" and h["settings"]["ns"] == [1, 2]
-    assert sorted((p["mode"], p["n_edges"]) for p in doc["points"]) == [("batch", 1), ("batch", 2), ("stream", 1),
-                                                                       ("stream", 2)]
+    assert sorted((p["mode"], p["n_edges"]) for p in doc["points"]) == [
+        ("batch", 1), ("batch", 2), ("nobatch", 1), ("nobatch", 2), ("stream", 1), ("stream", 2)]
     assert {p.suffix for p in paths} >= {".json", ".md"}
 
 
@@ -51,6 +51,13 @@ def test_goodput_and_tpt_are_positive_and_consistent(curve):
         assert p["server"]["launches"] > 0 and p["sessions_per_launch"] >= 1.0
         assert p["cloud_busy_per_token_s"] > 0 and math.isfinite(p["tokens_per_verification"])
         assert p["method"] == ("cloud-stream" if p["mode"] == "stream" else "pipesd")
+
+
+def test_nobatch_serves_one_session_per_launch(curve):
+    # `serve --max-batch-sessions 1`: every launch verifies exactly one session
+    doc, _ = curve
+    nob = [p for p in doc["points"] if p["mode"] == "nobatch"]
+    assert nob and all(p["server"]["launches"] == p["server"]["verifications"] for p in nob)
 
 
 def test_the_validator_reads_the_curve_and_reports_an_error_per_point(curve):
