@@ -245,3 +245,21 @@ def test_generate_with_the_bayes_tuner_reports_each_evaluation_and_stays_exact()
 def test_generate_tuner_refuses_a_method_without_both_thresholds():
     r = _pipesd("generate", "x", "--cloud", "127.0.0.1:1", "--tuner", "bayes", "--method", "vanilla-sd", text=True)
     assert r.returncode == 2 and "--tuner tunes the dual-threshold methods" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_bayes_tuner_with_a_cloud_budget_reports_cloud_cost_and_the_budget():
+    """`generate --tuner bayes --cloud-budget MS`: each evaluation shows the cloud busy ms per token
+    its window measured (from the verdicts), the final line the budget the tuner works under."""
+    import re
+
+    proc, port = launch.start_server_subprocess(None, threads=1)
+    try:
+        r = _pipesd("generate", "def read_config(path):\n", "--cloud", f"127.0.0.1:{port}", "--max-new-tokens", "160",
+                    "--threads", "1", "--tuner", "bayes", "--cloud-budget", "1000", text=True)
+    finally:
+        launch.stop_process(proc)
+    assert r.returncode == 0, r.stderr
+    evals = re.findall(r"^pipesd: tuner: evaluation \d+: .* TPT [\d.]+ ms, cloud ([\d.]+) ms/token$", r.stderr, re.M)
+    assert evals and all(float(c) > 0 for c in evals), r.stderr
+    (final,) = re.findall(r"^pipesd: tuner: final thresholds .*\((.*)\)$", r.stderr, re.M)
+    assert "cloud budget 1000 ms/token" in final, final

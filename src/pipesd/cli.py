@@ -356,9 +356,10 @@ def _tuner_progress(events, tuner):
              f"{st['window_tokens']}-token windows; the tuner keeps its state only within one process")
     budget = st.get("cloud_budget_ms_per_token")
     best = st.get("best") or {}
-    if budget is not None and best.get("within_budget") is not None:
-        state += (f"; cloud budget {budget:g} ms/token: {'met' if best['within_budget'] else 'NOT met'} "
-                  f"({best['cloud_ms_per_token']:.2f} ms/token)")
+    if budget is not None:
+        state += f"; cloud budget {budget:g} ms/token"
+        if best.get("within_budget") is not None:
+            state += f": {'met' if best['within_budget'] else 'NOT met'} ({best['cloud_ms_per_token']:.2f} ms/token)"
     print(f"pipesd: tuner: final thresholds tau_seq {st['tau_seq']:.4f}, tau_tok {st['tau_tok']:.4f} ({state})",
           file=sys.stderr, flush=True)
 
