@@ -66,6 +66,8 @@ class EdgeMetrics:
         self.triggers = Counter(f"{ns}_triggers", "Verification triggers by reason", ["method", "reason"],
                                 registry=r)
         self.finished = Counter(f"{ns}_finished", "Generations by finish reason", ["method", "reason"], registry=r)
+        self.schedules = Counter(f"{ns}_schedule_generations", "Generations by the schedule pipesd-adaptive chose",
+                                 ["method", "schedule"], registry=r)
         self.tpt = Histogram(f"{ns}_tpt_seconds", "Time per generated token, per generation", m,
                              buckets=TPT_BUCKETS, registry=r)
         self.tps = Histogram(f"{ns}_tokens_per_second", "Generated tokens per second, per generation", m,
@@ -98,6 +100,8 @@ class EdgeMetrics:
                                (self.generation_seconds, st.wall_s)):
             if value and value > 0:
                 counter.labels(m).inc(value)
+        if getattr(st, "schedule", ""):
+            self.schedules.labels(m, st.schedule).inc()
         for reason, n in (st.trigger_reasons or {}).items():
             self.triggers.labels(m, str(reason)).inc(n)
         acc, batch = self.accepted_length.labels(m), self.batch_size.labels(m)

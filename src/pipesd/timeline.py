@@ -149,7 +149,7 @@ def render_run(run: Union[str, Path, dict], out: Optional[Union[str, Path]] = No
         out = Path(run).with_suffix(".png")
     st = d.get("stats") or {}
     method = st.get("method") or "?"
-    title = f"PipeSD timeline ({method})"
+    title = f"PipeSD timeline ({method}{': ' + st['schedule'] if st.get('schedule') else ''})"
     sub = None
     if st:
         sub = (f"{st.get('new_tokens', 0)} tokens, TPT {1e3 * float(st.get('tpt_s', 0.0)):.1f} ms, "

@@ -26,6 +26,7 @@ from pipesd.edge.baselines import cloud_stream, edge_only, target_per_token
 from pipesd.edge.config import EdgeConfig
 from pipesd.edge.offline import CloudUnavailableError, EventText, StreamEvent, is_link_loss, reconcile, recover
 from pipesd.edge.pipeline import run_pipelined
+from pipesd.edge.schedule import AdaptiveSchedule
 from pipesd.edge.session import Cancel, Run, open_session
 from pipesd.edge.stats import Generation, GenerationStats
 from pipesd.fingerprint import tokenizer_fingerprint
@@ -90,6 +91,7 @@ class EdgeClient:
         self._run: Optional[Run] = None  # the generation in progress
         self._owner: Optional[int] = None  # the thread running it (close() must not wait for itself)
         self._closing = threading.Event()  # close() cancels the generation in progress
+        self.schedule: Optional[AdaptiveSchedule] = None  # method "pipesd-adaptive": made at its first generation
         # Online threshold tuner (PipeSD mechanism 3): "bayes", "fixed" or None. It tunes the
         # methods that use both thresholds; the others keep their configured trigger.
         self.tuner = None
@@ -293,8 +295,16 @@ class EdgeClient:
         cfg = config or self.config
         ids = self._encode(prompt)
         with self._lock:  # one generation at a time per connection
+            asked, schedule = cfg, None
+            if cfg.method == "pipesd-adaptive":  # the schedule the model ranks fastest within the budget
+                if self.schedule is None:
+                    self.schedule = AdaptiveSchedule()
+                self.schedule.observe_rtt(self.conn.handshake_rtt_s)
+                cfg, *schedule = self.schedule.config_for(cfg)
             run = Run(self._new_sid(), ids, max_new_tokens, _seeded(sampling), cfg,
                       getattr(self.tokenizer, "eos_token_id", None))
+            if schedule:
+                run.stats.method, (run.stats.schedule, run.stats.schedule_reason) = asked.method, schedule
             run.on_event = on_event
             run.stats.seed = run.params.seed
             run.cancel = cancel
@@ -315,6 +325,8 @@ class EdgeClient:
                         pass
             if cancel.is_set() and not run.complete:
                 run.finish_reason = "cancelled"
+            if schedule:
+                self.schedule.observe(run.stats, self.cost, asked)
         return self._result(run)
 
     def _result(self, run: Run) -> Generation:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -16,6 +17,7 @@ __all__ = ["ALIASES", "EdgeConfig", "METHODS", "canonical_method"]
 #: ``target-per-token`` and ``edge-only`` are the references (docs/runtime.md, "Methods").
 METHODS = (
     "pipesd",            # pipeline + DP batches + dual-threshold trigger
+    "pipesd-adaptive",   # per generation, the schedule the TPT model ranks fastest within the cloud budget
     "vanilla-sd",        # draft K, send, verify, wait (serial, fixed K)
     "hsl",               # HSL as its paper ran it: token threshold (tau_tok 0.99), stop, send all, wait
     "edgellm",           # EdgeLLM as its paper ran it: adaptive sequence threshold, pipelined, sent at the trigger
@@ -81,6 +83,10 @@ class EdgeConfig:
     reconnect_initial_s: float = 0.2  # first retry soon: a restarting cloud is often back in < 1 s
     reconnect_max_s: float = 5.0  # cap: a returning cloud is noticed within ~5 s, without hammering it
     offline_wait_s: float = 60.0  # "wait": give up when the cloud is gone this long (as long as a verdict may take)
+    # The adaptive schedule's cloud budget (pipesd.edge.schedule): the most cloud busy ms per
+    # generated token it may choose; None: what vanilla SD at its best K would spend; math.inf:
+    # no limit (cloud streaming allowed). Also bounds the budgeted tuner (pipesd.tuning).
+    cloud_budget_ms_per_token: Optional[float] = None
     # Prompt-lookup proposals (pipesd.edge.lookup; docs/runtime.md, "Prompt-lookup proposals"):
     # "ngram" drafts the token after the most recent earlier occurrence of the last n tokens
     # (n from lookup_max_n down to lookup_min_n) without a draft forward; at most
@@ -116,6 +122,9 @@ class EdgeConfig:
                              f"{self.reconnect_max_s}")
         if not self.offline_wait_s > 0:
             raise ValueError(f"offline_wait_s must be > 0, got {self.offline_wait_s}")
+        b = self.cloud_budget_ms_per_token
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or math.isnan(b) or b < 0):
+            raise ValueError(f"cloud_budget_ms_per_token must be None or a number >= 0 (inf: no limit), got {b!r}")
         if self.ring_capacity < 2 or self.ring_capacity & (self.ring_capacity - 1):
             raise ValueError(f"ring_capacity must be a power of two >= 2, got {self.ring_capacity}")
         self._check_lookup()
@@ -153,7 +162,7 @@ class EdgeConfig:
             t = TriggerConfig(t.tau_seq if tau_seq is None else tau_seq, t.tau_tok if tau_tok is None else tau_tok,
                               t.max_draft)
         base = dict(method=method)
-        if method in ("pipesd", "fixed-batch", "dual-no-pipeline"):
+        if method in ("pipesd", "pipesd-adaptive", "fixed-batch", "dual-no-pipeline"):
             base.update(batching="fixed" if method == "fixed-batch" else "dp", pipeline=method != "dual-no-pipeline",
                         trigger=t)
         elif method == "vanilla-sd":

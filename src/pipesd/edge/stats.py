@@ -34,6 +34,10 @@ class GenerationStats:
     wasted_forwards: int = 0  # scored drafts that were rejected
     cloud_busy_s: float = 0.0
     trigger_reasons: dict = field(default_factory=dict)
+    rejections: int = 0  # verifications that rejected a draft (the rest accepted all they verified)
+    # The adaptive schedule (pipesd.edge.schedule): the schedule this generation ran and why.
+    schedule: str = ""
+    schedule_reason: str = ""
     bonus_tokens: int = 0  # target tokens that came free with a full acceptance (continuation rule)
     bonus_kept: int = 0  # of those, equal to the edge's draft there: its later drafts stood
     hints_sent: int = 0  # drafts sent as hints (no q on the wire: only compared with a bonus)
@@ -84,6 +88,7 @@ class GenerationStats:
         self.accepted_lengths.append(accepted)
         self.cloud_forwards += forwards
         self.wasted_forwards += n_seg - accepted
+        self.rejections += accepted < n_seg
         self.cloud_busy_s += busy_s
 
     def to_dict(self) -> dict:

@@ -250,6 +250,7 @@ class EdgeConnection:
         self.messages_sent = 0
         self.messages_received = 0
         self.hello_ack: Optional[M.HelloAck] = None
+        self.handshake_rtt_s: Optional[float] = None  # Hello -> HelloAck, set by connect()
         self._send_lock = threading.Lock()
         self._inbox: "queue.Queue" = queue.Queue()
         self._held: Optional[tuple] = None  # (deliver_at, msg) taken from the inbox, not yet due
@@ -314,6 +315,7 @@ class EdgeConnection:
         sock.settimeout(None)
         c = cls(sock, link, max_frame_bytes, write_timeout_s)
         closed: Optional[ConnectionClosed] = None
+        t_hello = time.perf_counter()
         try:
             try:
                 c.send(M.Hello(version=M.PROTOCOL_VERSION, auth_token=auth_token, client_name=client_name))
@@ -330,6 +332,7 @@ class EdgeConnection:
             raise
         if isinstance(msg, M.HelloAck) and msg.version == M.PROTOCOL_VERSION:
             c.hello_ack = msg
+            c.handshake_rtt_s = time.perf_counter() - t_hello  # a round trip (emulated link included)
             return c
         c.close()
         if isinstance(msg, M.Error):

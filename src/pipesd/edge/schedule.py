@@ -1,0 +1,289 @@
+"""The adaptive schedule (method ``pipesd-adaptive``): the edge picks, per generation, the
+schedule the TPT model says is fastest within a cloud budget.
+
+Why: no one schedule wins everywhere (docs/tuning.md, "Which schedule wins where"). A pipelined
+edge commits at most one draft per draft step ``g``; a serial round gets the target's bonus token
+free, which wins when the round trip plus a verification is shorter than ``g`` (a slow edge); a
+cloud that decodes alone and streams is the latency floor on a fast cloud, at the highest cloud
+cost. So the edge measures its costs and lets the model (:func:`pipesd.tuning.sim.simulate_tpt`,
+the protocol's own classes on a virtual clock) rank the candidates.
+
+Terms:
+
+- **candidate**: one schedule the runtime already runs losslessly, as a method preset:
+  ``pipelined`` (``pipesd``: pipeline, DP batches, the dual trigger at the configured
+  thresholds), ``serial-K`` (``vanilla-sd`` with draft length K = 1..8: draft, send, wait; the
+  bonus is free), ``serial-dual`` (``dual-no-pipeline``) and ``cloud-stream``. The choice only
+  selects among them, so it cannot make a run lossy.
+- **cloud cost**: the cloud's busy milliseconds per generated token (verification time as the
+  cloud reports it in each verdict, ``Verdict.verify_s``).
+- **budget**: the most cloud cost a user allows (``EdgeConfig.cloud_budget_ms_per_token``);
+  ``None`` means what vanilla SD at its best K would spend (the model's best serial-K), so the
+  adaptive edge is never costlier than the baseline a user would otherwise pick.
+- **costs**: what the model is fed, all measured on this connection: ``g`` (the edge's
+  :class:`pipesd.scheduling.CostModel`, padding included), uplink ``s`` and ``c`` (same),
+  the one-way delay (half the handshake round trip, the smallest seen), the cloud's
+  verification time against drafts per verification (least squares over past generations) and
+  the per-position agreement of draft and target (accepted / (accepted + rejections)).
+
+The first generation on a connection runs ``pipelined`` (nothing is measured yet); after each
+generation the costs are updated and, when they moved by more than ``drift`` (or on the first
+measurement), the model is re-run on a background thread: the choice for the next generation is
+the last one it finished, so no generation waits for the model.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
+
+__all__ = ["Costs", "Candidate", "Choice", "AdaptiveSchedule", "choose", "SERIAL_K"]
+
+SERIAL_K = tuple(range(1, 9))  # draft lengths of the serial-K candidates
+_FIELDS_KEPT = ("draft_step_s", "wire_q", "verdict_timeout_s", "ring_capacity", "record_timeline", "offline_policy",
+                "reconnect_initial_s", "reconnect_max_s", "offline_wait_s", "lookahead", "lookup", "lookup_max_n",
+                "lookup_min_n", "lookup_max_tokens", "lookup_confidence", "lookup_confirm")
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What the model is fed (seconds; ``agreement``: P(draft == target) per position)."""
+
+    gen_s: float
+    delay_s: float
+    verify_base_s: float
+    verify_per_token_s: float = 0.0
+    startup_s: float = 0.0
+    per_token_s: float = 0.0
+    agreement: float = 0.9
+
+    def __post_init__(self) -> None:
+        for k, v in asdict(self).items():
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
+        if self.agreement > 1:
+            raise ValueError(f"agreement must be in [0, 1], got {self.agreement!r}")
+
+    def drifted(self, other: "Costs", rel: float) -> bool:
+        """True when any cost differs from ``other``'s by more than ``rel`` (relative, with a
+        0.5 ms / 0.02 floor so that tiny costs do not count as drift)."""
+        for k, v in asdict(self).items():
+            w = getattr(other, k)
+            floor = 0.02 if k == "agreement" else 5e-4
+            if abs(v - w) > rel * max(abs(w), floor):
+                return True
+        return False
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One schedule, its preset (``method`` + ``overrides`` for :meth:`EdgeConfig.for_method`)
+    and what the model predicts for it."""
+
+    name: str
+    method: str
+    overrides: tuple = ()
+    tpt_ms: float = 0.0
+    cloud_ms_per_token: float = 0.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The model's ranking and the pick: ``chosen`` is the fastest candidate whose cloud cost is
+    within ``budget_ms`` (or the cheapest one when none is)."""
+
+    chosen: Candidate
+    budget_ms: float
+    reason: str
+    candidates: tuple = ()
+    costs: Optional[Costs] = None
+    asked: Optional[float] = None  # the budget as configured (None: vanilla SD's)
+
+    def to_dict(self) -> dict:
+        return {"schedule": self.chosen.name, "method": self.chosen.method, "reason": self.reason,
+                "budget_ms_per_token": self.budget_ms, "predicted_tpt_ms": self.chosen.tpt_ms,
+                "predicted_cloud_ms_per_token": self.chosen.cloud_ms_per_token,
+                "costs": asdict(self.costs) if self.costs is not None else None,
+                "candidates": [{"name": c.name, "tpt_ms": round(c.tpt_ms, 3),
+                                "cloud_ms_per_token": round(c.cloud_ms_per_token, 3)} for c in self.candidates]}
+
+
+def _hard_frac(agreement: float) -> float:
+    """The model's share of contested tokens that gives a per-position agreement ``agreement``
+    (confident tokens agree 0.984 of the time, contested ones 0.5: :class:`SimConfig`)."""
+    return min(1.0, max(0.0, (30.0 / 30.5 - agreement) / (30.0 / 30.5 - 0.5)))
+
+
+def _model(costs: Costs, seed: int, segments: int):
+    from pipesd.tuning.sim import SimConfig
+
+    return SimConfig(gen_s=costs.gen_s, startup_s=costs.startup_s, per_token_s=costs.per_token_s,
+                     delay_s=costs.delay_s, verify_base_s=costs.verify_base_s,
+                     verify_per_token_s=costs.verify_per_token_s, hard_frac=_hard_frac(costs.agreement),
+                     segments=segments, seed=seed)
+
+
+def candidates(costs: Costs, tau: tuple = (0.35, 0.5), *, max_draft: int = 16, lookahead: int = 48,
+               segments: int = 400, seed: int = 0) -> list[Candidate]:
+    """Every candidate with the model's TPT and cloud cost for ``costs``."""
+    from pipesd.tuning.sim import simulate_tpt
+
+    cfg = _model(costs, seed, segments)
+    out = []
+
+    def add(name, method, overrides, pipeline, batching, ts, tt, md):
+        r = simulate_tpt(ts, tt, replace(cfg, pipeline=pipeline, batching=batching, max_draft=md, lookahead=lookahead))
+        out.append(Candidate(name, method, tuple(sorted(overrides.items())), r.tpt_s * 1e3,
+                             r.cloud_busy_per_token_s * 1e3))
+
+    add("pipelined", "pipesd", {}, True, "dp", tau[0], tau[1], max_draft)
+    add("serial-dual", "dual-no-pipeline", {}, False, "dp", tau[0], tau[1], max_draft)
+    for k in SERIAL_K:
+        add(f"serial-{k}", "vanilla-sd", {"k": k}, False, "trigger", 0.0, 0.0, k)
+    # The cloud decodes alone: one target forward (a zero-draft job) per token; the round trip
+    # is paid once per generation, so it is left out per token.
+    stream = costs.verify_base_s * 1e3
+    out.append(Candidate("cloud-stream", "cloud-stream", (), stream, stream))
+    return out
+
+
+def vanilla_budget(cands: list[Candidate]) -> float:
+    """What vanilla SD at its best K spends: the cloud cost of the fastest serial-K candidate."""
+    best = min((c for c in cands if c.method == "vanilla-sd"), key=lambda c: c.tpt_ms)
+    return best.cloud_ms_per_token
+
+
+def choose(costs: Costs, budget_ms: Optional[float] = None, tau: tuple = (0.35, 0.5), **kw) -> Choice:
+    """Rank the candidates for ``costs`` and pick the fastest within ``budget_ms`` (None: what
+    vanilla SD at its best K would spend; ``math.inf``: no limit)."""
+    cands = candidates(costs, tau, **kw)
+    default = budget_ms is None
+    budget = vanilla_budget(cands) if default else float(budget_ms)
+    tol = 1e-6 + 0.02 * budget  # the model's noise: 2% over the budget still counts as within it
+    ok = [c for c in cands if c.cloud_ms_per_token <= budget + tol]
+    if ok:
+        pick = min(ok, key=lambda c: (c.tpt_ms, c.cloud_ms_per_token))
+        fastest = min(cands, key=lambda c: c.tpt_ms)
+        why = (f"{pick.name}: fastest within the cloud budget ({budget:.2f} ms/token"
+               f"{', what vanilla SD at its best K spends' if default else ''})")
+        if fastest is not pick:
+            why += f"; {fastest.name} would be faster ({fastest.tpt_ms:.1f} ms) at {fastest.cloud_ms_per_token:.2f} ms/token"
+    else:
+        pick = min(cands, key=lambda c: (c.cloud_ms_per_token, c.tpt_ms))
+        why = f"{pick.name}: no schedule fits the cloud budget ({budget:.2f} ms/token); the cheapest one"
+    why += (f" [g {costs.gen_s * 1e3:.1f} ms, round trip {2 * costs.delay_s * 1e3:.1f} ms, verify "
+            f"{costs.verify_base_s * 1e3:.1f} ms, agreement {costs.agreement:.2f}]")
+    return Choice(pick, budget, why, tuple(cands), costs, budget_ms)
+
+
+@dataclass
+class _Observed:
+    """Running sums over past generations (a window of the last ``window`` verifications)."""
+
+    accepted: float = 0.0
+    rejections: float = 0.0
+    points: list = field(default_factory=list)  # (mean drafts per verification, mean verify_s, verifications)
+
+
+class AdaptiveSchedule:
+    """Per-connection state of ``pipesd-adaptive`` (see the module docstring). ``background``:
+    re-run the model on a thread (the runtime); False runs it inline (tests, tools)."""
+
+    def __init__(self, *, drift: float = 0.15, background: bool = True, window: int = 512) -> None:
+        if not 0 < drift < 10:
+            raise ValueError(f"drift must be in (0, 10), got {drift!r}")
+        self.drift = drift
+        self.background = background
+        self.window = window
+        self.choice: Optional[Choice] = None
+        self.history: list = []  # (generation index, schedule name) at each change
+        self._obs = _Observed()
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self._generations = 0
+        self.delay_s: Optional[float] = None  # one-way delay: half the smallest handshake round trip
+
+    # ---------------------------------------------------------------- the choice
+    def config_for(self, cfg):
+        """The concrete EdgeConfig for the next generation of a ``pipesd-adaptive`` config."""
+        from pipesd.edge.config import EdgeConfig
+
+        choice = self.choice
+        if choice is not None and choice.asked != cfg.cloud_budget_ms_per_token:
+            choice = None  # made for another budget: the next observation re-chooses
+        name, method, overrides = ("pipelined", "pipesd", ()) if choice is None else (
+            choice.chosen.name, choice.chosen.method, choice.chosen.overrides)
+        kept = {k: getattr(cfg, k) for k in _FIELDS_KEPT}
+        t = cfg.trigger
+        concrete = EdgeConfig.for_method(method, tau_seq=t.tau_seq, tau_tok=t.tau_tok, **kept, **dict(overrides))
+        return concrete, name, (choice.reason if choice is not None else
+                                "pipelined: the default until this connection's costs are measured")
+
+    # ---------------------------------------------------------------- measuring
+    def observe_rtt(self, rtt_s: Optional[float]) -> None:
+        if rtt_s is not None and rtt_s >= 0:
+            d = rtt_s / 2
+            self.delay_s = d if self.delay_s is None else min(self.delay_s, d)
+
+    def costs(self, cost_model, tau: tuple) -> Optional[Costs]:
+        """The measured costs, or None while something is unmeasured (no draft step or no
+        verdict yet)."""
+        o = self._obs
+        if not o.points or cost_model.gen_s <= 0:
+            return None
+        n = sum(w for _, _, w in o.points)
+        mx = sum(x * w for x, _, w in o.points) / n
+        my = sum(y * w for _, y, w in o.points) / n
+        sxx = sum(w * (x - mx) ** 2 for x, _, w in o.points)
+        slope = max(0.0, sum(w * (x - mx) * (y - my) for x, y, w in o.points) / sxx) if sxx > 1e-9 else 0.0
+        base = max(0.0, my - slope * mx)
+        total = o.accepted + o.rejections
+        agreement = o.accepted / total if total else 0.9
+        return Costs(gen_s=cost_model.gen_s, delay_s=self.delay_s or 0.0, verify_base_s=base,
+                     verify_per_token_s=slope, startup_s=max(0.0, cost_model.startup_s),
+                     per_token_s=max(0.0, cost_model.per_token_s), agreement=agreement)
+
+    def observe(self, stats, cost_model, cfg) -> None:
+        """Fold a finished generation's stats in; re-run the model when the costs drifted."""
+        self._generations += 1
+        o = self._obs
+        if stats.verifications:
+            o.points.append((stats.verified_drafts / stats.verifications, stats.cloud_busy_s / stats.verifications,
+                             stats.verifications))
+            while sum(w for _, _, w in o.points) > self.window and len(o.points) > 1:
+                o.points.pop(0)
+        if stats.verified_drafts:
+            keep = 1.0 if o.accepted + o.rejections < self.window else 0.5  # forget old acceptance slowly
+            o.accepted = o.accepted * keep + stats.accepted_drafts
+            o.rejections = o.rejections * keep + getattr(stats, "rejections", 0)
+        tau = (cfg.trigger.tau_seq, cfg.trigger.tau_tok)
+        costs = self.costs(cost_model, tau)
+        if costs is None:
+            return
+        last = self.choice
+        budget = cfg.cloud_budget_ms_per_token
+        if last is not None and last.asked == budget and last.costs is not None \
+                and not costs.drifted(last.costs, self.drift):
+            return
+        kw = dict(max_draft=cfg.trigger.max_draft, lookahead=cfg.lookahead)
+        if not self.background:
+            self._set(choose(costs, budget, tau, **kw))
+            return
+        if self._thread is not None and self._thread.is_alive():
+            return  # the model is still running on older costs; the next generation re-checks
+        self._thread = threading.Thread(target=lambda: self._set(choose(costs, budget, tau, **kw)),
+                                        name="pipesd-schedule", daemon=True)
+        self._thread.start()
+
+    def _set(self, choice: Choice) -> None:
+        with self._lock:
+            if self.choice is None or self.choice.chosen.name != choice.chosen.name:
+                self.history.append((self._generations, choice.chosen.name))
+            self.choice = choice
+
+    def wait(self, timeout_s: float = 30.0) -> None:
+        """Wait for a model run in progress (tests, benchmarks' warm-up)."""
+        t = self._thread
+        if t is not None:
+            t.join(timeout_s)

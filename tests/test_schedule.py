@@ -1,0 +1,243 @@
+"""The adaptive schedule (``pipesd-adaptive``, :mod:`pipesd.edge.schedule`): the model's pick
+follows the physics (a fast edge pipelines, a slow one goes serial and takes the free bonus, a
+cloud faster than the edge streams when the budget allows), never spends more than the budget,
+and every schedule it can pick stays lossless with two edges in one launch: greedy output is the
+target's, sampled output follows the target's distribution (with a planted wrong rule caught)."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from pipesd.cloud.verifier import Verifier
+from pipesd.edge import EdgeClient, EdgeConfig
+from pipesd.edge.schedule import SERIAL_K, AdaptiveSchedule, Candidate, Choice, Costs, choose
+from pipesd.sampling import SamplingParams
+
+import _stats
+from runtime_helpers import reference_greedy, running_server, tiny_pair
+from test_baselines import _TemperatureTwice
+from test_runtime_lossless import _exact_marginals
+
+PROMPTS = [[1, 2, 3], [7], [5, 9, 11, 13, 2, 4], [30, 31]]
+N_NEW = 16
+PAPER_LINK = dict(delay_s=0.010, verify_base_s=0.025, agreement=0.9)  # 10 ms each way, a 25 ms verification
+
+
+# --------------------------------------------------------------------------- the model's pick
+def test_a_fast_edge_pipelines():
+    c = choose(Costs(gen_s=0.010, **PAPER_LINK))
+    assert c.chosen.method in ("pipesd", "dual-no-pipeline")
+    assert c.chosen.name == "pipelined"
+
+
+def test_a_slow_edge_goes_serial_and_takes_the_free_bonus():
+    """g = 80 ms > round trip + verification (45 ms): serial rounds beat one draft per step."""
+    c = choose(Costs(gen_s=0.080, **PAPER_LINK))
+    assert c.chosen.method == "vanilla-sd"
+    piped = next(x for x in c.candidates if x.name == "pipelined")
+    assert c.chosen.tpt_ms < piped.tpt_ms
+
+
+def test_the_default_budget_is_what_vanilla_sd_at_its_best_k_spends():
+    c = choose(Costs(gen_s=0.040, **PAPER_LINK))
+    serial = [x for x in c.candidates if x.method == "vanilla-sd"]
+    assert [x.name for x in serial] == [f"serial-{k}" for k in SERIAL_K]
+    best = min(serial, key=lambda x: x.tpt_ms)
+    assert c.budget_ms == best.cloud_ms_per_token and c.asked is None
+    assert c.chosen.tpt_ms <= best.tpt_ms  # never slower than vanilla SD at its best K, by the model
+    assert c.chosen.cloud_ms_per_token <= c.budget_ms * 1.02 + 1e-6
+
+
+def test_with_no_limit_a_cloud_faster_than_the_edge_streams():
+    c = choose(Costs(gen_s=0.080, **PAPER_LINK), math.inf)
+    assert c.chosen.name == "cloud-stream"
+    assert c.chosen.tpt_ms == pytest.approx(25.0)
+
+
+@pytest.mark.parametrize("g_ms", [5, 20, 40, 80])
+@pytest.mark.parametrize("budget", [2.0, 5.0, 10.0, 30.0])
+def test_the_pick_respects_the_budget_or_is_the_cheapest(g_ms, budget):
+    c = choose(Costs(gen_s=g_ms / 1e3, **PAPER_LINK), budget)
+    fits = [x for x in c.candidates if x.cloud_ms_per_token <= budget * 1.02 + 1e-6]
+    if fits:
+        assert c.chosen.cloud_ms_per_token <= budget * 1.02 + 1e-6
+        assert c.chosen.tpt_ms == min(x.tpt_ms for x in fits)
+    else:
+        assert c.chosen.cloud_ms_per_token == min(x.cloud_ms_per_token for x in c.candidates)
+        assert "no schedule fits" in c.reason
+
+
+def test_costs_are_validated_and_drift_is_relative():
+    with pytest.raises(ValueError, match="gen_s"):
+        Costs(gen_s=-1, delay_s=0, verify_base_s=0)
+    with pytest.raises(ValueError, match="agreement"):
+        Costs(gen_s=0.01, delay_s=0, verify_base_s=0, agreement=1.5)
+    a = Costs(gen_s=0.020, **PAPER_LINK)
+    assert not a.drifted(Costs(gen_s=0.021, **PAPER_LINK), 0.15)
+    assert a.drifted(Costs(gen_s=0.040, **PAPER_LINK), 0.15)
+
+
+def test_the_budget_is_validated():
+    with pytest.raises(ValueError, match="cloud_budget_ms_per_token"):
+        EdgeConfig.for_method("pipesd-adaptive", cloud_budget_ms_per_token=-1.0)
+    assert EdgeConfig.for_method("pipesd-adaptive", cloud_budget_ms_per_token=math.inf).cloud_budget_ms_per_token \
+        == math.inf
+
+
+def test_the_cli_refuses_a_bad_budget():
+    r = subprocess.run([sys.executable, "-m", "pipesd", "generate", "--method", "pipesd-adaptive",
+                        "--cloud-budget", "cheap", "x"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "--cloud-budget" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- lossless, every pick
+def _choice(name: str) -> Choice:
+    method, over = ("cloud-stream", ()) if name == "cloud-stream" else ("pipesd", ()) if name == "pipelined" else \
+        ("dual-no-pipeline", ()) if name == "serial-dual" else ("vanilla-sd", (("k", int(name.split("-")[1])),))
+    return Choice(Candidate(name, method, over), 0.0, f"{name}: scripted", asked=None)
+
+
+class _Scripted(AdaptiveSchedule):
+    """Picks the schedules of ``names`` in turn, one per generation (the model is not run)."""
+
+    def __init__(self, names) -> None:
+        super().__init__(background=False)
+        self.names, self.i = list(names), 0
+
+    def config_for(self, cfg):
+        self.choice = _choice(self.names[self.i % len(self.names)])
+        self.i += 1
+        return super().config_for(cfg)
+
+    def observe(self, stats, cost_model, cfg) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair()
+
+
+@pytest.fixture(scope="module")
+def refs(pair):
+    return {tuple(p): reference_greedy(pair[2], p, N_NEW) for p in PROMPTS}
+
+
+def _two_edges(url, make_schedule, prompts, n_new, cfg, sampling=None, draft=None):
+    out: dict = {}
+
+    def work(e):
+        d = draft() if draft is not None else tiny_pair()[0]
+        with EdgeClient(url, d, cfg) as c:
+            c.schedule = make_schedule()
+            out[e] = [c.generate(p, n_new, sampling(e, i) if sampling else None) for i, p in enumerate(prompts[e])]
+            out[f"history{e}"] = c.schedule.history
+
+    ts = [threading.Thread(target=work, args=(e,)) for e in (0, 1)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(600)
+    assert 0 in out and 1 in out, "an edge failed"
+    return out
+
+
+EVERY = ["pipelined", "serial-1", "serial-3", "serial-dual", "cloud-stream"]
+
+
+def test_greedy_is_the_targets_whatever_the_schedule_with_two_edges_at_once(pair, refs):
+    prompts = [PROMPTS + PROMPTS[:1], PROMPTS[::-1] + PROMPTS[1:2]]
+    with running_server(pair[1]) as (srv, url):
+        out = _two_edges(url, lambda: _Scripted(EVERY), prompts, N_NEW, EdgeConfig.for_method("pipesd-adaptive"))
+        assert srv.stats.max_batch >= 2, "the two edges were never verified in one launch"
+    for e in (0, 1):
+        assert [g.stats.schedule for g in out[e]] == [EVERY[i % len(EVERY)] for i in range(len(prompts[e]))]
+        for g, p in zip(out[e], prompts[e]):
+            assert g.token_ids == refs[tuple(p)], f"{g.stats.schedule} diverged from the target's greedy output on {p}"
+            assert g.stats.method == "pipesd-adaptive"
+
+
+def test_the_schedule_follows_a_slowed_edge_and_stays_exact(pair, refs):
+    """The model really runs: a fast edge first, then the same edge padded to 90 ms per draft
+    step (a cloud at 25 ms per verification): the pick moves to serial rounds."""
+    with running_server(pair[1], verify_pad_s=0.025) as (srv, url):
+        with EdgeClient(url, pair[0], EdgeConfig.for_method("pipesd-adaptive")) as c:
+            c.schedule = AdaptiveSchedule(background=False)
+            fast = EdgeConfig.for_method("pipesd-adaptive", draft_step_s=0.0)
+            slow = EdgeConfig.for_method("pipesd-adaptive", draft_step_s=0.090)
+            gens = [c.generate(p, N_NEW, config=fast) for p in PROMPTS[:2]]
+            gens += [c.generate(p, N_NEW, config=slow) for p in PROMPTS]
+            history = c.schedule.history
+    for g, p in zip(gens, PROMPTS[:2] + PROMPTS):
+        assert g.token_ids == refs[tuple(p)]
+    assert gens[0].stats.schedule == "pipelined" and "until this connection's costs are measured" in \
+        gens[0].stats.schedule_reason
+    assert gens[-1].stats.schedule.startswith("serial-"), [g.stats.schedule for g in gens]
+    assert "fastest within the cloud budget" in gens[-1].stats.schedule_reason
+    assert len(history) >= 1
+
+
+# --------------------------------------------------------------------------- sampling
+V, DEPTH = 12, 3
+N_DRAWS, N_PLANTED = 600, 1000
+SAMPLING = SamplingParams(temperature=0.7)
+
+
+@pytest.fixture(scope="module")
+def spair():
+    return tiny_pair(vocab=V, noise=0.6, wire_topk=4)
+
+
+@pytest.fixture(scope="module")
+def exact(spair):
+    return _exact_marginals(spair[2], [1, 2], SAMPLING, DEPTH)
+
+
+def _sampled_counts(spair, names, verifier_cls=None, n=N_DRAWS) -> np.ndarray:
+    with running_server(spair[1]) as (srv, url):
+        if verifier_cls is not None:
+            srv.verifier = verifier_cls(srv.target, srv.config, srv.stats, srv.energy)
+        half = n // 2
+        out = _two_edges(url, lambda: _Scripted(names), [[[1, 2]] * half] * 2, DEPTH,
+                         EdgeConfig.for_method("pipesd-adaptive"),
+                         sampling=lambda e, i: SamplingParams(SAMPLING.temperature, seed=e * half + i),
+                         draft=lambda: tiny_pair(vocab=V, noise=0.6, wire_topk=4)[0])
+    counts = np.zeros((DEPTH, V))
+    for g in out[0] + out[1]:
+        for d, t in enumerate(g.token_ids):
+            counts[d, t] += 1
+    return counts
+
+
+@pytest.mark.slow
+def test_sampling_follows_the_targets_distribution_whatever_the_schedule(spair, exact):
+    counts = _sampled_counts(spair, EVERY)
+    for d in range(DEPTH):
+        _stats.check(torch.tensor(counts[d]), torch.tensor(exact[d]), f"pipesd-adaptive, position {d}")
+
+
+class _TemperatureTwiceForDrafts(Verifier):
+    """Planted: the target's logits of every drafting job scaled by 1/T once more (drafts are
+    judged against a sharper target than the one sampled alone)."""
+
+    def _score(self, sessions, jobs):
+        logits = super()._score(sessions, jobs)
+        for i, (s, j) in enumerate(zip(sessions, jobs)):
+            if not j.stream and not s.params.greedy:
+                logits[i] /= s.params.temperature
+        return logits
+
+
+@pytest.mark.parametrize("planted,names", [(_TemperatureTwiceForDrafts, ["serial-2", "pipelined"]),
+                                           (_TemperatureTwice, ["cloud-stream"])],
+                         ids=["drafting-schedules", "cloud-stream"])
+def test_the_sampling_check_catches_a_wrong_rule_in_the_schedules(spair, exact, planted, names):
+    counts = _sampled_counts(spair, names, planted, N_PLANTED)
+    assert any(_stats.fails(torch.tensor(counts[d]), torch.tensor(exact[d])) for d in range(DEPTH))
