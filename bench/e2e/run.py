@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -82,9 +83,10 @@ GRID = [Scenario(f"edge{ms}-{mb}M-{d}ms", ms, f"{mb}/{d}", "grid")
 ALL_SCENARIOS = {s.name: s for s in PAPER + [LIVE] + GRID}
 
 QUICK_METHODS = ["cloud-stream", "vanilla-sd", "hsl", "edgellm", "dual-no-pipeline", "pipe-fixed-k",
-                 "pipe-token-only", "pipe-seq-only", "pipesd"]
+                 "pipe-token-only", "pipe-seq-only", "pipesd", "pipesd-adaptive", "pipesd-adaptive-nolimit"]
 FULL_METHODS = ["cloud-stream", "target-per-token", "vanilla-sd", "hsl", "edgellm", "dual-no-pipeline",
-                "fixed-batch", "pipe-fixed-k", "pipe-token-only", "pipe-seq-only", "pipesd", "pipesd-tuned",
+                "fixed-batch", "pipe-fixed-k", "pipe-token-only", "pipe-seq-only", "pipesd", "pipesd-adaptive",
+                "pipesd-adaptive-nolimit", "pipesd-tuned",
                 "edge-only"]
 #: Methods whose output is not the target's (a speed reference only): not checked for exactness.
 NOT_TARGET_OUTPUT = {"edge-only"}
@@ -292,6 +294,33 @@ def run_method(client, link, method, prompts, n_new, sc, args, **cfg_kw):
     return gens
 
 
+ADAPTIVE_BUDGETS = {"pipesd-adaptive": None, "pipesd-adaptive-nolimit": math.inf}  # None: vanilla SD's spend
+
+
+def adaptive_run(client, link, method, prompts, n_new, sc, args):
+    """pipesd-adaptive (budget: what vanilla SD at its best K spends) and -nolimit (no cloud
+    budget): one unmeasured 32-token warm-up generation on the connection measures the costs the
+    model is fed (the first generation of a connection runs the pipelined default), then the
+    prompts are measured; the schedule each ran and why go into the rows."""
+    from pipesd.edge import EdgeConfig
+
+    cfg = EdgeConfig.for_method("pipesd-adaptive", draft_step_s=sc.draft_ms / 1e3, wire_q=args.wire_q,
+                                offline_policy="fail", cloud_budget_ms_per_token=ADAPTIVE_BUDGETS[method])
+    fresh_trace(link)
+    client.generate(prompts[0], 32, config=cfg)
+    if client.schedule is not None:
+        client.schedule.wait()
+    gens = []
+    for p in prompts:
+        fresh_trace(link)
+        gens.append(client.generate(p, n_new, config=cfg))
+        client.schedule.wait()  # the model re-runs off the measured path; waiting keeps runs comparable
+    choice = client.schedule.choice
+    return gens, {"schedules": [g.stats.schedule for g in gens],
+                  "schedule_reason": gens[-1].stats.schedule_reason,
+                  "schedule_model": choice.to_dict() if choice is not None else None}
+
+
 def tuned_run(port, draft, link, sc, prompts, n_new, args):
     """pipesd-tuned: an edge with the online Bayesian tuner; tuned on warm-up generations
     (``--tuner-evals`` windows of ``--tuner-window`` tokens), then measured on the prompts."""
@@ -401,7 +430,7 @@ def parse_args(argv):
     ap.add_argument("--paper-wire", action="store_true",
                     help="with --wire-q full: scale the uplink so each draft token costs what the paper's "
                          "full-vocabulary q (0.29 MB) cost on the same link")
-    ap.add_argument("--k-sweep", default="2,4,6", help="vanilla SD draft lengths; the best is reported")
+    ap.add_argument("--k-sweep", default="1,2,3,4,6", help="vanilla SD draft lengths; the best is reported")
     ap.add_argument("--tuner-evals", type=int, default=16)
     ap.add_argument("--tuner-window", type=int, default=32, help="tokens per tuner evaluation")
     ap.add_argument("--cloud-power-w", type=float, default=400.0)
@@ -435,7 +464,7 @@ def parse_args(argv):
             ap.error("live-gguf needs a live pair with GGUF files (a fetched pair name, not replayed)")
     from pipesd.edge.config import METHODS
 
-    known = set(METHODS) | {"pipesd-tuned"}
+    known = set(METHODS) | {"pipesd-tuned"} | set(ADAPTIVE_BUDGETS)
     args.method_list = args.methods.split(",") if args.methods else (QUICK_METHODS if args.quick else FULL_METHODS)
     bad = [m for m in args.method_list if m not in known]
     if bad:
@@ -517,6 +546,12 @@ def main(argv=None) -> int:
                             if best is None or r["tpt_s"] < best[0]["tpt_s"]:
                                 best = (r, gens)
                         row, gens = best
+                    elif method in ADAPTIVE_BUDGETS:
+                        gens, extra = adaptive_run(client, link, method, prompts, n_new, sc, args)
+                        ex = [ref.exact(g, n_new) for g in gens]
+                        row = summarise(sc, method, gens, args, ex, extra)
+                        gen_rows += [gen_row(sc, method, i, g, e, {"schedule": g.stats.schedule}, ref)
+                                     for i, (g, e) in enumerate(zip(gens, ex))]
                     elif method == "pipesd-tuned":
                         gens, extra = tuned_run(port, edge_draft, link, sc, prompts, n_new, args)
                         ex = [ref.exact(g, n_new) for g in gens]
