@@ -52,7 +52,7 @@ def _soak():
 _S = _soak()
 git_commit, pct = _S.git_commit, _S.pct
 
-from pipesd.launch import PROMPTS, load_pair, make_link, start_server_subprocess, stop_process  # noqa: E402
+from pipesd.launch import PROMPTS, make_link, start_server_subprocess, stop_process  # noqa: E402
 
 FULL_NS = (1, 2, 4, 8, 16, 32, 64)
 QUICK_NS = (1, 2, 4)
@@ -92,12 +92,36 @@ def scrape(url: str) -> dict:
     return out
 
 
+class EdgeSource:
+    """Where an edge's draft and prompts come from. The bundled pair: a real draft forward per
+    step (on this 2-core machine N edges' drafting competes with the cloud for the CPU and the
+    GIL). A replay (``--pair replay:FILE``, bench/e2e/record.py): recorded draft steps, no
+    compute, so the padded draft step is the edge's whole cost and the cloud is the bottleneck."""
+
+    def __init__(self, spec) -> None:
+        from pipesd.launch import load_pair
+
+        self.replayed = bool(spec and spec.startswith("replay:"))
+        if self.replayed:
+            from pipesd.models.replay import ReplayDraft, load_recording
+
+            rec = load_recording(spec[len("replay:"):])
+            self.make_draft = lambda: ReplayDraft(rec)
+            self.prompts = list(ReplayDraft(rec).recorded_prompts)
+        else:
+            from pipesd.models import DraftModel
+
+            pair = load_pair(spec, threads=1)
+            self.make_draft = lambda: DraftModel(pair.draft.model, pair.draft.tokenizer, threads=1)
+            self.prompts = list(PROMPTS)
+
+
 class Edge(threading.Thread):
     """One edge: generations back to back until the deadline (at least one)."""
 
-    def __init__(self, idx: int, port: int, model, tok, method: str, args, start: threading.Barrier) -> None:
+    def __init__(self, idx: int, port: int, source: "EdgeSource", method: str, args, start: threading.Barrier) -> None:
         super().__init__(name=f"fleet-edge-{idx}", daemon=True)
-        self.idx, self.port, self.model, self.tok, self.method, self.args = idx, port, model, tok, method, args
+        self.idx, self.port, self.source, self.method, self.args = idx, port, source, method, args
         self.start_line = start  # every edge connected before the clock starts: setup is not load
         self.tpts: list[float] = []
         self.tokens = 0
@@ -108,10 +132,9 @@ class Edge(threading.Thread):
 
     def run(self) -> None:
         from pipesd.edge import EdgeClient, EdgeConfig
-        from pipesd.models import DraftModel
 
         try:
-            draft = DraftModel(self.model, self.tok, threads=1)
+            draft = self.source.make_draft()
             cfg = EdgeConfig.for_method(self.method, draft_step_s=self.args.draft_ms / 1e3, wire_q="topk",
                                         offline_policy="fail")
             link = make_link(self.args.link) if self.args.link != "none" else None
@@ -121,7 +144,8 @@ class Edge(threading.Thread):
                 deadline = time.monotonic() + self.args.duration
                 i = self.idx
                 while True:
-                    g = client.generate(PROMPTS[i % len(PROMPTS)], self.args.max_new_tokens)
+                    prompts = self.source.prompts
+                    g = client.generate(prompts[i % len(prompts)], self.args.max_new_tokens)
                     i += 1
                     s = g.stats
                     self.tokens += s.new_tokens
@@ -142,7 +166,7 @@ def run_point(port: int, metrics_url: str, n: int, mode: str, pair, args) -> dic
     """N edges for ``args.duration`` seconds; the figures of one point of the curve."""
     method = "cloud-stream" if mode == "stream" else args.method
     line = threading.Barrier(n + 1)
-    edges = [Edge(i, port, pair.draft.model, pair.draft.tokenizer, method, args, line) for i in range(n)]
+    edges = [Edge(i, port, pair, method, args, line) for i in range(n)]
     for e in edges:
         e.start()
     m0 = scrape(metrics_url)
@@ -205,7 +229,7 @@ def run_curve(args) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    pair = load_pair(args.pair, threads=1)
+    pair = EdgeSource(args.pair)
     skipped = []
     reps = list(args.replicas)
     if any(r > 1 for r in reps) and not replicas_supported():
@@ -304,7 +328,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="pad each launch to this (serve --verify-pad-ms): a heavier target than the bundled one")
     ap.add_argument("--method", default="pipesd", help="the SD method of the batch/nobatch modes")
     ap.add_argument("--link", default="none", help="edge link emulation: none (loopback) or a preset (lan, wifi...)")
-    ap.add_argument("--pair", default=None, help="bundled (default) or a bundled pair name")
+    ap.add_argument("--pair", default=None, help="bundled (default), a bundled pair name, or replay:FILE (recorded "
+                    "draft steps, no edge compute: the cloud is the bottleneck; record one with bench/e2e/record.py)")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
