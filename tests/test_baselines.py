@@ -41,14 +41,17 @@ def refs(pair):
     return {tuple(p): reference_greedy(pair[2], p, N_NEW) for p in PROMPTS}
 
 
-def _two_edges(url, cfgs, prompts, n_new, sampling=None, draft=None):
+def _two_edges(url, cfgs, prompts, n_new, sampling=None, draft=None, setup=None):
     """Run ``prompts`` on two edges at once (each its own draft and connection); returns each
-    edge's generations. ``sampling``: a function of (edge, i) giving the SamplingParams."""
+    edge's generations. ``sampling``: a function of (edge, i) giving the SamplingParams;
+    ``setup``: called with each client before it generates."""
     out: dict = {}
 
     def work(e):
         d = draft() if draft is not None else tiny_pair()[0]
         with EdgeClient(url, d, cfgs[e]) as c:
+            if setup is not None:
+                setup(c)
             out[e] = [c.generate(p, n_new, sampling(e, i) if sampling else None) for i, p in enumerate(prompts[e])]
 
     ts = [threading.Thread(target=work, args=(e,)) for e in (0, 1)]
@@ -179,8 +182,9 @@ def exact(spair):
     return _exact_marginals(spair[2], [1, 2], SAMPLING, DEPTH)
 
 
-def _sampled_counts(spair, method, verifier_cls=None, n=N_DRAWS) -> np.ndarray:
-    """Position histograms of ``n`` sampled generations, split over two edges at once."""
+def _sampled_counts(spair, method, verifier_cls=None, n=N_DRAWS, setup=None) -> np.ndarray:
+    """Position histograms of ``n`` sampled generations, split over two edges at once
+    (``setup``: see :func:`_two_edges`)."""
     with running_server(spair[1]) as (srv, url):
         if verifier_cls is not None:
             srv.verifier = verifier_cls(srv.target, srv.config, srv.stats, srv.energy)
@@ -188,7 +192,7 @@ def _sampled_counts(spair, method, verifier_cls=None, n=N_DRAWS) -> np.ndarray:
         half = n // 2
         out = _two_edges(url, [cfg, cfg], [[[1, 2]] * half] * 2, DEPTH,
                          sampling=lambda e, i: SamplingParams(SAMPLING.temperature, seed=e * half + i),
-                         draft=lambda: tiny_pair(vocab=V, noise=0.6, wire_topk=4)[0])
+                         draft=lambda: tiny_pair(vocab=V, noise=0.6, wire_topk=4)[0], setup=setup)
     counts = np.zeros((DEPTH, V))
     for g in out[0] + out[1]:
         for d, t in enumerate(g.token_ids):

@@ -8,21 +8,16 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import threading
-
-import numpy as np
 import pytest
 import torch
 
 from pipesd.cloud.verifier import Verifier
 from pipesd.edge import EdgeClient, EdgeConfig
 from pipesd.edge.schedule import SERIAL_K, AdaptiveSchedule, Candidate, Choice, Costs, choose
-from pipesd.sampling import SamplingParams
 
 import _stats
 from runtime_helpers import reference_greedy, running_server, tiny_pair
-from test_baselines import _TemperatureTwice
-from test_runtime_lossless import _exact_marginals
+from test_baselines import DEPTH, N_PLANTED, _TemperatureTwice, _sampled_counts, _two_edges, exact, spair  # noqa: F401
 
 PROMPTS = [[1, 2, 3], [7], [5, 9, 11, 13, 2, 4], [30, 31]]
 N_NEW = 16
@@ -120,6 +115,13 @@ class _Scripted(AdaptiveSchedule):
         pass
 
 
+def _scripted(names):
+    """A ``setup`` for the two-edge harness: each client picks ``names`` in turn."""
+    def setup(client) -> None:
+        client.schedule = _Scripted(names)
+    return setup
+
+
 @pytest.fixture(scope="module")
 def pair():
     return tiny_pair()
@@ -130,32 +132,14 @@ def refs(pair):
     return {tuple(p): reference_greedy(pair[2], p, N_NEW) for p in PROMPTS}
 
 
-def _two_edges(url, make_schedule, prompts, n_new, cfg, sampling=None, draft=None):
-    out: dict = {}
-
-    def work(e):
-        d = draft() if draft is not None else tiny_pair()[0]
-        with EdgeClient(url, d, cfg) as c:
-            c.schedule = make_schedule()
-            out[e] = [c.generate(p, n_new, sampling(e, i) if sampling else None) for i, p in enumerate(prompts[e])]
-            out[f"history{e}"] = c.schedule.history
-
-    ts = [threading.Thread(target=work, args=(e,)) for e in (0, 1)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(600)
-    assert 0 in out and 1 in out, "an edge failed"
-    return out
-
-
 EVERY = ["pipelined", "serial-1", "serial-3", "serial-dual", "cloud-stream"]
 
 
 def test_greedy_is_the_targets_whatever_the_schedule_with_two_edges_at_once(pair, refs):
     prompts = [PROMPTS + PROMPTS[:1], PROMPTS[::-1] + PROMPTS[1:2]]
     with running_server(pair[1]) as (srv, url):
-        out = _two_edges(url, lambda: _Scripted(EVERY), prompts, N_NEW, EdgeConfig.for_method("pipesd-adaptive"))
+        cfg = EdgeConfig.for_method("pipesd-adaptive")
+        out = _two_edges(url, [cfg, cfg], prompts, N_NEW, setup=_scripted(EVERY))
         assert srv.stats.max_batch >= 2, "the two edges were never verified in one launch"
     for e in (0, 1):
         assert [g.stats.schedule for g in out[e]] == [EVERY[i % len(EVERY)] for i in range(len(prompts[e]))]
@@ -185,40 +169,9 @@ def test_the_schedule_follows_a_slowed_edge_and_stays_exact(pair, refs):
 
 
 # --------------------------------------------------------------------------- sampling
-V, DEPTH = 12, 3
-N_DRAWS, N_PLANTED = 600, 1000
-SAMPLING = SamplingParams(temperature=0.7)
-
-
-@pytest.fixture(scope="module")
-def spair():
-    return tiny_pair(vocab=V, noise=0.6, wire_topk=4)
-
-
-@pytest.fixture(scope="module")
-def exact(spair):
-    return _exact_marginals(spair[2], [1, 2], SAMPLING, DEPTH)
-
-
-def _sampled_counts(spair, names, verifier_cls=None, n=N_DRAWS) -> np.ndarray:
-    with running_server(spair[1]) as (srv, url):
-        if verifier_cls is not None:
-            srv.verifier = verifier_cls(srv.target, srv.config, srv.stats, srv.energy)
-        half = n // 2
-        out = _two_edges(url, lambda: _Scripted(names), [[[1, 2]] * half] * 2, DEPTH,
-                         EdgeConfig.for_method("pipesd-adaptive"),
-                         sampling=lambda e, i: SamplingParams(SAMPLING.temperature, seed=e * half + i),
-                         draft=lambda: tiny_pair(vocab=V, noise=0.6, wire_topk=4)[0])
-    counts = np.zeros((DEPTH, V))
-    for g in out[0] + out[1]:
-        for d, t in enumerate(g.token_ids):
-            counts[d, t] += 1
-    return counts
-
-
 @pytest.mark.slow
 def test_sampling_follows_the_targets_distribution_whatever_the_schedule(spair, exact):
-    counts = _sampled_counts(spair, EVERY)
+    counts = _sampled_counts(spair, "pipesd-adaptive", setup=_scripted(EVERY))
     for d in range(DEPTH):
         _stats.check(torch.tensor(counts[d]), torch.tensor(exact[d]), f"pipesd-adaptive, position {d}")
 
@@ -239,5 +192,5 @@ class _TemperatureTwiceForDrafts(Verifier):
                                            (_TemperatureTwice, ["cloud-stream"])],
                          ids=["drafting-schedules", "cloud-stream"])
 def test_the_sampling_check_catches_a_wrong_rule_in_the_schedules(spair, exact, planted, names):
-    counts = _sampled_counts(spair, names, planted, N_PLANTED)
+    counts = _sampled_counts(spair, "pipesd-adaptive", planted, N_PLANTED, setup=_scripted(names))
     assert any(_stats.fails(torch.tensor(counts[d]), torch.tensor(exact[d])) for d in range(DEPTH))

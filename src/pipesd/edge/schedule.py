@@ -226,7 +226,7 @@ class AdaptiveSchedule:
             d = rtt_s / 2
             self.delay_s = d if self.delay_s is None else min(self.delay_s, d)
 
-    def costs(self, cost_model, tau: tuple) -> Optional[Costs]:
+    def costs(self, cost_model) -> Optional[Costs]:
         """The measured costs, or None while something is unmeasured (no draft step or no
         verdict yet)."""
         o = self._obs
@@ -258,7 +258,7 @@ class AdaptiveSchedule:
             o.accepted = o.accepted * keep + stats.accepted_drafts
             o.rejections = o.rejections * keep + getattr(stats, "rejections", 0)
         tau = (cfg.trigger.tau_seq, cfg.trigger.tau_tok)
-        costs = self.costs(cost_model, tau)
+        costs = self.costs(cost_model)
         if costs is None:
             return
         last = self.choice
