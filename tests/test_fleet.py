@@ -15,6 +15,7 @@ import sys
 import threading
 import urllib.request
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray", reason="the fleet needs Ray (pip install 'pipesd[fleet]')")
@@ -23,6 +24,8 @@ from pipesd import launch, zoo  # noqa: E402
 from pipesd.edge import EdgeClient, EdgeConfig  # noqa: E402
 from pipesd.fleet import Fleet, FleetConfig  # noqa: E402
 from pipesd.fleet.observe import start_fleet_http  # noqa: E402
+from pipesd.transport import messages as M  # noqa: E402
+from pipesd.transport.conn import EdgeConnection  # noqa: E402
 
 from runtime_helpers import reference_greedy, wait_until  # noqa: E402
 
@@ -220,6 +223,43 @@ def test_the_router_caps_pending_handshakes_per_real_peer(fleet, prompts, refs):
             s.close()
     out = run_edges(fleet, {0: (own_draft(), prompts[0])})  # real edges still get through
     assert out[0][0].token_ids == refs[0]
+
+
+def test_a_burst_of_edges_behind_one_address_all_get_in_while_silent_sockets_stay_capped(fleet, prompts):
+    """64 edges from one address (a NAT, a load test) connecting at the same instant: the router
+    accepts them all before reading any Hello, so evicting at accept closed 56 of them. Only a
+    connection still silent after the grace is evicted now, and silent sockets still are."""
+    settled(fleet)
+    n, cap, before = 64, fleet.max_pending_per_peer, fleet.handshakes_evicted
+    silent = [socket.create_connection(fleet.address, timeout=10) for _ in range(2 * cap)]
+    go, opened, errors, conns = threading.Barrier(n), [], [], []
+    ids = np.array(prompts[0], np.int32)
+
+    def edge() -> None:
+        try:
+            go.wait(30)
+            c = EdgeConnection.connect(*fleet.address, tls=False, timeout_s=30)
+            conns.append(c)
+            c.send(M.OpenSession(session_id=1, prompt_ids=ids, max_new_tokens=4))
+            opened.append(c.recv(30))
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    ts = [threading.Thread(target=edge) for _ in range(n)]
+    try:
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert not errors, errors[:3]
+        assert len(opened) == n and all(isinstance(m, M.SessionOpened) for m in opened)
+        # the silent ones, once past the grace, are cut back to the cap (every edge got in, above)
+        assert wait_until(lambda: fleet.handshakes_evicted - before >= len(silent) - cap, 10)
+    finally:
+        for c in conns:
+            c.close()
+        for s in silent:
+            s.close()
 
 
 def test_a_draining_replica_takes_no_new_sessions(fleet, prompts, refs):

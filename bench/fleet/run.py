@@ -185,6 +185,11 @@ def run_point(port: int, metrics_url: str, n: int, mode: str, pair, args) -> dic
     tokens = sum(e.tokens for e in edges)
     tpts = [x for e in edges for x in e.tpts]
     errors = [x for e in edges for x in e.errors] + [f"{hung} edges still running after the grace period"] * bool(hung)
+    # An edge that failed to start aborts the start line, so the others show BrokenBarrierError:
+    # the real failures go first (the samples and the log name the cause, not its echo).
+    errors.sort(key=lambda x: x.startswith("BrokenBarrierError"))
+    if errors:
+        log(f"  N={n} {mode}: {len(errors)} edge error(s); first: {errors[0].splitlines()[0][:300]}")
     ver = sum(e.verifications for e in edges)
     return {
         "n_edges": n, "mode": mode, "method": method, "elapsed_s": elapsed, "tokens": tokens,

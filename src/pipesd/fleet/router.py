@@ -79,6 +79,9 @@ class FleetConfig:
     ready_timeout_s: float = 180.0  # replicas (model loaded, listening) ready within this
     connect_timeout_s: float = 5.0
     drain_grace_s: float = 0.0  # SIGTERM / stop(): drain every replica this long first (0: stop at once)
+    # The per-peer pending-handshake cap evicts only a connection silent this long: a younger one
+    # may have its Hello in the socket buffer, unread (a burst of edges behind one NAT). Fleet._enforce_cap.
+    hello_grace_s: float = 1.0
 
 
 @dataclass
@@ -106,6 +109,8 @@ class Fleet:
     def __init__(self, config: FleetConfig, *, owns_ray: bool = False) -> None:
         if not (isinstance(config.replicas, int) and config.replicas >= 1):
             raise ValueError(f"replicas must be a whole number >= 1, got {config.replicas!r}")
+        if not (isinstance(config.hello_grace_s, (int, float)) and config.hello_grace_s >= 0):
+            raise ValueError(f"hello_grace_s must be a number >= 0, got {config.hello_grace_s!r}")
         self.config = config
         self.owns_ray = owns_ray
         self.address: tuple = (config.host, config.port)
@@ -114,9 +119,14 @@ class Fleet:
         # router's (by real peer address, below); theirs is raised to their global cap.
         self.max_pending_per_peer = int(cloud.get("max_pending_per_peer", 8))
         cloud["max_pending_per_peer"] = int(cloud.get("max_pending_handshakes", 64))
+        # A burst of young connections from one peer may pass the per-peer cap, up to what the
+        # replicas hold pending in all (their global caps); over that the oldest goes, whatever its age.
+        self.max_pending_burst = max(self.max_pending_per_peer, cloud["max_pending_per_peer"] * config.replicas)
+        self._tls = bool(cloud.get("tls_cert"))  # the edge's first frame is then a TLS record
         self._cloud = cloud
         self.replicas: list[_Replica] = []
-        self._pending: dict = collections.defaultdict(collections.OrderedDict)  # peer -> {writer: None}
+        self._pending: dict = collections.defaultdict(collections.OrderedDict)  # peer -> {writer: accepted at}
+        self._cap_timers: dict = {}  # peer -> the loop's TimerHandle of its next _enforce_cap
         self.handshakes_evicted = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stop_event: Optional[asyncio.Event] = None
@@ -213,6 +223,8 @@ class Fleet:
             if self.config.drain_grace_s > 0:
                 await self._loop.run_in_executor(None, self.drain_all, self.config.drain_grace_s)
             poller.cancel()
+            for h in self._cap_timers.values():
+                h.cancel()
             for r in self.replicas:
                 self._close_conns(r)
             for t in list(self._tasks):
@@ -322,22 +334,44 @@ class Fleet:
             self._tasks.discard(task)
 
     def _admit_pending(self, peer: str, writer) -> None:
-        """The per-peer pending-handshake cap, by the edge's real address: over it, the oldest
-        pending connection of that peer is closed (as :class:`~pipesd.cloud.identities.HandshakeGate`)."""
-        pend = self._pending[peer]
-        pend[writer] = None
-        while len(pend) > self.max_pending_per_peer:
-            old, _ = pend.popitem(last=False)
+        """A new connection is pending until the router has seen the edge's first frame (or the
+        replica's first reply): the per-peer cap, by the edge's real address, applies to those."""
+        self._pending[peer][writer] = self._loop.time()
+        self._enforce_cap(peer)
+
+    def _enforce_cap(self, peer: str) -> None:
+        """Over ``max_pending_per_peer``, close that peer's oldest pending connection, but only one
+        pending for ``hello_grace_s`` already: the router accepts a burst of connections before it
+        reads any of them, so a young one is not yet known to be silent. (Evicting at accept, as
+        before, closed real edges whose Hello was in the socket buffer: 64 edges behind one address
+        connecting at once lost 56.) A flood of silent sockets still holds at most the cap once
+        the grace is over, and at most ``max_pending_burst`` ever; a real edge leaves pending as
+        soon as its Hello is through, so it is evicted only if that takes over the grace."""
+        pend = self._pending.get(peer)
+        now = self._loop.time()
+        while pend and len(pend) > self.max_pending_per_peer:
+            old, since = next(iter(pend.items()))
+            if len(pend) <= self.max_pending_burst and now - since < self.config.hello_grace_s:
+                if peer not in self._cap_timers:  # one timer per peer, however many arrive meanwhile
+                    self._cap_timers[peer] = self._loop.call_at(since + self.config.hello_grace_s, self._cap_due, peer)
+                return
+            del pend[old]
             self.handshakes_evicted += 1
             log.info("closing a pending handshake from %s to make room (max_pending_per_peer %d)", peer,
                      self.max_pending_per_peer)
             old.transport.abort()
+        if not pend:
+            self._pending.pop(peer, None)
+
+    def _cap_due(self, peer: str) -> None:
+        self._cap_timers.pop(peer, None)
+        self._enforce_cap(peer)
 
     def _done_pending(self, peer: str, writer) -> None:
         pend = self._pending.get(peer)
         if pend is not None:
             pend.pop(writer, None)
-            if not pend:
+            if not pend and peer not in self._cap_timers:
                 self._pending.pop(peer, None)
 
     async def _route(self, reader, writer) -> None:
@@ -358,16 +392,26 @@ class Fleet:
                 up = (r, ur, uw)
                 break
             if up is None or writer.transport.is_closing():
-                if up is not None:
+                if up is not None:  # the edge side was closed (evicted, or the edge left) meanwhile
                     up[0].conns.discard(writer)
                     up[2].transport.abort()
-                log.warning("no live replica for a connection from %s: closing it (the edge retries)", peer)
+                else:
+                    log.warning("no live replica for a connection from %s: closing it (the edge retries)", peer)
                 writer.transport.abort()
                 return
             r, ur, uw = up
             r.connections_routed += 1
+            done = lambda: self._done_pending(peer, writer)  # noqa: E731
+            first = _FirstFrame(self._tls)
+
+            def edge_bytes(data: bytes) -> bool:
+                if first.feed(data):
+                    done()  # the edge's Hello (or ClientHello) is through: it is the replica's turn
+                    return True
+                return False
+
             try:
-                await splice(reader, writer, ur, uw, lambda: self._done_pending(peer, writer))
+                await splice(reader, writer, ur, uw, done, edge_bytes)
             finally:
                 r.conns.discard(writer)
                 uw.transport.abort()
@@ -376,23 +420,45 @@ class Fleet:
             self._done_pending(peer, writer)
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, first=None) -> None:
+class _FirstFrame:
+    """Counts the edge's first bytes until its first frame is whole, decoding nothing: the Hello
+    (a 4-byte big-endian length, then that many bytes) or, with TLS, the first record (a 5-byte
+    header ending in a 2-byte length: the ClientHello). Then the edge has spoken."""
+
+    def __init__(self, tls: bool) -> None:
+        self.header = 5 if tls else 4
+        self.head = b""
+        self.seen = 0
+
+    def feed(self, data: bytes) -> bool:
+        """Whether the first frame is whole, with ``data`` (the next bytes) counted."""
+        if len(self.head) < self.header:
+            self.head += data[: self.header - len(self.head)]
+        self.seen += len(data)
+        if len(self.head) < self.header:
+            return False
+        return self.seen >= self.header + int.from_bytes(self.head[-2:] if self.header == 5 else self.head, "big")
+
+
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, watch=None) -> None:
+    """Copy until ``src`` ends; ``watch(data)`` sees each chunk until it returns True."""
     while True:
         data = await src.read(1 << 16)
         if not data:
             return
-        if first is not None:
-            first()  # the replica answered: no longer a pending handshake
-            first = None
         dst.write(data)
+        if watch is not None and watch(data):
+            watch = None
         await dst.drain()
 
 
 async def splice(er: asyncio.StreamReader, ew: asyncio.StreamWriter, ur: asyncio.StreamReader,
-                 uw: asyncio.StreamWriter, on_first_reply=None) -> None:
+                 uw: asyncio.StreamWriter, on_first_reply=None, edge_watch=None) -> None:
     """Copy bytes edge -> replica and replica -> edge until either side ends (then both pumps
-    stop; the caller closes the sockets). ``on_first_reply``: called at the replica's first bytes."""
-    tasks = [asyncio.create_task(_pump(er, uw)), asyncio.create_task(_pump(ur, ew, on_first_reply))]
+    stop; the caller closes the sockets). ``on_first_reply``: called at the replica's first bytes;
+    ``edge_watch(data)``: sees the edge's chunks until it returns True."""
+    first = None if on_first_reply is None else (lambda _data: on_first_reply() or True)
+    tasks = [asyncio.create_task(_pump(er, uw, edge_watch)), asyncio.create_task(_pump(ur, ew, first))]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
