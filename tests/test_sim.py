@@ -1,8 +1,11 @@
-"""The fleet simulator (pipesd.sim): its bounds, its agreement with the single-edge model, and
-what routing and admission do. Simulated time only: nothing here measures the machine."""
+"""The fleet simulator (pipesd.sim): its bounds, its agreement with the single-edge model, what
+routing and admission do, and the shared host CPU. Simulated time only: nothing here measures
+the machine."""
+import dataclasses
+
 import pytest
 
-from pipesd.sim import CostCurve, EdgeModel, FleetConfig, capacity_bound, simulate_fleet
+from pipesd.sim import CostCurve, EdgeModel, FleetConfig, HostCPU, capacity_bound, simulate_fleet
 from pipesd.tuning.sim import simulate_tpt
 
 LAT = (0.0, 0.01, 0.02, 0.04, 0.08)
@@ -106,3 +109,74 @@ def test_bad_settings_are_refused_by_name(bad, name):
     kw = {**dict(n_edges=1, edge=flat(), cost=CostCurve(0.01)), **bad}
     with pytest.raises(ValueError, match=name):
         FleetConfig(**kw)
+
+
+# --- the shared host CPU (HostCPU) and the per-generation spread
+
+
+def test_edges_that_fit_on_the_cores_run_as_if_the_host_were_not_modelled():
+    # 2 edges, 2 cores: a core is always free, so no round ever waits for one.
+    kw = dict(n_edges=2, edge=flat(0.01, 2.0, 2.0), cost=CostCurve(0.002), duration_s=3.0, max_new=16)
+    free = simulate_fleet(FleetConfig(**kw))
+    hosted = simulate_fleet(FleetConfig(**kw, host=HostCPU(2, edge_round_s=0.005, launch_s=0.001)))
+    assert hosted.goodput_tok_s == pytest.approx(free.goodput_tok_s, rel=1e-9)
+    assert hosted.tpt_p99_s == pytest.approx(free.tpt_p99_s, rel=1e-9)
+
+
+def test_edges_whose_round_cpu_exceeds_the_cores_are_held_to_what_the_cores_can_do():
+    # 16 edges x 5 ms CPU per ~21 ms round want ~3.8 cores of 2: rounds queue for a core and
+    # goodput stops at cores / CPU per round x tokens per round.
+    kw = dict(n_edges=16, edge=flat(0.01, 2.0, 2.0), cost=CostCurve(0.001), duration_s=3.0, max_new=16)
+    free = simulate_fleet(FleetConfig(**kw))
+    hosted = simulate_fleet(FleetConfig(**kw, host=HostCPU(2, edge_round_s=0.005)))
+    assert hosted.goodput_tok_s <= 1.05 * (2 / 0.005) * 2.0
+    assert hosted.goodput_tok_s < 0.7 * free.goodput_tok_s
+    assert hosted.tpt_p50_s > 1.3 * free.tpt_p50_s
+
+
+def test_edge_slots_serialize_edge_cpu_as_one_interpreter_lock_does():
+    kw = dict(n_edges=8, edge=flat(0.01, 2.0, 2.0), cost=CostCurve(0.001), duration_s=3.0, max_new=16)
+    cores = simulate_fleet(FleetConfig(**kw, host=HostCPU(4, edge_round_s=0.004)))
+    gil = simulate_fleet(FleetConfig(**kw, host=HostCPU(4, edge_round_s=0.004, edge_slots=1)))
+    assert gil.goodput_tok_s <= 1.05 * (1 / 0.004) * 2.0 < cores.goodput_tok_s
+
+
+def test_a_padded_launch_holds_a_core_only_for_its_cpu_time():
+    # One core; launches padded to 10 ms of which 0.5 ms is CPU: the padding is a sleep, so the
+    # edges' rounds run beside it. The counterfactual (a launch whose 10 ms are all CPU) starves them.
+    kw = dict(n_edges=4, edge=flat(0.015, 2.0, 2.0), cost=CostCurve(0.0, floor_s=0.010), duration_s=4.0, max_new=16)
+    free = simulate_fleet(FleetConfig(**kw))
+    padded = simulate_fleet(FleetConfig(**kw, host=HostCPU(1, edge_round_s=0.002, launch_s=0.0005)))
+    busy = simulate_fleet(FleetConfig(**kw, host=HostCPU(1, edge_round_s=0.002, launch_s=0.010)))
+    assert padded.tpt_mean_s == pytest.approx(free.tpt_mean_s, rel=0.1)
+    assert busy.tpt_mean_s > 1.15 * free.tpt_mean_s
+
+
+def test_background_cpu_takes_its_share_of_the_cores():
+    kw = dict(n_edges=8, edge=flat(0.01, 2.0, 2.0), cost=CostCurve(0.001), duration_s=3.0, max_new=16)
+    alone = simulate_fleet(FleetConfig(**kw, host=HostCPU(1, edge_round_s=0.004)))
+    shared = simulate_fleet(FleetConfig(**kw, host=HostCPU(1, edge_round_s=0.004, background_cores=0.5)))
+    assert shared.goodput_tok_s == pytest.approx(0.5 * alone.goodput_tok_s, rel=0.15)
+
+
+def test_a_spread_varies_tpt_across_generations_around_the_same_mean():
+    em = flat(0.01, 2.0, 2.0)
+    kw = dict(n_edges=1, cost=CostCurve(0.002), duration_s=20.0, max_new=16)
+    even = simulate_fleet(FleetConfig(edge=em, **kw))
+    spread = simulate_fleet(FleetConfig(edge=dataclasses.replace(em, spread=(0.5, 1.5)), **kw))
+    assert even.tpt_p99_s == pytest.approx(even.tpt_p50_s, rel=1e-6)
+    assert spread.tpt_p99_s == pytest.approx(1.5 * even.tpt_mean_s, rel=0.05)
+    assert spread.tpt_mean_s == pytest.approx(even.tpt_mean_s, rel=0.05)
+
+
+@pytest.mark.parametrize("bad,name", [(dict(cores=0), "cores"), (dict(edge_round_s=-1.0), "edge_round_s"),
+                                      (dict(background_cores=2.0), "background_cores"),
+                                      (dict(edge_slots=0), "edge_slots")])
+def test_bad_host_settings_are_refused_by_name(bad, name):
+    with pytest.raises(ValueError, match=name):
+        HostCPU(**{"cores": 2, **bad})
+
+
+def test_a_bad_spread_is_refused_by_name():
+    with pytest.raises(ValueError, match="spread"):
+        dataclasses.replace(flat(), spread=(1.0, 0.0))

@@ -20,6 +20,18 @@ session is one job the replica advances one token per launch until its budget is
 
 A replica takes every queued job (one per session) up to ``max_batch_sessions`` into one launch
 of ``CostCurve.time(sessions, tokens)`` seconds, one launch at a time.
+
+**Host CPU** (:class:`HostCPU`, off unless ``FleetConfig.host`` is set): edges and replicas on
+one machine share its cores. Each edge round holds a core (and, for edges that are threads of one
+Python process, the one interpreter lock) for its CPU time; each launch holds a core for its CPU
+time and lasts ``max(CostCurve.time, wait + cpu)``: the padding of a padded verifier is a sleep and
+holds none. Both CPU times are already inside the single-edge cycle and the fitted curve, so an
+idle host changes nothing; only the waits for a core are new. A GPU projection leaves it off
+(each replica has a host of its own and the edges are separate devices).
+
+**Per-generation spread** (``EdgeModel.spread``): generation ``g`` of edge ``i`` commits
+``tokens(L) / spread[(i + g) % len]`` per verification (the bench rotates its prompts the same
+way), so TPT varies across generations as measured instead of being one constant.
 """
 from __future__ import annotations
 
@@ -32,7 +44,8 @@ from typing import Optional, Sequence
 
 import simpy
 
-__all__ = ["ROUTING", "CostCurve", "EdgeModel", "FleetConfig", "FleetResult", "capacity_bound", "simulate_fleet"]
+__all__ = ["ROUTING", "CostCurve", "EdgeModel", "FleetConfig", "FleetResult", "HostCPU", "capacity_bound",
+           "simulate_fleet"]
 
 #: Routing policies for new sessions.
 ROUTING = ("least-loaded", "jsq", "hash", "round-robin")
@@ -42,9 +55,9 @@ ROUTING = ("least-loaded", "jsq", "hash", "round-robin")
 class CostCurve:
     """Seconds per verifier launch: ``max(floor_s, base_s + per_session_s * sessions +
     per_token_s * tokens)``; ``tokens`` = target positions scored in the launch (drafts + 1 per
-    session). ``gap_s``: the replica's time per launch outside verification (reading frames,
-    sending verdicts), not counted as busy. ``label`` says where it came from (a fit to a
-    measurement, or a model)."""
+    session). ``gap_s + gap_per_session_s * sessions``: the replica's time per launch outside
+    verification (taking jobs, applying verdicts and sending them), not counted as busy. ``label``
+    says where it came from (a fit to a measurement, or a model)."""
 
     base_s: float
     per_session_s: float = 0.0
@@ -52,15 +65,19 @@ class CostCurve:
     floor_s: float = 0.0
     label: str = ""
     gap_s: float = 0.0
+    gap_per_session_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("base_s", "per_session_s", "per_token_s", "floor_s", "gap_s"):
+        for name in ("base_s", "per_session_s", "per_token_s", "floor_s", "gap_s", "gap_per_session_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
 
     def time(self, sessions: int, tokens: float) -> float:
         return max(self.floor_s, self.base_s + self.per_session_s * sessions + self.per_token_s * tokens)
+
+    def gap(self, sessions: int) -> float:
+        return self.gap_s + self.gap_per_session_s * sessions
 
     @classmethod
     def fit(cls, rows: Sequence[Sequence[float]], floor_s: float = 0.0, label: str = "fit") -> "CostCurve":
@@ -106,6 +123,7 @@ class EdgeModel:
     up_s: float = 0.0  # stream mode: request to the cloud
     down_s: float = 0.0  # stream mode: last token back
     label: str = ""
+    spread: tuple = ()  # per-generation TPT factors (mean 1), rotated per edge; () = every generation alike
 
     def __post_init__(self) -> None:
         n = len(self.latency_s)
@@ -115,6 +133,12 @@ class EdgeModel:
             raise ValueError("latency_s must be increasing")
         if min(self.tokens) <= 0 or min(self.cycle_s) <= 0:
             raise ValueError("tokens and cycle_s must be > 0")
+        if any(not (math.isfinite(f) and f > 0) for f in self.spread):
+            raise ValueError(f"spread: factors must be finite and > 0, got {self.spread!r}")
+
+    def factor(self, edge: int, generation: int) -> float:
+        """The TPT factor of ``generation`` (0, 1, ...) of ``edge``: 1 without a spread."""
+        return self.spread[(edge + generation) % len(self.spread)] if self.spread else 1.0
 
     def _at(self, ys: tuple, L: float) -> float:
         xs = self.latency_s
@@ -181,6 +205,41 @@ class EdgeModel:
 
 
 @dataclass(frozen=True)
+class HostCPU:
+    """CPU cores that the edges and the replicas of one machine share (the bench: N edge threads
+    and the server on 2 cores). Times are CPU seconds, not wall: ``edge_round_s`` per edge per
+    verification round (framing, codec, syscalls, the client's Python); ``launch_s +
+    launch_per_session_s * sessions`` per launch (the verifier's compute and its event loop, not
+    the padding sleep). ``background_cores``: CPU taken all the time by other processes (Ray's,
+    pollers), in cores. ``edge_slots``: how many edges run CPU work at once (1: threads of one
+    Python process that hold its interpreter lock throughout; None: as many as there are cores).
+    ``label`` says where the figures come from."""
+
+    cores: int
+    edge_round_s: float = 0.0
+    launch_s: float = 0.0
+    launch_per_session_s: float = 0.0
+    background_cores: float = 0.0
+    edge_slots: Optional[int] = None
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.cores, int) and self.cores >= 1):
+            raise ValueError(f"cores must be a whole number >= 1, got {self.cores!r}")
+        if self.edge_slots is not None and not (isinstance(self.edge_slots, int) and self.edge_slots >= 1):
+            raise ValueError(f"edge_slots must be None or a whole number >= 1, got {self.edge_slots!r}")
+        if not (0 <= self.background_cores < self.cores):
+            raise ValueError(f"background_cores must be >= 0 and below cores, got {self.background_cores!r}")
+        for name in ("edge_round_s", "launch_s", "launch_per_session_s", "background_cores"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+    def launch_cpu(self, sessions: int) -> float:
+        return self.launch_s + self.launch_per_session_s * sessions
+
+
+@dataclass(frozen=True)
 class FleetConfig:
     """One run. ``mode``: ``"sd"`` (the edge model's method) or ``"stream"`` (cloud streaming);
     ``think_s``: mean idle gap between an edge's generations (exponential; 0: back to back)."""
@@ -200,6 +259,7 @@ class FleetConfig:
     replica_speed: Optional[tuple] = None  # per replica, multiplies launch time (None: all 1)
     seed: int = 0
     record: bool = False  # keep every job's (session, replica) in the result
+    host: Optional[HostCPU] = None  # shared host cores (None: no CPU contention, as on separate hosts)
 
     def __post_init__(self) -> None:
         if self.n_edges < 1 or self.replicas < 1 or self.max_batch_sessions < 1 or self.max_new < 1:
@@ -215,6 +275,8 @@ class FleetConfig:
         if self.replica_speed is not None and (len(self.replica_speed) != self.replicas or
                                                min(self.replica_speed) <= 0):
             raise ValueError("replica_speed: one factor > 0 per replica")
+        if self.host is not None and not isinstance(self.host, HostCPU):
+            raise ValueError(f"host must be None or a HostCPU, got {self.host!r}")
 
 
 @dataclass
@@ -257,8 +319,9 @@ class _Job:
 
 
 class _Replica:
-    def __init__(self, env: simpy.Environment, idx: int, cfg: FleetConfig, jobs_log: Optional[list]) -> None:
-        self.env, self.idx, self.cfg, self.log = env, idx, cfg, jobs_log
+    def __init__(self, env: simpy.Environment, idx: int, cfg: FleetConfig, jobs_log: Optional[list],
+                 cores: Optional[simpy.Resource] = None) -> None:
+        self.env, self.idx, self.cfg, self.log, self.cores = env, idx, cfg, jobs_log, cores
         self.queue: list[_Job] = []
         self.sessions = 0
         self.sessions_total = 0
@@ -289,7 +352,16 @@ class _Replica:
             batch, self.queue = self.queue[:cfg.max_batch_sessions], self.queue[cfg.max_batch_sessions:]
             scored = sum((1 if j.left else j.tokens + 1) for j in batch)
             t = cfg.cost.time(len(batch), scored) * self.speed
-            yield self.env.timeout(t + cfg.cost.gap_s * self.speed)
+            cpu = cfg.host.launch_cpu(len(batch)) * self.speed if cfg.host else 0.0
+            if cpu > 0:  # compute on a shared core, then the rest of the launch (padding) off-core
+                t0 = self.env.now
+                with self.cores.request(priority=1) as req:
+                    yield req
+                    yield self.env.timeout(cpu)
+                t = max(t, self.env.now - t0)
+                yield self.env.timeout(t - (self.env.now - t0) + cfg.cost.gap(len(batch)) * self.speed)
+            else:
+                yield self.env.timeout(t + cfg.cost.gap(len(batch)) * self.speed)
             self.busy += t
             self.launches += 1
             self.verifications += len(batch)
@@ -340,15 +412,43 @@ def simulate_fleet(cfg: FleetConfig) -> FleetResult:
     env = simpy.Environment()
     rng = random.Random(cfg.seed)
     log: Optional[list] = [] if cfg.record else None
-    reps = [_Replica(env, i, cfg, log) for i in range(cfg.replicas)]
+    host = cfg.host
+    cores = simpy.PriorityResource(env, host.cores) if host else None  # background first (priority 0)
+    slots = simpy.Resource(env, host.edge_slots) if host and host.edge_slots else None
+    reps = [_Replica(env, i, cfg, log, cores) for i in range(cfg.replicas)]
     router = _Router(reps, cfg.routing)
     em = cfg.edge
     tpts: list[float] = []
-    state = {"tokens": 0.0, "refused": 0, "end": 0.0, "session": 0}
+    state = {"tokens": 0.0, "refused": 0, "end": 0.0, "session": 0, "active": cfg.n_edges}
     cap = cfg.max_sessions_per_replica
+
+    def edge_cpu(work: float):
+        """Hold a core (and an edge slot, when edges share an interpreter lock) for ``work``."""
+        if slots is not None:
+            with slots.request() as s_req:
+                yield s_req
+                with cores.request(priority=1) as c_req:
+                    yield c_req
+                    yield env.timeout(work)
+        else:
+            with cores.request(priority=1) as c_req:
+                yield c_req
+                yield env.timeout(work)
+
+    def background(share: float, tick: float = 0.005):
+        """Another process's CPU: a core for ``share`` of every tick while any edge still runs."""
+        due = env.now + rng.uniform(0, tick)
+        while state["active"] > 0:
+            if due > env.now:
+                yield env.timeout(due - env.now)
+            with cores.request(priority=0) as req:  # ahead of the queue, and on a fixed beat: its share
+                yield req
+                yield env.timeout(share * tick)
+            due += tick
 
     def edge(i: int):
         yield env.timeout(rng.uniform(0, min(cfg.duration_s, em.cycle(0.0)) * 0.5))  # staggered starts
+        gen = 0
         while env.now < cfg.duration_s:
             rep = router.pick(i, [r for r in reps if cap is None or r.sessions < cap])
             if rep is None:
@@ -370,23 +470,34 @@ def simulate_fleet(cfg: FleetConfig) -> FleetResult:
                 committed = float(cfg.max_new)
             else:
                 committed, L = 0.0, cfg.cost.time(1, em.scored(0.0) + 1) * rep.speed
+                f = em.factor(i, gen)
                 while committed < cfg.max_new:
-                    yield env.timeout(max(0.0, em.cycle(L) - L))
+                    own = max(0.0, em.cycle(L) - L)  # the edge's part of the cycle
+                    cpu = min(own, host.edge_round_s) if host else 0.0
+                    if cpu > 0:  # its CPU part on a shared core; waiting for one is the contention
+                        yield env.process(edge_cpu(cpu))
+                    yield env.timeout(own - cpu)
                     job = _Job(sid, em.scored(L), 0, env.event())
                     ts = env.now
                     rep.submit(job)
                     yield job.done
                     L = env.now - ts
-                    committed += em.committed(L)
+                    committed += em.committed(L) / f
             rep.sessions -= 1
             tpts.append((env.now - t0) / committed)  # the last verdict may overshoot max_new: per token of it
             state["tokens"] += committed
             state["end"] = env.now
+            gen += 1
             if cfg.think_s > 0:
                 yield env.timeout(rng.expovariate(1.0 / cfg.think_s))
+        state["active"] -= 1
 
     for i in range(cfg.n_edges):
         env.process(edge(i))
+    if host and host.background_cores > 0:
+        k = math.ceil(host.background_cores)
+        for _ in range(k):
+            env.process(background(host.background_cores / k))
     env.run(until=cfg.duration_s * 50 + 3600)  # bounded: every edge stops starting at duration_s
     launches = sum(r.launches for r in reps)
     busy = sum(r.busy for r in reps)
@@ -408,10 +519,10 @@ def capacity_bound(cfg: FleetConfig) -> float:
     em, best = cfg.edge, 0.0
     if cfg.mode == "stream":
         for b in range(1, cfg.max_batch_sessions + 1):
-            best = max(best, b / (cfg.cost.time(b, b) + cfg.cost.gap_s))
+            best = max(best, b / (cfg.cost.time(b, b) + cfg.cost.gap(b)))
     else:
         tmax, dmin = max(em.tokens), min(em.drafts)
         for b in range(1, cfg.max_batch_sessions + 1):
-            best = max(best, b * tmax / (cfg.cost.time(b, b * (dmin + 1)) + cfg.cost.gap_s))
+            best = max(best, b * tmax / (cfg.cost.time(b, b * (dmin + 1)) + cfg.cost.gap(b)))
     speeds = cfg.replica_speed or (1.0,) * cfg.replicas
     return best * sum(1.0 / s for s in speeds)
