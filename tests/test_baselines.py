@@ -182,9 +182,9 @@ def exact(spair):
     return _exact_marginals(spair[2], [1, 2], SAMPLING, DEPTH)
 
 
-def _sampled_counts(spair, method, verifier_cls=None, n=N_DRAWS, setup=None) -> np.ndarray:
+def _sampled_counts(spair, method, verifier_cls=None, n=N_DRAWS, setup=None, draft=None) -> np.ndarray:
     """Position histograms of ``n`` sampled generations, split over two edges at once
-    (``setup``: see :func:`_two_edges`)."""
+    (``setup``: see :func:`_two_edges`; ``draft``: makes each edge's draft, default spair's)."""
     with running_server(spair[1]) as (srv, url):
         if verifier_cls is not None:
             srv.verifier = verifier_cls(srv.target, srv.config, srv.stats, srv.energy)
@@ -192,7 +192,7 @@ def _sampled_counts(spair, method, verifier_cls=None, n=N_DRAWS, setup=None) -> 
         half = n // 2
         out = _two_edges(url, [cfg, cfg], [[[1, 2]] * half] * 2, DEPTH,
                          sampling=lambda e, i: SamplingParams(SAMPLING.temperature, seed=e * half + i),
-                         draft=lambda: tiny_pair(vocab=V, noise=0.6, wire_topk=4)[0], setup=setup)
+                         draft=draft or (lambda: tiny_pair(vocab=V, noise=0.6, wire_topk=4)[0]), setup=setup)
     counts = np.zeros((DEPTH, V))
     for g in out[0] + out[1]:
         for d, t in enumerate(g.token_ids):

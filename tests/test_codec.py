@@ -90,7 +90,33 @@ def verdicts(draw):
                      echo_sent_at=draw(FIN))
 
 
-any_message = st.one_of(hellos, hello_acks, opens, openeds, drafts(), verdicts(), closes, streams, errors)
+@st.composite
+def trees(draw):
+    n = draw(st.integers(1, codec.MAX_TREE_NODES))
+    toks = np.array(draw(st.lists(st.integers(0, 2**31 - 1), min_size=n, max_size=n)), np.int32)
+    par = np.array([draw(st.integers(-1, i - 1)) for i in range(n)], np.int32)
+    rows = qi = qp = None
+    if draw(st.booleans()):
+        rows = np.array(sorted({int(p) for p in par}), np.int32)
+        qi, qp = draw(q_dist(len(rows)))
+    return M.TreeRequest(session_id=draw(U32), epoch=draw(U32), first_pos=draw(U32), tokens=toks, parents=par,
+                         q_rows=rows, q_ids=qi, q_probs=qp, sent_at=draw(FIN))
+
+
+@st.composite
+def tree_verdicts(draw):
+    rejected = draw(st.booleans())
+    token = draw(st.integers(0, 2**31 - 1)) if rejected else draw(st.integers(-1, 2**31 - 1))
+    start = draw(st.integers(0, 2**31))
+    return M.TreeVerdict(session_id=draw(U32), epoch=draw(U32), start_pos=start,
+                         path=draw(i32_array(16)),
+                         token=token, rejected=rejected, verified_len=start + draw(st.integers(0, 100)),
+                         finished=draw(st.booleans()), target_forwards=draw(U32), verify_s=draw(st.floats(0.0, 1e9)),
+                         echo_sent_at=draw(FIN))
+
+
+any_message = st.one_of(hellos, hello_acks, opens, openeds, drafts(), verdicts(), closes, streams, trees(),
+                        tree_verdicts(), errors)
 
 
 def assert_same(a, b):
@@ -131,7 +157,7 @@ def test_round_trip_fixed(msg):
 def test_frame_header_and_type_tags():
     tags = {M.Hello: M.T_HELLO, M.HelloAck: M.T_HELLO_ACK, M.OpenSession: M.T_OPEN, M.SessionOpened: M.T_OPENED,
             M.DraftBatch: M.T_DRAFT, M.Verdict: M.T_VERDICT, M.CloseSession: M.T_CLOSE, M.Error: M.T_ERROR,
-            M.StreamRequest: M.T_STREAM}
+            M.StreamRequest: M.T_STREAM, M.TreeRequest: M.T_TREE, M.TreeVerdict: M.T_TREE_VERDICT}
     assert {type(m) for m in fixed_samples()} == set(tags) == set(codec.SCHEMAS)
     for msg in fixed_samples():
         assert encode(msg)[4] == tags[type(msg)] == codec.SCHEMAS[type(msg)].tag
@@ -473,7 +499,7 @@ def test_schema_covers_every_dataclass_field():
         named |= {n for f in s.fields if isinstance(f, codec.Flags) for _, n in f.bits}
         assert {f.name for f in dataclasses.fields(cls)} <= named, cls.__name__
         assert s.tag in (M.T_HELLO, M.T_HELLO_ACK, M.T_OPEN, M.T_OPENED, M.T_DRAFT, M.T_VERDICT, M.T_CLOSE, M.T_ERROR,
-                         M.T_STREAM)
+                         M.T_STREAM, M.T_TREE, M.T_TREE_VERDICT)
     bad = codec.Schema(M.SessionOpened, 99, "nobody", (codec.Scalar("sid", "u32"),))
     with pytest.raises(TypeError, match="do not cover"):
         codec._validate(bad)

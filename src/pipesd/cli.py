@@ -192,6 +192,18 @@ def _number(kind, low: float, inclusive: bool = True):
     return parse
 
 
+def _bounded(kind, low: float, high: float):
+    """An argparse type: a ``kind`` in ``[low, high]``; argparse names the flag."""
+    base = _number(kind, low)
+
+    def parse(text: str):
+        v = base(text)
+        if v > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
+        return v
+    return parse
+
+
 def _add_security_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--auth-tokens", default=None, metavar="FILE",
                    help="identities, one 'NAME TOKEN [key=value ...]' per line (keys: connections, sessions, "
@@ -314,6 +326,9 @@ def cmd_generate(args) -> int:
         print(f"[sampling] seed {st.seed} (replay: --seed {st.seed})", file=sys.stderr)
     if st.schedule:
         print(f"[schedule] {st.schedule_reason}", file=sys.stderr)
+    if cfg.method == "tree-sd":
+        print(f"[tree] {st.drafted} nodes in {st.verifications} trees, {st.tree_sibling_hits} paths through a "
+              f"sibling; {st.draft_steps} draft forwards", file=sys.stderr)
     if cfg.lookup != "off":
         print(f"[lookup] {st.lookup_hits} hits, {st.lookup_proposals} proposals ({st.draft_forwards_saved} draft "
               f"forwards saved), {st.lookup_accepted} accepted; {st.draft_steps} draft forwards", file=sys.stderr)
@@ -563,6 +578,10 @@ def _generate_config(args):
         kw["lookup"] = args.lookup
     if getattr(args, "cloud_budget", None) is not None:
         kw["cloud_budget_ms_per_token"] = args.cloud_budget
+    if getattr(args, "tree_width", None) is not None:
+        kw["tree_width"] = args.tree_width
+    if getattr(args, "tree_confidence", None) is not None:
+        kw["tree_confidence"] = args.tree_confidence
     # A threshold not given keeps the method's own default (hsl: tau_tok 0.99).
     return EdgeConfig.for_method(args.method, tau_seq=args.tau_seq, tau_tok=args.tau_tok, **kw)
 
@@ -699,6 +718,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lookup", default="off", choices=["off", "ngram"],
                    help="ngram: prompt-lookup proposals (the token after the last earlier occurrence of the last "
                         "3-4 tokens) drafted without a draft forward; lossless (docs/runtime.md)")
+    g.add_argument("--tree-width", type=_bounded(int, 1, 8), default=None, metavar="W",
+                   help="tree-sd: candidates per unsure position (the draft's token and W-1 siblings; default 2)")
+    g.add_argument("--tree-confidence", type=_bounded(float, 0, 1), default=None, metavar="P",
+                   help="tree-sd: a position whose draft probability is below P gets siblings (default 0.8)")
     g.add_argument("--save-run", default=None, metavar="RUN.json",
                    help="write the run (tokens, stats, timeline, settings) for `pipesd timeline`")
     g.add_argument("--offline-policy", default="draft", choices=["draft", "wait", "fail"],

@@ -107,6 +107,8 @@ class ClientConn:
             n = len(msg.prompt_ids)
         elif isinstance(msg, M.StreamRequest):
             n = msg.budget  # a target forward per streamed token, billed up front
+        elif isinstance(msg, M.TreeRequest):
+            n = len(msg.tokens) + 1  # a target forward per node and the root
         else:
             return
         shared = getattr(self.identity, "bucket", None)  # the identity's tokens/s quota, over all its connections

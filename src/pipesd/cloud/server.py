@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+
 from pipesd.cloud.connection import ClientConn, TokenBucket
 from pipesd.cloud.identities import FairQueue, HandshakeGate, IdentityTable
 from pipesd.cloud.sessions import MIN_TEMPERATURE, Session, SessionStore
@@ -362,6 +364,10 @@ class CloudServer:
             s = self.sessions.on_stream(client, msg)
             if s is not None:
                 self._schedule(s)
+        elif isinstance(msg, M.TreeRequest):
+            s = self.sessions.on_tree(client, msg)
+            if s is not None:
+                self._schedule(s)
         elif isinstance(msg, M.OpenSession):
             if self.sessions.open(client, msg) is not None:
                 client.send(M.SessionOpened(session_id=msg.session_id))
@@ -444,8 +450,13 @@ class CloudServer:
             s.client.send(self._verdict(s, res, settled))
 
     @staticmethod
-    def _verdict(s: Session, res, settled: int) -> M.Verdict:
+    def _verdict(s: Session, res, settled: int):
         j = res.judged
+        if j.job.tree:
+            return M.TreeVerdict(session_id=s.sid, epoch=j.job.epoch, start_pos=j.job.start,
+                                 path=np.asarray(j.path, dtype=np.int32), token=j.token, rejected=j.rejected,
+                                 verified_len=len(s.proto.generated), finished=j.finished,
+                                 target_forwards=res.forwards, verify_s=res.verify_s, echo_sent_at=j.job.echo_sent_at)
         return M.Verdict(session_id=s.sid, epoch=j.job.epoch, start_pos=j.job.start, end_pos=j.end,
                          accepted=j.accepted, token=j.token, rejected=j.rejected, verified_len=len(s.proto.generated),
                          finished=j.finished, settled=settled, target_forwards=res.forwards, verify_s=res.verify_s,

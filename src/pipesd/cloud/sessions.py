@@ -240,6 +240,26 @@ class SessionStore:
             self.stats.duplicate_batches += 1
         return s if res == "taken" else None
 
+    def on_tree(self, client, r: M.TreeRequest) -> Optional[Session]:
+        """Check a tree request and hand it to the protocol; returns the session when it was taken."""
+        s = self._session(client, r.session_id)
+        codec.check_token_ids(r.tokens, self.vocab_size, "tree token ids")
+        q = (None, None, None)
+        if not s.params.greedy:
+            if r.q_ids is None:
+                raise codec.ProtocolError(M.E_BAD_FIELD, "sampling mode needs the draft's q for every node with children")
+            codec.check_token_ids(r.q_ids, self.vocab_size, "q ids")
+            q = (r.q_rows, r.q_ids, r.q_probs)
+        try:
+            res = s.proto.on_tree(r.epoch, r.first_pos, r.tokens, r.parents, *q, sent_at=r.sent_at)
+        except ProtocolViolation as e:
+            raise codec.ProtocolError(_VIOLATION_CODE[e.kind], str(e)) from None
+        if res == "stale":
+            self.stats.stale_batches += 1
+        elif res == "duplicate":
+            self.stats.duplicate_batches += 1
+        return s if res == "taken" else None
+
     def _check_draft(self, s: Session, b: M.DraftBatch) -> int:
         """Token ids and (sampling) q rows; returns the wire bytes each draft holds."""
         codec.check_token_ids(b.tokens, self.vocab_size, "draft token ids")

@@ -2,7 +2,8 @@
 
 One launch verifies the jobs of several sessions: one batched target forward over their
 drafts (on top of each session's KV cache), one ``verify_chain`` call per sampling mode in the
-launch (greedy sessions, sampling sessions), then each session's protocol clips its result
+launch (greedy sessions, sampling sessions); a draft tree (a TreeRequest's job) gets a
+tree-masked forward of its own and ``verify_tree``, in the same launch; then each session's protocol clips its result
 (max_new_tokens, EOS). Everything is packed on the device of the target's logits, so a CUDA
 target is verified by the Triton kernels; ``CloudStats.verify_backends`` counts the path taken. Caches are committed only once every verdict
 of the launch is known, so a failed launch can be retried session by session from fresh caches.
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from pipesd.protocol import Job, Judged
-from pipesd.verify import verify_chain
+from pipesd.verify import verify_chain, verify_tree
 
 log = logging.getLogger("pipesd.cloud")
 
@@ -41,6 +42,7 @@ class _Verdicts:
     tokens: list  # per session: the accepted drafts then the correction or bonus token
     backends: list  # per verify_chain call: the path it took ("triton" or "torch", the reference)
     kernel_s: float
+    paths: list = None  # trees: per session, the accepted nodes (0-based tree nodes)
 
 
 def _host(v) -> tuple[list, list, str]:
@@ -60,19 +62,27 @@ class Verifier:
 
     def run(self, work: list) -> list[Scored]:
         """``work``: ``(session, job)`` pairs; a ``Scored`` per pair, in order. Verifier thread only."""
-        # Greedy sessions first: each mode's rows are then one contiguous slice of the packed
-        # batch, verified by a verify_chain call of its own mode, after one target forward for all.
-        order = sorted(range(len(work)), key=lambda i: not work[i][0].params.greedy)
+        # Chains before trees, greedy sessions first within each: each mode's rows are then one
+        # contiguous slice, verified by a verify_chain (verify_tree) call of its own mode, after
+        # one target forward for all chains (one tree-masked forward per tree).
+        order = sorted(range(len(work)), key=lambda i: (work[i][1].tree, not work[i][0].params.greedy))
+        nc = sum(1 for w in work if not w[1].tree)
         with self.energy.measure():
             t0 = time.perf_counter()
             sessions = [work[i][0] for i in order]
             jobs = [work[i][1] for i in order]
             f0 = self.target.forwards
-            logits = self._score(sessions, jobs)
+            logits = self._score(sessions[:nc], jobs[:nc]) if nc else None
+            tree_rows = [s.tsession.score_tree(j.drafts, j.parents) for s, j in zip(sessions[nc:], jobs[nc:])]
             forwards = self.target.forwards - f0
             t_fwd = time.perf_counter()
-            v = self._verify(sessions, jobs, logits)
-            scored = self._judge(sessions, jobs, v, forwards)
+            v = self._verify(sessions[:nc], jobs[:nc], logits) if nc else _Verdicts([], [], [], 0.0)
+            scored = self._judge(sessions[:nc], jobs[:nc], v, forwards, len(jobs))
+            if nc < len(jobs):
+                tv = self._verify_trees(sessions[nc:], jobs[nc:], tree_rows)
+                v.backends.extend(tv.backends)
+                v.kernel_s += tv.kernel_s
+                scored += self._judge_trees(sessions[nc:], jobs[nc:], tv, forwards, len(jobs))
             for s, sc in zip(sessions, scored):  # only now that every verdict of the launch is known
                 s.tsession.commit(sc.judged.new)
             self._account(scored, forwards, t_fwd - t0, v, t0)
@@ -110,10 +120,7 @@ class Verifier:
         if g < B:
             q_ids, q_probs = self._pack_q(jobs[g:], K, dev)
             p = [s.params for s in sessions[g:]]
-            # One seed per session, drawn from the session's own generator: a session's draws do
-            # not depend on which other sessions share the launch.
-            seeds = torch.tensor([int(torch.randint(0, 2**62, (1,), generator=s.generator)) for s in sessions[g:]],
-                                 dtype=torch.int64, device=dev)
+            seeds = self._seeds(sessions[g:], dev)
             t = time.perf_counter()
             calls.append(_host(verify_chain(
                 logits[g:], draft_t[g:], num[g:], mode="sample", draft_topk_ids=q_ids, draft_topk_probs=q_probs,
@@ -135,19 +142,76 @@ class Verifier:
         q_probs = np.zeros((len(jobs), K, kq), dtype=np.float32)
         for i, j in enumerate(jobs):
             for t, (qi, qp) in enumerate(zip(j.q_ids, j.q_probs)):
+                if qi is None:
+                    continue  # a tree node without children (or a hint): no q
                 q_ids[i, t, : len(qi)] = qi
                 q_probs[i, t, : len(qp)] = qp
         return torch.from_numpy(q_ids).to(device), torch.from_numpy(q_probs).to(device)
 
-    def _judge(self, sessions, jobs: list[Job], v: "_Verdicts", forwards: int) -> list[Scored]:
-        out = []
-        for i, (s, j) in enumerate(zip(sessions, jobs)):
-            judged = s.proto.judge(j, v.accepted[i], v.tokens[i])
-            new = judged.new
-            if new and not (min(new) >= 0 and max(new) < self.vocab_size):
-                raise ValueError(f"session {s.sid}: the verifier returned token ids outside [0, {self.vocab_size})")
-            out.append(Scored(judged, forwards if len(jobs) == 1 else len(j.drafts) + 1))
-        return out
+    def _seeds(self, sessions, dev) -> torch.Tensor:
+        """One seed per session, drawn from the session's own generator: a session's draws do
+        not depend on which other sessions share the launch."""
+        return torch.tensor([int(torch.randint(0, 2**62, (1,), generator=s.generator)) for s in sessions],
+                            dtype=torch.int64, device=dev)
+
+    def _verify_trees(self, sessions, jobs, rows: list) -> "_Verdicts":
+        """verify_tree over the tree jobs (node 0 the root, node ``i + 1`` the tree's node ``i``):
+        one call for the greedy sessions, one for the sampling ones (SpecInfer multi-candidate
+        rejection against each parent's q); every accepted leaf carries the target's bonus."""
+        B, N, dev = len(jobs), max(r.shape[0] for r in rows), rows[0].device
+        logits = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        tok = np.zeros((B, N), dtype=np.int64)
+        par = np.full((B, N), -1, dtype=np.int64)
+        for b, j in enumerate(jobs):
+            n = len(j.drafts)
+            tok[b, 1:n + 1] = j.drafts
+            par[b, 1:n + 1] = [p + 1 for p in j.parents]
+        tok_t, par_t = torch.from_numpy(tok).to(dev), torch.from_numpy(par).to(dev)
+        num = torch.tensor([len(j.drafts) + 1 for j in jobs], dtype=torch.int64, device=dev)
+        bonus = torch.ones(B, dtype=torch.bool, device=dev)
+        g = sum(1 for s in sessions if s.params.greedy)
+        acc, paths, toks, backends, kernel_s = [], [], [], [], 0.0
+
+        def collect(tv) -> None:
+            nt = tv.num_tokens.tolist()
+            acc.extend(tv.accepted.tolist())
+            paths.extend([[x - 1 for x in row[1:a + 1]] for row, a in zip(tv.path.tolist(), tv.accepted.tolist())])
+            toks.extend([row[:k] for row, k in zip(tv.tokens.tolist(), nt)])
+            backends.append(tv.backend)
+
+        if g:
+            t = time.perf_counter()
+            collect(verify_tree(logits[:g], tok_t[:g], par_t[:g], num[:g], mode="greedy", bonus=bonus[:g]))
+            kernel_s += time.perf_counter() - t
+        if g < B:
+            q_ids, q_probs = self._pack_q(jobs[g:], N, dev)
+            p = [s.params for s in sessions[g:]]
+            t = time.perf_counter()
+            collect(verify_tree(
+                logits[g:], tok_t[g:], par_t[g:], num[g:], mode="sample", draft_topk_ids=q_ids, draft_topk_probs=q_probs,
+                temperature=torch.tensor([x.temperature for x in p], dtype=torch.float32, device=dev),
+                top_k=torch.tensor([x.top_k for x in p], dtype=torch.int64, device=dev),
+                top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev),
+                min_p=torch.tensor([x.min_p for x in p], dtype=torch.float32, device=dev),
+                seed=self._seeds(sessions[g:], dev), bonus=bonus[g:]))
+            kernel_s += time.perf_counter() - t
+        return _Verdicts(acc, toks, backends, kernel_s, paths)
+
+    def _checked(self, s, judged: Judged) -> Judged:
+        new = judged.new
+        if new and not (min(new) >= 0 and max(new) < self.vocab_size):
+            raise ValueError(f"session {s.sid}: the verifier returned token ids outside [0, {self.vocab_size})")
+        return judged
+
+    def _judge(self, sessions, jobs: list[Job], v: "_Verdicts", forwards: int, launch: int) -> list[Scored]:
+        return [Scored(self._checked(s, s.proto.judge(j, v.accepted[i], v.tokens[i])),
+                       forwards if launch == 1 else len(j.drafts) + 1)
+                for i, (s, j) in enumerate(zip(sessions, jobs))]
+
+    def _judge_trees(self, sessions, jobs: list[Job], v: "_Verdicts", forwards: int, launch: int) -> list[Scored]:
+        return [Scored(self._checked(s, s.proto.judge_tree(j, v.paths[i], v.tokens[i])),
+                       forwards if launch == 1 else len(j.drafts) + 1)
+                for i, (s, j) in enumerate(zip(sessions, jobs))]
 
     def _account(self, out: list[Scored], forwards: int, forward_s: float, v: "_Verdicts", t0: float) -> None:
         st, kernel_s = self.stats, v.kernel_s

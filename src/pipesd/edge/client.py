@@ -29,6 +29,7 @@ from pipesd.edge.pipeline import run_pipelined
 from pipesd.edge.schedule import AdaptiveSchedule
 from pipesd.edge.session import Cancel, Run, open_session
 from pipesd.edge.stats import Generation, GenerationStats
+from pipesd.edge.tree import tree_rounds
 from pipesd.fingerprint import tokenizer_fingerprint
 from pipesd.sampling import SamplingParams
 from pipesd.scheduling import CostModel
@@ -374,6 +375,8 @@ class EdgeClient:
                     target_per_token(self, run)
                 elif run.cfg.method == "cloud-stream":
                     cloud_stream(self, run)
+                elif run.cfg.method == "tree-sd":
+                    tree_rounds(self, run)
                 else:
                     self._pipelined(run)
                 return

@@ -19,6 +19,7 @@ METHODS = (
     "pipesd",            # pipeline + DP batches + dual-threshold trigger
     "pipesd-adaptive",   # per generation, the schedule the TPT model ranks fastest within the cloud budget
     "vanilla-sd",        # draft K, send, verify, wait (serial, fixed K)
+    "tree-sd",           # vanilla-sd's K-token spine plus sibling leaves where the draft is unsure: one tree per round
     "hsl",               # HSL as its paper ran it: token threshold (tau_tok 0.99), stop, send all, wait
     "edgellm",           # EdgeLLM as its paper ran it: adaptive sequence threshold, pipelined, sent at the trigger
     "fixed-batch",       # pipeline + dual trigger, fixed-size batches instead of the DP plan
@@ -93,6 +94,10 @@ class EdgeConfig:
     # lookup_max_tokens in a row, each with trigger confidence lookup_confidence; with
     # lookup_confirm, only once the draft model's own token matched the lookup's (a confirmed copy).
     lookup: str = "off"
+    # Draft trees (tree-sd; pipesd.edge.tree): at a spine position whose draft probability is
+    # below tree_confidence, tree_width - 1 sibling leaves from the same q.
+    tree_width: int = 2
+    tree_confidence: float = 0.8
     lookup_max_n: int = 4
     lookup_min_n: int = 3  # shorter matches propose wrong tokens far more often (bench/results/lookup-hit-rate.md)
     lookup_max_tokens: int = 8
@@ -128,6 +133,12 @@ class EdgeConfig:
         if self.ring_capacity < 2 or self.ring_capacity & (self.ring_capacity - 1):
             raise ValueError(f"ring_capacity must be a power of two >= 2, got {self.ring_capacity}")
         self._check_lookup()
+        if not (isinstance(self.tree_width, int) and 1 <= self.tree_width <= 8):
+            raise ValueError(f"tree_width must be an int in [1, 8], got {self.tree_width!r}")
+        if not (0.0 <= self.tree_confidence <= 1.0):
+            raise ValueError(f"tree_confidence must be in [0, 1], got {self.tree_confidence!r}")
+        if self.method == "tree-sd" and self.wire_q == "full":
+            raise ValueError("tree-sd sends top-k q rows only: wire_q='full' is not supported with it")
 
     def _check_lookup(self) -> None:
         from pipesd.edge.lookup import LOOKUP_MODES
@@ -165,7 +176,7 @@ class EdgeConfig:
         if method in ("pipesd", "pipesd-adaptive", "fixed-batch", "dual-no-pipeline"):
             base.update(batching="fixed" if method == "fixed-batch" else "dp", pipeline=method != "dual-no-pipeline",
                         trigger=t)
-        elif method == "vanilla-sd":
+        elif method in ("vanilla-sd", "tree-sd"):
             base.update(batching="trigger", pipeline=False, trigger=TriggerConfig(0.0, 0.0, k))
         elif method == "pipe-fixed-k":
             base.update(batching="dp", pipeline=True, trigger=TriggerConfig(0.0, 0.0, k))

@@ -60,6 +60,7 @@ class GenerationStats:
     lookup_hits: int = 0  # lookups that found an earlier occurrence
     lookup_proposals: int = 0  # drafts that were lookup proposals: each a draft forward saved
     lookup_accepted: int = 0  # lookup proposals the cloud accepted
+    tree_sibling_hits: int = 0  # tree rounds (tree-sd) whose accepted path went through a sibling leaf
 
     timeline: list = field(default_factory=list)  # (lane, t0, t1, info) relative to the start
 

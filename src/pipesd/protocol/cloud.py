@@ -10,6 +10,7 @@ calls :meth:`apply` and sends the verdict it returns. Terms: :mod:`pipesd.protoc
     batch(epoch <  e) -> stale; first_pos < expected -> duplicate (both dropped, nothing changes)
     verify flag -> a job over pending[: through that batch], stopping before a pending hint
     stream request(first_pos == v, nothing pending) -> a job of zero drafts per round, until the budget
+    tree request(first_pos == v, nothing pending) -> one job over the tree; its verdict commits a path
 
 A **stream** (the ``cloud-stream`` method) is the cloud decoding alone: each job has no drafts,
 so its verdict's bonus is the target's next token; the session takes no drafts meanwhile.
@@ -69,6 +70,12 @@ class Job:
     q_probs: list
     echo_sent_at: float = 0.0
     stream: bool = False  # a stream's job (no drafts: the target's next token)
+    parents: Optional[list] = None  # a tree's job: node i's parent (-1 the root); q_ids/q_probs
+    # then have one entry per node plus the root (index 0 the root, i + 1 node i; None: no children)
+
+    @property
+    def tree(self) -> bool:
+        return self.parents is not None
 
 
 @dataclass
@@ -81,6 +88,7 @@ class Judged:
     rejected: bool
     new: list  # tokens committed: the accepted drafts, then ``token`` when >= 0
     finished: bool
+    path: Optional[list] = None  # a tree's job: the accepted nodes, root to leaf (after clipping)
 
     @property
     def end(self) -> int:
@@ -110,6 +118,7 @@ class CloudSession:
     finished: bool = False
     stream_left: int = 0  # tokens a stream request still asks for (see :meth:`on_stream`)
     closed: bool = False  # the edge closed the session (or the server dropped it): no more jobs
+    tree: Optional[Job] = None  # a tree request not yet taken (see :meth:`on_tree`)
 
     # ------------------------------------------------------------------ batches
     def on_batch(self, epoch: int, first_pos: int, tokens: Sequence[int], q_ids=None, q_probs=None, *,
@@ -189,6 +198,56 @@ class CloudSession:
         self.echo_sent_at = sent_at
         return "taken"
 
+    def on_tree(self, epoch: int, first_pos: int, tokens: Sequence[int], parents: Sequence[int],
+                q_rows=None, q_ids=None, q_probs=None, *, sent_at: float = 0.0) -> str:
+        """Take a tree request: one job over a draft tree below the verified length ``first_pos``
+        (a serial round: nothing may be pending, no request open). ``q_rows``/``q_ids``/``q_probs``
+        (sampling; None for greedy): per row, the node (-1 the root) whose children were drawn
+        from it; every node with children needs exactly one row, and every node's token must be
+        in its parent's q with probability > 0 (the multi-candidate rule reads them). Returns
+        ``"taken"``, ``"stale"``, ``"duplicate"`` or ``"finished"``; raises
+        :class:`ProtocolViolation` for a malformed tree, a gap, an epoch ahead or drafts pending."""
+        if self.finished or self.closed:
+            return "finished"
+        if self.unsettled is not None:
+            self._settle(epoch, first_pos, ())
+        if epoch < self.epoch:
+            return "stale"
+        if epoch > self.epoch:
+            raise ProtocolViolation("field", f"epoch {epoch} is ahead of the session's {self.epoch}")
+        verified = len(self.generated)
+        if first_pos < verified:
+            return "duplicate"
+        if len(self.pending) or self.requested or self.stream_left or self.tree is not None or self.busy:
+            raise ProtocolViolation("field", "a tree request while drafts are pending or a request is open")
+        if first_pos != verified:
+            raise ProtocolViolation("field", f"tree request at {first_pos}, expected {verified} (gap)")
+        toks, par = [int(t) for t in tokens], [int(p) for p in parents]
+        n = len(toks)
+        if n < 1 or len(par) != n:
+            raise ProtocolViolation("field", f"a tree needs >= 1 node and one parent per node ({n} tokens, {len(par)} parents)")
+        for i, p in enumerate(par):
+            if not -1 <= p < i:
+                raise ProtocolViolation("field", f"tree parents[{i}] = {p}: must be in [-1, {i}) (parents first)")
+        rows_i: list = [None] * (n + 1)
+        rows_p: list = [None] * (n + 1)
+        if q_rows is not None:
+            has_child = {p for p in par}
+            for j, node in enumerate(int(x) for x in q_rows):
+                if node not in has_child:
+                    raise ProtocolViolation("field", f"q row {j} is for node {node}, which has no children")
+                if rows_i[node + 1] is not None:
+                    raise ProtocolViolation("field", f"two q rows for node {node}")
+                rows_i[node + 1], rows_p[node + 1] = q_ids[j], q_probs[j]
+            for i, p in enumerate(par):
+                qi, qp = rows_i[p + 1], rows_p[p + 1]
+                if qi is None:
+                    raise ProtocolViolation("field", f"node {p} has children but no q row")
+                if not any(int(a) == toks[i] and float(b) > 0 for a, b in zip(qi, qp)):
+                    raise ProtocolViolation("field", f"tree node {i}'s token is not in its parent's q")
+        self.tree = Job(self.epoch, verified, toks, rows_i, rows_p, sent_at, parents=par)
+        return "taken"
+
     def close(self) -> None:
         """The session is gone: nothing pending, no more jobs (a stream stops here)."""
         self.closed = True
@@ -221,12 +280,16 @@ class CloudSession:
     @property
     def ready(self) -> bool:
         """A verify request is open (or a stream goes on), no job is out and the session goes on."""
-        return (self.requested or self.stream_left > 0) and not self.busy and not self.finished and not self.closed
+        return ((self.requested or self.stream_left > 0 or self.tree is not None) and not self.busy
+                and not self.finished and not self.closed)
 
     def take_job(self) -> Job:
         """The next job: pending drafts through the request, stopping before a pending hint
         (that job's bonus settles it); the rest of the request stays open. Streaming: a job of
-        zero drafts (its bonus is the target's next token)."""
+        zero drafts (its bonus is the target's next token). A tree request: its one job."""
+        if self.tree is not None:
+            job, self.tree, self.busy = self.tree, None, True
+            return job
         if not self.requested:
             self.busy = True
             return Job(self.epoch, len(self.generated), [], [], [], self.echo_sent_at, stream=True)
@@ -255,6 +318,25 @@ class CloudSession:
             token = -1
         return Judged(job, min(accepted, len(new)), token, rejected, new, finished)
 
+    def judge_tree(self, job: Job, path: Sequence[int], target_tokens: Sequence[int]) -> Judged:
+        """A scored tree job: ``path`` the accepted nodes (0-based, root to leaf), ``target_tokens``
+        their tokens then the target's token after them; clipped as :meth:`judge`."""
+        path = [int(x) for x in path]
+        new = [int(t) for t in target_tokens]
+        last = path[-1] if path else -1
+        rejected = last in set(job.parents)  # the last accepted node has children, none accepted
+        token = new[len(path)] if len(new) > len(path) else -1
+        room = self.max_new_tokens - job.start
+        finished = False
+        if len(new) >= room:
+            new, finished = new[:room], True
+        if self.eos_id is not None and self.eos_id in new:
+            new, finished = new[: new.index(self.eos_id) + 1], True
+        if len(new) <= len(path):
+            token = -1
+        path = path[: min(len(path), len(new))]
+        return Judged(job, len(path), token, rejected, new, finished, path=path)
+
     def abandon(self) -> None:
         """The job failed: nothing was committed."""
         self.busy = False
@@ -265,7 +347,9 @@ class CloudSession:
         self.generated.extend(j.new)
         settled = SETTLED_NONE
         n = len(j.job.drafts)
-        if j.job.stream:  # nothing can be drafted at a stream token's position: settled by construction
+        if j.job.tree:  # a serial round: nothing was pending, nothing to void or settle
+            pass
+        elif j.job.stream:  # nothing can be drafted at a stream token's position: settled by construction
             self.stream_left = 0 if j.finished else max(0, self.stream_left - len(j.new))
         elif j.token >= 0 and j.rejected:
             self._void()  # the correction replaces a draft: every pending draft is void

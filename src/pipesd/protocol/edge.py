@@ -53,6 +53,7 @@ class EdgeSession:
     stop_at: int = -1  # no drafting at or past this position until a verdict (-1: max_new)
     awaiting: bool = False  # a verify request is out
     stream_left: int = 0  # tokens the cloud still streams (:meth:`request_stream`): no drafting meanwhile
+    tree: Optional[tuple] = None  # (tokens, parents) of the tree request out (:meth:`request_tree`)
 
     def __post_init__(self) -> None:
         if self.stop_at < 0:
@@ -65,6 +66,45 @@ class EdgeSession:
         self.awaiting = False
         self.stop_at = self.max_new
         self.stream_left = 0
+        self.tree = None
+
+    def request_tree(self, tokens, parents) -> int:
+        """Send a draft tree for verification (a serial round); returns the wire position it
+        starts at. Needs nothing drafted past the committed prefix and no request out."""
+        if len(self.seq) != self.committed or self.awaiting or self.stream_left or self.tree is not None:
+            raise ValueError("a tree request needs no drafts past the committed prefix and no request out")
+        toks, par = [int(t) for t in tokens], [int(p) for p in parents]
+        if not toks or len(par) != len(toks) or any(not -1 <= p < i for i, p in enumerate(par)):
+            raise ValueError("a tree needs >= 1 node and parents[i] in [-1, i) for each node")
+        self.tree, self.awaiting = (toks, par), True
+        return self.wire_pos(self.committed)
+
+    def on_tree_verdict(self, *, epoch: int, start_pos: int, path, token: int, rejected: bool, verified_len: int,
+                        finished: bool) -> VerdictOutcome:
+        """Commit the accepted path of the tree out, then the correction or bonus. Raises
+        :class:`ProtocolViolation` for a path that is not a root-to-node chain of that tree,
+        or a verified length that does not add up."""
+        start = start_pos + self.base
+        if self.tree is None or epoch != self.epoch or start != self.committed:
+            return VerdictOutcome(stale=True)
+        toks, par = self.tree
+        prev = -1
+        for node in (int(x) for x in path):
+            if not (0 <= node < len(toks)) or par[node] != prev:
+                raise ProtocolViolation("field", f"tree path node {node} is not a child of {prev}")
+            prev = node
+        if rejected and prev not in set(par):
+            raise ProtocolViolation("field", f"a correction after leaf {prev} (only a bonus follows a leaf)")
+        new = [toks[i] for i in path] + ([int(token)] if token >= 0 else [])
+        if verified_len + self.base != start + len(new):
+            raise ProtocolViolation("field", f"verified length {verified_len} after {len(new)} tokens from {start_pos}")
+        self.tree, self.awaiting = None, False
+        self.seq.extend(new)
+        self.committed += len(new)
+        out = VerdictOutcome(new=new, moved=bool(new), extend=list(new), bonus=token >= 0 and not rejected)
+        out.eos = self.eos_id is not None and self.eos_id in new
+        out.complete = finished or self.committed >= self.max_new or out.eos
+        return out
 
     def request_stream(self, budget: int) -> int:
         """Ask the cloud to decode up to ``budget`` tokens alone (the ``cloud-stream`` method);

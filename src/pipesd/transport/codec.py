@@ -52,6 +52,8 @@ MAX_NAME_BYTES = 256  # client/server names and tokenizer fingerprints
 MAX_MESSAGE_BYTES = 4096
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_Q_WIDTH = 1 << 20
+MAX_TREE_NODES = 64
+"""Nodes of one TreeRequest at most (``E_LIMIT`` over it)."""
 PROB_SLACK = 1e-6
 """Probabilities may exceed 1 by this much (float32 rounding of a normalisation)."""
 Q_SUM_TOL = 1e-3
@@ -154,6 +156,39 @@ _WIRE = (  # compiled into SCHEMAS once the helpers below are defined
         Scalar("first_pos", "u32"),
         Scalar("budget", "u32", lo=1, doc="tokens to decode at most"),
         Scalar("sent_at", "f64"),
+    )),
+    Schema(M.TreeRequest, M.T_TREE, "edge -> cloud", (
+        Scalar("session_id", "u32"),
+        Scalar("epoch", "u32"),
+        Scalar("first_pos", "u32", doc="the verified length (nothing pending)"),
+        Flags(((F_HAS_Q, "has_q"),)),
+        Scalar("sent_at", "f64"),
+        Count("n", lo=1, hi=MAX_TREE_NODES, code=M.E_LIMIT, doc="tree nodes"),
+        Count("m", lo=1, hi=MAX_TREE_NODES + 1, when="has_q", doc="q rows: one per node with children"),
+        Count("k", lo=1, hi=MAX_Q_WIDTH, when="has_q", doc="the q width"),
+        Pad(2),
+        Array("tokens", "i32", ("n",), lo=0),
+        Array("parents", "i32", ("n",), lo=-1, doc="parents[i] in [-1, i): -1 is the last verified token"),
+        Array("q_rows", "i32", ("m",), lo=-1, when="has_q", doc="the node each q row belongs to (-1 the root)"),
+        Array("q_ids", "i32", ("m", "k"), lo=0, when="has_q"),
+        Array("q_probs", "f32", ("m", "k"), prob=True, rows_sum_to_one=True, when="has_q"),
+    )),
+    Schema(M.TreeVerdict, M.T_TREE_VERDICT, "cloud -> edge", (
+        Scalar("session_id", "u32"),
+        Scalar("epoch", "u32"),
+        Scalar("start_pos", "u32"),
+        Scalar("token", "i32", lo=-1, doc="-1: none"),
+        Flags(((F_REJECTED, "rejected"), (F_FINISHED, "finished"))),
+        Scalar("verified_len", "u32"),
+        Scalar("target_forwards", "u32"),
+        Scalar("verify_s", "f64", lo=0.0),
+        Scalar("echo_sent_at", "f64"),
+        Count("a", hi=MAX_TREE_NODES, doc="accepted nodes"),
+        Pad(2),
+        Array("path", "i32", ("a",), lo=0, doc="the accepted nodes, root to leaf"),
+    ), checks=(
+        Check("not rejected or token >= 0", "a rejection carries a correction token"),
+        Check("verified_len >= start_pos", "the verified length does not shrink"),
     )),
     Schema(M.Error, M.T_ERROR, "either way", (
         Scalar("code", "u16", doc="`E_*` (unknown codes are passed through)"),

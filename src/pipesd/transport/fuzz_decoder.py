@@ -62,6 +62,12 @@ def sample_messages() -> list:
                   verified_len=18, finished=True, settled=M.SETTLED_VOID, target_forwards=1),
         M.CloseSession(session_id=3),
         M.StreamRequest(session_id=3, epoch=1, first_pos=5, budget=64, sent_at=2.5),
+        M.TreeRequest(session_id=3, epoch=1, first_pos=5, tokens=np.array([4, 9, 1], np.int32),
+                      parents=np.array([-1, -1, 0], np.int32), q_rows=np.array([-1, 0], np.int32), q_ids=qi,
+                      q_probs=qp, sent_at=2.5),
+        M.TreeRequest(session_id=3, epoch=1, first_pos=5, tokens=toks, parents=np.array([-1, 0], np.int32)),
+        M.TreeVerdict(session_id=3, epoch=1, start_pos=5, path=np.array([0, 2], np.int32), token=7, rejected=False,
+                      verified_len=8, target_forwards=4, verify_s=0.01, echo_sent_at=2.5),
         M.Error(code=M.E_AUTH, message="nope", session_id=-1),
     ]
 

@@ -17,8 +17,8 @@ from typing import Optional
 
 import numpy as np
 
-PROTOCOL_VERSION = 4  # 2: the continuation rule (a bonus on every full acceptance); 3: Verdict.settled, no bonus flag;
-# 4: StreamRequest (the cloud decodes alone: cloud-stream)
+PROTOCOL_VERSION = 5  # 2: the continuation rule (a bonus on every full acceptance); 3: Verdict.settled, no bonus flag;
+# 4: StreamRequest (the cloud decodes alone: cloud-stream); 5: TreeRequest / TreeVerdict (draft trees, serial rounds)
 
 # Message type tags (one byte on the wire).
 T_HELLO = 1
@@ -30,6 +30,8 @@ T_VERDICT = 6
 T_CLOSE = 7
 T_ERROR = 8
 T_STREAM = 9
+T_TREE = 10
+T_TREE_VERDICT = 11
 
 # Verdict.settled: what the cloud knew of the edge's draft at ``end_pos`` (the bonus position).
 from pipesd.protocol.common import SETTLED_KEPT, SETTLED_NONE, SETTLED_VOID  # noqa: E402  (defined with the rule)
@@ -127,6 +129,51 @@ class StreamRequest:
 
 
 @dataclass(kw_only=True)
+class TreeRequest:
+    """Edge -> cloud: verify a draft token tree below the verified length ``first_pos``
+    (nothing may be pending: a tree is a serial round, the edge drafts nothing meanwhile).
+
+    Node ``i`` holds ``tokens[i]`` below node ``parents[i]`` (``-1``: below the last verified
+    token; parents come before children). Sampling mode: ``q_rows[j]`` names the node (``-1``
+    the root) whose children were all drawn, independently and with replacement, from the q in
+    row ``j`` of ``q_ids``/``q_probs`` (``[m, k]``), one row per node that has children. The
+    cloud scores the tree in one forward with a tree mask and answers a :class:`TreeVerdict`.
+    """
+
+    session_id: int
+    epoch: int
+    first_pos: int
+    tokens: np.ndarray  # int32 [n]
+    parents: np.ndarray  # int32 [n], each in [-1, i)
+    q_rows: Optional[np.ndarray] = None  # int32 [m]: the node each q row belongs to (-1 the root)
+    q_ids: Optional[np.ndarray] = None  # int32 [m, k]
+    q_probs: Optional[np.ndarray] = None  # float32 [m, k]
+    sent_at: float = 0.0
+
+
+@dataclass(kw_only=True)
+class TreeVerdict:
+    """Cloud -> edge: outcome of a :class:`TreeRequest`. ``path``: the accepted nodes, root to
+    leaf (their tokens are committed at ``start_pos ..``); ``token`` >= 0: the target's token
+    after the path, a correction (``rejected``: the path's last node has children, none
+    accepted) or the bonus at an accepted leaf; -1 none (clipped at EOS / max_new_tokens).
+    ``verified_len``: the session's verified length after it. The epoch does not change: no
+    chain drafts are pending during a tree round."""
+
+    session_id: int
+    epoch: int
+    start_pos: int
+    path: np.ndarray  # int32 [a]: node indices of the TreeRequest
+    token: int
+    rejected: bool
+    verified_len: int
+    finished: bool = False
+    target_forwards: int = 0
+    verify_s: float = 0.0
+    echo_sent_at: float = 0.0
+
+
+@dataclass(kw_only=True)
 class Verdict:
     """Cloud -> edge: outcome of verifying the pending segment ``[start_pos, end_pos)``.
 
@@ -176,4 +223,5 @@ E_BAD_FIELD = 6
 E_TOKENIZER = 7
 E_INTERNAL = 8
 
-Message = Hello | HelloAck | OpenSession | SessionOpened | DraftBatch | StreamRequest | Verdict | CloseSession | Error
+Message = (Hello | HelloAck | OpenSession | SessionOpened | DraftBatch | StreamRequest | TreeRequest | Verdict
+           | TreeVerdict | CloseSession | Error)
