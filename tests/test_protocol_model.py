@@ -6,7 +6,8 @@ reordered and stale messages) and a :class:`CloudSession` whose verifier is an o
 (a fixed true sequence: accept while the draft equals it) or sampling (acceptance drawn at
 random, a correction that differs from the rejected draft). Reconnects re-open both sides on
 the committed prefix. The edge may also ask the cloud to stream (``cloud-stream``: jobs of no
-drafts until a budget) and may close a session mid-stream.
+drafts until a budget), may close a session mid-stream, and may send a draft tree
+(``tree-sd``: a serial round whose verdict commits a root-to-node path and the target's token).
 
 Invariants, after every step:
 1. the edge's committed prefix is the cloud's (and, greedy, the oracle's);
@@ -19,7 +20,9 @@ Invariants, after every step:
    and may be refused, but cannot always be told from an honest one;
 6. the edge never drafts past its lookahead;
 7. a stream never commits more than its budget, the edge drafts nothing while it streams, and
-   a closed session has no more work.
+   a closed session has no more work;
+8. a tree round commits a chain of its own tree (then the target's token), and nothing is
+   drafted while it is out.
 Each invariant has a planted-bug control below that the machine must catch.
 """
 from __future__ import annotations
@@ -130,6 +133,26 @@ class ProtocolMachine(RuleBasedStateMachine):
         first = self.edge.request_stream(budget)
         self.up.append(dict(kind="stream", epoch=self.edge.epoch, first_pos=first, budget=budget))
 
+    @precondition(lambda self: not self.done() and not self.ring and not self.edge.awaiting
+                  and not self.edge.stream_left and len(self.edge.seq) == self.edge.committed)
+    @rule(spine=st.lists(st.integers(0, 9), min_size=1, max_size=4), siblings=st.lists(st.integers(0, 3), max_size=4))
+    def request_tree(self, spine: list, siblings: list) -> None:
+        """tree-sd: a spine (9 in 10 right) with sibling leaves (one in 4 right where the spine
+        is wrong) below each spine node's parent."""
+        e, tokens, parents, prev = self.edge, [], [], -1
+        for d, x in enumerate(spine):
+            pos = e.committed + d
+            truth = _truth(pos)
+            tokens.append(truth if x else (truth + 1) % V)
+            parents.append(prev)
+            spine_at = len(tokens) - 1
+            for j, y in enumerate(siblings[d:d + 1] * 2):  # 0-2 siblings
+                tokens.append(truth if y == 0 else (truth + 2 + j) % V)
+                parents.append(prev)
+            prev = spine_at
+        first = e.request_tree(tokens, parents)
+        self.up.append(dict(kind="tree", epoch=e.epoch, first_pos=first, tokens=tokens, parents=parents))
+
     @precondition(lambda self: not self.done())
     @rule(close=st.integers(0, 7))
     def close_session(self, close: int) -> None:
@@ -167,6 +190,8 @@ class ProtocolMachine(RuleBasedStateMachine):
                 res = self.cloud.on_stream(b["epoch"], b["first_pos"], b["budget"])
                 if res == "taken":
                     self.stream_budget, self.stream_done = b["budget"], 0
+            elif b.get("kind") == "tree":
+                res = self.cloud.on_tree(b["epoch"], b["first_pos"], b["tokens"], b["parents"])
             else:
                 res = self.cloud.on_batch(b["epoch"], b["first_pos"], b["tokens"], b["q_ids"], b["q_probs"],
                                           verify=b["verify"], hint=b["hint"])
@@ -202,7 +227,15 @@ class ProtocolMachine(RuleBasedStateMachine):
         e = self.edge
         before = self._edge_state()
         try:
-            out = e.on_verdict(**v)
+            if v.get("kind") == "tree":
+                tree = e.tree
+                out = e.on_tree_verdict(**{k: x for k, x in v.items() if k != "kind"})
+                if not out.stale:  # 8: the path is a chain of the edge's own tree
+                    toks, par = tree
+                    assert all(par[b] == a for a, b in zip([-1] + v["path"], v["path"])), "not a chain of the tree"
+                    assert out.new[: len(v["path"])] == [toks[i] for i in v["path"]], "not the tree's tokens"
+            else:
+                out = e.on_verdict(**v)
         except ProtocolViolation as err:
             raise AssertionError(f"the edge refused a verdict: {err}") from err
         if out.stale:
@@ -219,10 +252,40 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.job = self.cloud.take_job()
         assert self.job.start == len(self.cloud.generated)
 
+    def _finish_tree(self, job, data) -> None:
+        """The oracle walks the tree: greedy, the first child equal to the truth at each depth;
+        sampling, a random chain of it; then the target's token after the path."""
+        path, node = [], -1
+        while True:
+            kids = [i for i, p in enumerate(job.parents) if p == node]
+            if not kids:
+                break
+            if self.sampling:
+                pick = data.draw(st.sampled_from(kids + [None]), label="child")
+            else:
+                want = self._truth_at(job.start + len(path))
+                pick = next((i for i in kids if job.drafts[i] == want), None)
+            if pick is None:
+                break
+            path.append(pick)
+            node = pick
+        tok = data.draw(st.integers(0, V - 1), label="token") if self.sampling else \
+            self._truth_at(job.start + len(path))
+        judged = self.cloud.judge_tree(job, path, [job.drafts[i] for i in path] + [tok])
+        span = set(range(job.start, job.start + len(judged.new)))
+        assert not (span & self.verified_positions), "a position was verified twice"
+        self.verified_positions |= span
+        self.cloud.apply(judged)
+        self.down.append(dict(kind="tree", epoch=job.epoch, start_pos=job.start, path=list(judged.path),
+                              token=judged.token, rejected=judged.rejected, verified_len=len(self.cloud.generated),
+                              finished=judged.finished))
+
     @precondition(lambda self: self.job is not None)
     @rule(data=st.data())
     def finish_job(self, data) -> None:
         job, self.job = self.job, None
+        if job.tree:
+            return self._finish_tree(job, data)
         n = len(job.drafts)
         if self.sampling:
             acc = data.draw(st.integers(0, n), label="accepted")
@@ -277,6 +340,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         assert self.stream_done <= self.stream_budget, "the cloud streamed past the budget"
         e = self.edge
         assert not e.stream_left or len(e.seq) == e.committed, "the edge drafted while the cloud streams"
+        assert e.tree is None or len(e.seq) == e.committed, "the edge drafted while a tree is out"
 
     @invariant()
     def within_lookahead(self) -> None:
@@ -410,7 +474,29 @@ class _CloudStreamsAfterClose(CloudSession):
         self.closed, self.stream_left = False, left
 
 
+class _CloudTreeOverreach(CloudSession):
+    """Commits the first child below the accepted path as well (a walk that does not stop)."""
+
+    def judge_tree(self, job, path, target_tokens):
+        kids = [i for i, p in enumerate(job.parents) if p == (path[-1] if path else -1)]
+        if kids:
+            path = list(path) + [kids[0]]
+            target_tokens = [job.drafts[i] for i in path] + list(target_tokens[-1:])
+        return super().judge_tree(job, path, target_tokens)
+
+
+class _EdgeDraftsDuringTree(EdgeSession):
+    def may_draft(self):
+        tree, self.tree = self.tree, None
+        try:
+            return super().may_draft()
+        finally:
+            self.tree = tree
+
+
 PLANTED = {
+    "cloud commits past the accepted tree path": (_CloudTreeOverreach, EdgeSession, False),
+    "edge drafts while a tree is out": (CloudSession, _EdgeDraftsDuringTree, False),
     "cloud streams past the budget": (_CloudIgnoresBudget, EdgeSession, False),
     "edge drafts while the cloud streams": (CloudSession, _EdgeDraftsWhileStreaming, False),
     "cloud streams on after the session is closed": (_CloudStreamsAfterClose, EdgeSession, False),

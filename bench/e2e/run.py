@@ -19,7 +19,8 @@ docs/models.md, "Replay"). Replayed results are labelled replayed everywhere.
 
 **Methods.** ``cloud-stream`` (the cloud decodes and streams: one round trip in all),
 ``vanilla-sd`` at its best K (K swept; the best of the sweep is reported, a choice that favours
-the baseline), ``hsl`` and ``edgellm`` as the paper ran them, the paper's ablations
+the baseline), ``tree-sd`` (vanilla's spine plus sibling leaves, one draft tree per round, also
+at its best K), ``hsl`` and ``edgellm`` as the paper ran them, the paper's ablations
 (``dual-no-pipeline``, ``pipe-fixed-k``, ``pipe-token-only``, ``pipe-seq-only``) and
 ``pipesd``; the full grid adds ``target-per-token``, ``fixed-batch``, ``edge-only`` and
 ``pipesd-tuned``. docs/runtime.md, "Methods", says what each does.
@@ -82,14 +83,15 @@ GRID = [Scenario(f"edge{ms}-{mb}M-{d}ms", ms, f"{mb}/{d}", "grid")
         for ms in (10, 30, 60) for mb, d in ((2, 40), (10, 25), (50, 10))]
 ALL_SCENARIOS = {s.name: s for s in PAPER + [LIVE] + GRID}
 
-QUICK_METHODS = ["cloud-stream", "vanilla-sd", "hsl", "edgellm", "dual-no-pipeline", "pipe-fixed-k",
+QUICK_METHODS = ["cloud-stream", "vanilla-sd", "tree-sd", "hsl", "edgellm", "dual-no-pipeline", "pipe-fixed-k",
                  "pipe-token-only", "pipe-seq-only", "pipesd", "pipesd-adaptive", "pipesd-adaptive-nolimit"]
-FULL_METHODS = ["cloud-stream", "target-per-token", "vanilla-sd", "hsl", "edgellm", "dual-no-pipeline",
+FULL_METHODS = ["cloud-stream", "target-per-token", "vanilla-sd", "tree-sd", "hsl", "edgellm", "dual-no-pipeline",
                 "fixed-batch", "pipe-fixed-k", "pipe-token-only", "pipe-seq-only", "pipesd", "pipesd-adaptive",
                 "pipesd-adaptive-nolimit", "pipesd-tuned",
                 "edge-only"]
 #: Methods whose output is not the target's (a speed reference only): not checked for exactness.
 NOT_TARGET_OUTPUT = {"edge-only"}
+K_SWEPT = ("vanilla-sd", "tree-sd")  # run at every K of --k-sweep; the best is reported
 BASELINES = ("cloud-stream", "target-per-token", "vanilla-sd", "hsl", "edgellm")
 
 # The paper's wire: each draft token carries its full-vocabulary q, ~0.29 MB (docs/runtime.md,
@@ -535,7 +537,7 @@ def main(argv=None) -> int:
                 sc_rows, per_gen = {}, {}
                 for method in args.method_list:
                     t0 = time.time()
-                    if method == "vanilla-sd":
+                    if method in K_SWEPT:
                         best = None
                         for k in args.ks:
                             gens = run_method(client, link, method, prompts, n_new, sc, args, k=k)

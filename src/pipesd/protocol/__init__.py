@@ -39,6 +39,12 @@ Terms, defined once:
   length, up to a budget, each verification round a job of no drafts whose bonus is the
   target's next token (one verdict each). The edge drafts nothing meanwhile and the cloud takes
   no drafts; it ends at the budget, EOS, max_new or the session's close.
+- **tree**: a draft token tree sent in one request below the committed length (``tree-sd``), a
+  serial round: nothing is pending and the edge drafts nothing meanwhile. Node ``i`` has a
+  parent before it (``-1``: the last committed token); in sampling mode every node with children
+  carries the q its children were all drawn from, independently. Its verdict commits a
+  root-to-node **path** of accepted nodes, then the target's token after it (a correction when
+  the path's last node has children, a bonus at a leaf); the epoch does not change.
 - **epoch**: counts voidings of a session (a correction, or a bonus unequal to the draft
   there); both sides start at 0 and bump together. Every batch and verdict carries it, so a
   message of an older epoch is **stale** and changes nothing.

@@ -119,6 +119,7 @@ class CloudSession:
     stream_left: int = 0  # tokens a stream request still asks for (see :meth:`on_stream`)
     closed: bool = False  # the edge closed the session (or the server dropped it): no more jobs
     tree: Optional[Job] = None  # a tree request not yet taken (see :meth:`on_tree`)
+    tree_open: bool = False  # a tree request is taken and not yet answered
 
     # ------------------------------------------------------------------ batches
     def on_batch(self, epoch: int, first_pos: int, tokens: Sequence[int], q_ids=None, q_probs=None, *,
@@ -216,9 +217,9 @@ class CloudSession:
         if epoch > self.epoch:
             raise ProtocolViolation("field", f"epoch {epoch} is ahead of the session's {self.epoch}")
         verified = len(self.generated)
-        if first_pos < verified:
-            return "duplicate"
-        if len(self.pending) or self.requested or self.stream_left or self.tree is not None or self.busy:
+        if first_pos < verified or (self.tree_open and first_pos == verified):
+            return "duplicate"  # a replay of a tree already taken (answered, or being verified)
+        if len(self.pending) or self.requested or self.stream_left or self.busy:
             raise ProtocolViolation("field", "a tree request while drafts are pending or a request is open")
         if first_pos != verified:
             raise ProtocolViolation("field", f"tree request at {first_pos}, expected {verified} (gap)")
@@ -246,12 +247,14 @@ class CloudSession:
                 if not any(int(a) == toks[i] and float(b) > 0 for a, b in zip(qi, qp)):
                     raise ProtocolViolation("field", f"tree node {i}'s token is not in its parent's q")
         self.tree = Job(self.epoch, verified, toks, rows_i, rows_p, sent_at, parents=par)
+        self.tree_open = True
         return "taken"
 
     def close(self) -> None:
         """The session is gone: nothing pending, no more jobs (a stream stops here)."""
         self.closed = True
         self.stream_left = 0
+        self.tree = None
         self._void()
 
     def _settle(self, epoch: int, first_pos: int, tokens: Sequence[int]) -> str:
@@ -340,6 +343,7 @@ class CloudSession:
     def abandon(self) -> None:
         """The job failed: nothing was committed."""
         self.busy = False
+        self.tree_open = False
 
     def apply(self, j: Judged) -> int:
         """Commit a judged job and move past it; returns the settled code for the verdict."""
@@ -348,7 +352,7 @@ class CloudSession:
         settled = SETTLED_NONE
         n = len(j.job.drafts)
         if j.job.tree:  # a serial round: nothing was pending, nothing to void or settle
-            pass
+            self.tree_open = False
         elif j.job.stream:  # nothing can be drafted at a stream token's position: settled by construction
             self.stream_left = 0 if j.finished else max(0, self.stream_left - len(j.new))
         elif j.token >= 0 and j.rejected:

@@ -119,10 +119,10 @@ class EdgeSession:
 
     def may_draft(self) -> bool:
         """False while drafting must pause for a verdict: at the lookahead cap, past EOS or
-        the length, while the cloud streams, or (serial methods) while a request is out."""
+        the length, while the cloud streams or a tree is out, or (serial methods) while a request is out."""
         pos = len(self.seq)
         return pos < self.stop_at and pos - self.committed < self.lookahead and not self.stream_left and not (
-            self.awaiting and not self.pipeline)
+            self.awaiting and not self.pipeline) and self.tree is None
 
     def on_draft(self, token: int, reason: Optional[str]) -> tuple[int, Optional[str]]:
         """Record a draft at the next position; ``reason`` is the trigger's (None: no verify).
