@@ -5,6 +5,7 @@ and every schedule it can pick stays lossless with two edges in one launch: gree
 target's, sampled output follows the target's distribution (with a planted wrong rule caught)."""
 from __future__ import annotations
 
+import asyncio
 import math
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import torch
 
 from pipesd.cloud.verifier import Verifier
 from pipesd.edge import EdgeClient, EdgeConfig
-from pipesd.edge.schedule import SERIAL_K, AdaptiveSchedule, Candidate, Choice, Costs, choose
+from pipesd.edge.config import HSL_TAU_TOK
+from pipesd.edge.schedule import SERIAL_K, AdaptiveSchedule, Candidate, Choice, Costs, candidates, choose
 
 import _stats
 from runtime_helpers import reference_greedy, running_server, tiny_pair
@@ -93,10 +95,20 @@ def test_the_cli_refuses_a_bad_budget():
 
 
 # --------------------------------------------------------------------------- lossless, every pick
+_CANDIDATES = {c.name: c for c in candidates(Costs(gen_s=0.02, delay_s=0.01, verify_base_s=0.02), segments=20)}
+
+
 def _choice(name: str) -> Choice:
-    method, over = ("cloud-stream", ()) if name == "cloud-stream" else ("pipesd", ()) if name == "pipelined" else \
-        ("dual-no-pipeline", ()) if name == "serial-dual" else ("vanilla-sd", (("k", int(name.split("-")[1])),))
-    return Choice(Candidate(name, method, over), 0.0, f"{name}: scripted", asked=None)
+    """The model's own candidate ``name`` (its method and overrides), picked by script."""
+    return Choice(_CANDIDATES[name], 0.0, f"{name}: scripted", asked=None)
+
+
+def test_a_candidate_keeps_its_own_thresholds():
+    """serial-hsl runs HSL's rule (tau_tok 0.99), whatever thresholds the adaptive config has."""
+    s = AdaptiveSchedule(background=False)
+    s.choice = _choice("serial-hsl")
+    cfg, name, _ = s.config_for(EdgeConfig.for_method("pipesd-adaptive", tau_tok=0.5))
+    assert name == "serial-hsl" and cfg.method == "hsl" and cfg.trigger.tau_tok == HSL_TAU_TOK and not cfg.pipeline
 
 
 class _Scripted(AdaptiveSchedule):
@@ -132,12 +144,24 @@ def refs(pair):
     return {tuple(p): reference_greedy(pair[2], p, N_NEW) for p in PROMPTS}
 
 
-EVERY = ["pipelined", "serial-1", "serial-3", "serial-dual", "cloud-stream"]
+def _gather_before_each_launch(srv, window_s: float = 0.03) -> None:
+    """Each launch waits ``window_s`` before it takes the queued sessions: two serial edges
+    would otherwise alternate (one drafts while the other is verified) and never share one."""
+    verify_round = srv._verify_round
+
+    async def gathered(loop, first):
+        await asyncio.sleep(window_s)
+        await verify_round(loop, first)
+    srv._verify_round = gathered
+
+
+EVERY = ["pipelined", "serial-1", "serial-3", "serial-dual", "serial-hsl", "cloud-stream"]
 
 
 def test_greedy_is_the_targets_whatever_the_schedule_with_two_edges_at_once(pair, refs):
     prompts = [PROMPTS + PROMPTS[:1], PROMPTS[::-1] + PROMPTS[1:2]]
     with running_server(pair[1]) as (srv, url):
+        _gather_before_each_launch(srv)
         cfg = EdgeConfig.for_method("pipesd-adaptive")
         out = _two_edges(url, [cfg, cfg], prompts, N_NEW, setup=_scripted(EVERY))
         assert srv.stats.max_batch >= 2, "the two edges were never verified in one launch"

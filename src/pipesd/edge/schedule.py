@@ -13,7 +13,8 @@ Terms:
 - **candidate**: one schedule the runtime already runs losslessly, as a method preset:
   ``pipelined`` (``pipesd``: pipeline, DP batches, the dual trigger at the configured
   thresholds), ``serial-K`` (``vanilla-sd`` with draft length K = 1..8: draft, send, wait; the
-  bonus is free), ``serial-dual`` (``dual-no-pipeline``) and ``cloud-stream``. The choice only
+  bonus is free), ``serial-dual`` (``dual-no-pipeline``), ``serial-hsl`` (``hsl``: serial,
+  stopping at the first token below HSL's token threshold) and ``cloud-stream``. The choice only
   selects among them, so it cannot make a run lossy.
 - **cloud cost**: the cloud's busy milliseconds per generated token (verification time as the
   cloud reports it in each verdict, ``Verdict.verify_s``).
@@ -37,6 +38,8 @@ import math
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
+
+from pipesd.edge.config import HSL_TAU_TOK
 
 __all__ = ["Costs", "Candidate", "Choice", "AdaptiveSchedule", "choose", "SERIAL_K"]
 
@@ -139,6 +142,8 @@ def candidates(costs: Costs, tau: tuple = (0.35, 0.5), *, max_draft: int = 16, l
 
     add("pipelined", "pipesd", {}, True, "dp", tau[0], tau[1], max_draft)
     add("serial-dual", "dual-no-pipeline", {}, False, "dp", tau[0], tau[1], max_draft)
+    # HSL's rule: serial, stop at the first token below its token threshold, send the lot.
+    add("serial-hsl", "hsl", {"tau_tok": HSL_TAU_TOK}, False, "trigger", 0.0, HSL_TAU_TOK, max_draft)
     for k in SERIAL_K:
         add(f"serial-{k}", "vanilla-sd", {"k": k}, False, "trigger", 0.0, 0.0, k)
     # The cloud decodes alone: one target forward (a zero-draft job) per token; the round trip
@@ -215,8 +220,9 @@ class AdaptiveSchedule:
         name, method, overrides = ("pipelined", "pipesd", ()) if choice is None else (
             choice.chosen.name, choice.chosen.method, choice.chosen.overrides)
         kept = {k: getattr(cfg, k) for k in _FIELDS_KEPT}
-        t = cfg.trigger
-        concrete = EdgeConfig.for_method(method, tau_seq=t.tau_seq, tau_tok=t.tau_tok, **kept, **dict(overrides))
+        t, ov = cfg.trigger, dict(overrides)
+        taus = {k: ov.pop(k, getattr(t, k)) for k in ("tau_seq", "tau_tok")}  # a candidate's own thresholds win
+        concrete = EdgeConfig.for_method(method, **taus, **kept, **ov)
         return concrete, name, (choice.reason if choice is not None else
                                 "pipelined: the default until this connection's costs are measured")
 
