@@ -80,6 +80,47 @@ def test_costs_are_validated_and_drift_is_relative():
     assert a.drifted(Costs(gen_s=0.040, **PAPER_LINK), 0.15)
 
 
+TREES = dict(unsure=0.4, rescue_w2=0.35, rescue_w3=0.5)  # measured rescues: a tree would have helped
+
+
+def test_a_tree_is_offered_only_once_rescues_are_measured_and_wins_on_a_slow_edge():
+    slow = dict(gen_s=0.080, verify_per_token_s=0.0005, **PAPER_LINK)
+    assert not [c for c in choose(Costs(**slow)).candidates if c.method == "tree-sd"]
+    c = choose(Costs(**slow, **TREES))
+    assert c.chosen.method == "tree-sd" and c.chosen.name.startswith("tree-")
+    serial = next(x for x in c.candidates if x.name == f"serial-{dict(c.chosen.overrides)['k']}")
+    assert c.chosen.tpt_ms < serial.tpt_ms  # the same rounds, plus the rescued tokens
+    assert c.chosen.cloud_ms_per_token <= c.budget_ms * 1.02
+
+
+def test_rescues_are_folded_from_chain_runs_and_from_tree_runs():
+    from pipesd.edge.stats import GenerationStats
+    from pipesd.scheduling import CostModel
+
+    s = AdaptiveSchedule(background=False)
+    chain = GenerationStats(verifications=10, verified_drafts=40, accepted_drafts=30, rejections=10, drafted=100,
+                            unsure_drafts=40, rescued_w2=3, rescued_w3=5, cloud_busy_s=0.25)
+    s.observe(chain, CostModel(), EdgeConfig.for_method("pipesd-adaptive"))
+    got = s.costs(CostModel())
+    assert (got.unsure, got.rescue_w2, got.rescue_w3) == pytest.approx((0.4, 0.3, 0.5))
+    tree = GenerationStats(verifications=10, verified_drafts=50, accepted_drafts=30, rejections=4, drafted=50,
+                           tree_sibling_hits=6, cloud_busy_s=0.25, schedule="tree-3x2")
+    s.observe(tree, CostModel(), EdgeConfig.for_method("pipesd-adaptive"))
+    got = s.costs(CostModel())
+    assert got.rescue_w2 == pytest.approx((3 + 6) / (10 + 10)) and got.rescue_w3 == pytest.approx(0.5)
+    assert got.unsure == pytest.approx(0.4)  # a tree run's drafts include its siblings: not counted
+
+
+def test_a_chain_run_measures_what_a_tree_would_have_rescued(pair):
+    with running_server(pair[1]) as (srv, url):
+        with EdgeClient(url, pair[0], EdgeConfig.for_method("vanilla-sd", k=4)) as c:
+            st = [c.generate(p, N_NEW).stats for p in PROMPTS]
+    assert sum(x.unsure_drafts for x in st) > 0
+    for x in st:
+        assert x.rescued_w2 <= x.rescued_w3 <= x.rejections and x.unsure_drafts <= x.drafted
+    assert sum(x.rescued_w3 for x in st) > 0, "the tiny pair's corrections are often its 2nd-3rd choice"
+
+
 def test_the_budget_is_validated():
     with pytest.raises(ValueError, match="cloud_budget_ms_per_token"):
         EdgeConfig.for_method("pipesd-adaptive", cloud_budget_ms_per_token=-1.0)
@@ -95,7 +136,8 @@ def test_the_cli_refuses_a_bad_budget():
 
 
 # --------------------------------------------------------------------------- lossless, every pick
-_CANDIDATES = {c.name: c for c in candidates(Costs(gen_s=0.02, delay_s=0.01, verify_base_s=0.02), segments=20)}
+_CANDIDATES = {c.name: c for c in candidates(Costs(gen_s=0.02, delay_s=0.01, verify_base_s=0.02, unsure=0.4,
+                                                  rescue_w2=0.35, rescue_w3=0.5), segments=20)}
 
 
 def _choice(name: str) -> Choice:
@@ -155,7 +197,7 @@ def _gather_before_each_launch(srv, window_s: float = 0.03) -> None:
     srv._verify_round = gathered
 
 
-EVERY = ["pipelined", "serial-1", "serial-3", "serial-dual", "serial-hsl", "cloud-stream"]
+EVERY = ["pipelined", "serial-1", "serial-3", "serial-dual", "serial-hsl", "tree-3x3", "cloud-stream"]
 
 
 def test_greedy_is_the_targets_whatever_the_schedule_with_two_edges_at_once(pair, refs):
@@ -187,7 +229,7 @@ def test_the_schedule_follows_a_slowed_edge_and_stays_exact(pair, refs):
         assert g.token_ids == refs[tuple(p)]
     assert gens[0].stats.schedule == "pipelined" and "until this connection's costs are measured" in \
         gens[0].stats.schedule_reason
-    assert gens[-1].stats.schedule.startswith("serial-"), [g.stats.schedule for g in gens]
+    assert gens[-1].stats.schedule.startswith(("serial-", "tree-")), [g.stats.schedule for g in gens]  # serial rounds
     assert "fastest within the cloud budget" in gens[-1].stats.schedule_reason
     assert len(history) >= 1
 

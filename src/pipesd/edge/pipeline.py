@@ -67,6 +67,15 @@ def _pad(t_start: float, step_s: float) -> None:
             time.sleep(left)
 
 
+def _alternatives(st) -> tuple:
+    """The draft's 2nd and 3rd most likely tokens at a step (from its q row)."""
+    ids, probs = st.q_ids, st.q_probs
+    if len(ids) < 2:
+        return ()
+    order = np.argsort(-np.asarray(probs), kind="stable")[:3]
+    return tuple(int(ids[i]) for i in order if int(ids[i]) != st.token)[:2]
+
+
 class Compute:
     """The compute thread: draft, trigger, push; apply verdicts."""
 
@@ -81,6 +90,8 @@ class Compute:
         self.want_q = cfg.wire_q in ("topk", "full") or not run.params.greedy
         self.tuner, self.tuner_ver = run.tuner, -1
         self.overhead = 0.0  # time outside the draft forward, the padding and verdict waits
+        self.alts: dict = {}  # run position -> the draft's 2nd and 3rd choices there, when it was unsure
+        self.tree_confidence = cfg.tree_confidence
 
     def loop(self) -> None:
         run, perf = self.run, time.perf_counter
@@ -128,6 +139,8 @@ class Compute:
             if isinstance(v, BaseException):
                 raise v
             out = apply_verdict(run, self.draft, v)
+            if not out.stale:
+                self._rescues(v)
             if self.lookup and not out.stale:
                 at = len(run.prompt) + v.start_pos + run.proto.base  # accepted drafts stand below their end
                 run.stats.lookup_accepted += self.draft.lookup_tokens_in(at, at + v.accepted)
@@ -142,6 +155,19 @@ class Compute:
             v = self.verdicts.poll()
         self.overhead += time.perf_counter() - t0
         return True
+
+    def _rescues(self, v) -> None:
+        """Would a draft tree have rescued this correction? (It is the draft's 2nd / 3rd choice at
+        an unsure position: a sibling there would have been accepted.) Then forget what is verified."""
+        run = self.run
+        if v.rejected and v.token >= 0:
+            alt = self.alts.get(v.start_pos + run.proto.base + v.accepted)
+            if alt is not None and v.token in alt:
+                run.stats.rescued_w3 += 1
+                run.stats.rescued_w2 += v.token == alt[0]
+        if self.alts:
+            done = run.proto.committed
+            self.alts = {p: a for p, a in self.alts.items() if p >= done}
 
     def _feedback(self, v) -> None:
         """The trigger's update hook: the verified round's length, acceptances and cumulative
@@ -167,6 +193,9 @@ class Compute:
             t_end = perf()
             self.edge.cost.observe_draft(t_end - t_step)
         pos, reason = run.proto.on_draft(st.token, self.trig.update(st.prob))
+        if st.prob < self.tree_confidence:
+            run.stats.unsure_drafts += 1
+            self.alts[pos] = _alternatives(st)
         if self.trig.wants_feedback:
             self.probs[pos] = st.prob
         flags = 0

@@ -14,7 +14,10 @@ Terms:
   ``pipelined`` (``pipesd``: pipeline, DP batches, the dual trigger at the configured
   thresholds), ``serial-K`` (``vanilla-sd`` with draft length K = 1..8: draft, send, wait; the
   bonus is free), ``serial-dual`` (``dual-no-pipeline``), ``serial-hsl`` (``hsl``: serial,
-  stopping at the first token below HSL's token threshold) and ``cloud-stream``. The choice only
+  stopping at the first token below HSL's token threshold), ``tree-KxW`` (``tree-sd``:
+  serial-K's spine plus W - 1 sibling leaves where the draft is unsure; offered once this
+  connection has measured that a sibling would have rescued some corrections) and
+  ``cloud-stream``. The choice only
   selects among them, so it cannot make a run lossy.
 - **cloud cost**: the cloud's busy milliseconds per generated token (verification time as the
   cloud reports it in each verdict, ``Verdict.verify_s``).
@@ -41,6 +44,8 @@ from typing import Optional
 
 from pipesd.edge.config import HSL_TAU_TOK
 
+TREE_CONFIDENCE = 0.8  # the tree candidates' (and the rescue measurement's) confidence threshold
+
 __all__ = ["Costs", "Candidate", "Choice", "AdaptiveSchedule", "choose", "SERIAL_K"]
 
 SERIAL_K = tuple(range(1, 9))  # draft lengths of the serial-K candidates
@@ -60,13 +65,17 @@ class Costs:
     startup_s: float = 0.0
     per_token_s: float = 0.0
     agreement: float = 0.9
+    unsure: float = 0.0  # share of drafts below the tree confidence
+    rescue_w2: float = 0.0  # share of corrections a width-2 tree would have rescued (its sibling)
+    rescue_w3: float = 0.0  # ... a width-3 tree
 
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
-        if self.agreement > 1:
-            raise ValueError(f"agreement must be in [0, 1], got {self.agreement!r}")
+        for k in ("agreement", "unsure", "rescue_w2", "rescue_w3"):
+            if getattr(self, k) > 1:
+                raise ValueError(f"{k} must be in [0, 1], got {getattr(self, k)!r}")
 
     def drifted(self, other: "Costs", rel: float) -> bool:
         """True when any cost differs from ``other``'s by more than ``rel`` (relative, with a
@@ -139,18 +148,36 @@ def candidates(costs: Costs, tau: tuple = (0.35, 0.5), *, max_draft: int = 16, l
         r = simulate_tpt(ts, tt, replace(cfg, pipeline=pipeline, batching=batching, max_draft=md, lookahead=lookahead))
         out.append(Candidate(name, method, tuple(sorted(overrides.items())), r.tpt_s * 1e3,
                              r.cloud_busy_per_token_s * 1e3))
+        return r
 
     add("pipelined", "pipesd", {}, True, "dp", tau[0], tau[1], max_draft)
     add("serial-dual", "dual-no-pipeline", {}, False, "dp", tau[0], tau[1], max_draft)
     # HSL's rule: serial, stop at the first token below its token threshold, send the lot.
     add("serial-hsl", "hsl", {"tau_tok": HSL_TAU_TOK}, False, "trigger", 0.0, HSL_TAU_TOK, max_draft)
     for k in SERIAL_K:
-        add(f"serial-{k}", "vanilla-sd", {"k": k}, False, "trigger", 0.0, 0.0, k)
+        r = add(f"serial-{k}", "vanilla-sd", {"k": k}, False, "trigger", 0.0, 0.0, k)
+        for w, rescue in ((2, costs.rescue_w2), (3, costs.rescue_w3)):
+            if rescue > 0:
+                out.append(_tree(k, w, rescue, r, costs))
     # The cloud decodes alone: one target forward (a zero-draft job) per token; the round trip
     # is paid once per generation, so it is left out per token.
     stream = costs.verify_base_s * 1e3
     out.append(Candidate("cloud-stream", "cloud-stream", (), stream, stream))
     return out
+
+
+def _tree(k: int, w: int, rescue: float, r, costs: Costs) -> Candidate:
+    """``tree-KxW`` (``tree-sd``: serial-K's spine plus W - 1 siblings at unsure positions), from
+    serial-K's modelled rounds: the same draft and wire time per round, plus one token in each
+    rejected round a sibling rescues (``rescue``, measured), plus the siblings' verification cost
+    (``verify_per_token_s`` each; ``unsure`` of the spine has siblings)."""
+    rounds, tokens = max(1, r.verifications), max(1, r.tokens)
+    gained = tokens + rescue * r.rollbacks
+    dv = costs.verify_per_token_s * k * (w - 1) * costs.unsure  # per round
+    tpt = (r.tpt_s * tokens + rounds * dv) / gained
+    cloud = (r.cloud_busy_per_token_s * tokens + rounds * dv) / gained
+    return Candidate(f"tree-{k}x{w}", "tree-sd", (("k", k), ("tree_confidence", TREE_CONFIDENCE), ("tree_width", w)),
+                     tpt * 1e3, cloud * 1e3)
 
 
 def vanilla_budget(cands: list[Candidate]) -> float:
@@ -188,6 +215,9 @@ class _Observed:
 
     accepted: float = 0.0
     rejections: float = 0.0
+    drafted: float = 0.0
+    unsure: float = 0.0
+    rescued: dict = field(default_factory=lambda: {2: [0.0, 0.0], 3: [0.0, 0.0]})  # width -> [rescued, corrections]
     points: list = field(default_factory=list)  # (mean drafts per verification, mean verify_s, verifications)
 
 
@@ -246,9 +276,12 @@ class AdaptiveSchedule:
         base = max(0.0, my - slope * mx)
         total = o.accepted + o.rejections
         agreement = o.accepted / total if total else 0.9
+        rescue = {w: (a / b if b else 0.0) for w, (a, b) in o.rescued.items()}
         return Costs(gen_s=cost_model.gen_s, delay_s=self.delay_s or 0.0, verify_base_s=base,
                      verify_per_token_s=slope, startup_s=max(0.0, cost_model.startup_s),
-                     per_token_s=max(0.0, cost_model.per_token_s), agreement=agreement)
+                     per_token_s=max(0.0, cost_model.per_token_s), agreement=agreement,
+                     unsure=min(1.0, o.unsure / o.drafted) if o.drafted else 0.0,
+                     rescue_w2=min(1.0, rescue[2]), rescue_w3=min(1.0, rescue[3]))
 
     def observe(self, stats, cost_model, cfg) -> None:
         """Fold a finished generation's stats in; re-run the model when the costs drifted."""
@@ -263,6 +296,7 @@ class AdaptiveSchedule:
             keep = 1.0 if o.accepted + o.rejections < self.window else 0.5  # forget old acceptance slowly
             o.accepted = o.accepted * keep + stats.accepted_drafts
             o.rejections = o.rejections * keep + getattr(stats, "rejections", 0)
+            self._observe_trees(stats, cfg, keep)
         tau = (cfg.trigger.tau_seq, cfg.trigger.tau_tok)
         costs = self.costs(cost_model)
         if costs is None:
@@ -281,6 +315,28 @@ class AdaptiveSchedule:
         self._thread = threading.Thread(target=lambda: self._set(choose(costs, budget, tau, **kw)),
                                         name="pipesd-schedule", daemon=True)
         self._thread.start()
+
+    def _observe_trees(self, stats, cfg, keep: float) -> None:
+        """The tree candidates' inputs: from a chain run, the corrections a tree would have
+        rescued (``stats.rescued_w2/w3``, measured in the compute thread); from a ``tree-sd`` run
+        of width W, its sibling hits among its hits + corrections."""
+        o = self._obs
+        for w in o.rescued:
+            o.rescued[w] = [x * keep for x in o.rescued[w]]
+        picked = getattr(stats, "schedule", "") or ""
+        if picked.startswith("tree-"):  # tree-KxW
+            w = int(picked.rsplit("x", 1)[1])
+            if w in o.rescued:
+                hits = stats.tree_sibling_hits
+                o.rescued[w][0] += hits
+                o.rescued[w][1] += hits + stats.rejections
+            return
+        o.drafted = o.drafted * keep + stats.drafted
+        o.unsure = o.unsure * keep + stats.unsure_drafts
+        o.rescued[2][0] += stats.rescued_w2
+        o.rescued[3][0] += stats.rescued_w3
+        for w in o.rescued:
+            o.rescued[w][1] += stats.rejections
 
     def _set(self, choice: Choice) -> None:
         with self._lock:

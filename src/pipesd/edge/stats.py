@@ -61,6 +61,12 @@ class GenerationStats:
     lookup_proposals: int = 0  # drafts that were lookup proposals: each a draft forward saved
     lookup_accepted: int = 0  # lookup proposals the cloud accepted
     tree_sibling_hits: int = 0  # tree rounds (tree-sd) whose accepted path went through a sibling leaf
+    # What a draft tree would have rescued (measured in every pipelined / serial run, the adaptive
+    # schedule's tree candidates read it): drafts below the tree confidence (0.8), and corrections
+    # that were the draft's 2nd (rescued_w2) or 2nd-3rd (rescued_w3) choice at such a position.
+    unsure_drafts: int = 0
+    rescued_w2: int = 0
+    rescued_w3: int = 0
 
     timeline: list = field(default_factory=list)  # (lane, t0, t1, info) relative to the start
 
