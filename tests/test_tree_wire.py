@@ -151,6 +151,13 @@ def test_the_cli_refuses_a_bad_tree_width(capsys):
     assert e.value.code == 2 and "--tree-width" in capsys.readouterr().err
 
 
+def test_the_cli_sets_the_tree_shape():
+    args = cli.build_parser().parse_args(["generate", "hi", "--cloud", "127.0.0.1:1", "--method", "tree-sd",
+                                          "--tree-width", "3", "--tree-confidence", "0.9", "--k", "5"])
+    cfg = cli._generate_config(args)
+    assert (cfg.method, cfg.tree_width, cfg.tree_confidence, cfg.k, cfg.pipeline) == ("tree-sd", 3, 0.9, 5, False)
+
+
 def test_wire_q_full_is_refused_for_trees():
     with pytest.raises(ValueError, match="tree-sd"):
         EdgeConfig.for_method("tree-sd", wire_q="full")
