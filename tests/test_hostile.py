@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import tracemalloc
 
 import numpy as np
@@ -21,13 +22,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipesd.cloud.identities import HandshakeGate
 from pipesd.edge import EdgeClient
 from pipesd.sampling import SamplingParams
 from pipesd.transport import codec, conn
 from pipesd.transport import messages as M
 from pipesd.transport.codec import ProtocolError
 
-from runtime_helpers import reference_greedy, running_server, tiny_pair
+from runtime_helpers import reference_greedy, running_server, tiny_pair, wait_until
 
 VOCAB = 48
 TOKEN = "tok"
@@ -374,6 +376,77 @@ def test_inflight_bytes_and_connection_limits(pair):
         b.close()
 
 
+# --------------------------------------------------------------------------- handshake bursts
+def test_a_burst_of_edges_from_one_address_all_get_in_while_silent_sockets_stay_capped(pair):
+    """64 edges behind one address (a NAT, a load test) connecting at the same instant: the server
+    accepts them all before it reads any Hello, so the per-peer cap evicting at accept closed
+    36-56 of them. Only a connection still silent after hello_grace_s is evicted now; silent
+    sockets are cut back to the cap all the same."""
+    n, ids = 64, np.array([1, 2, 3], np.int32)
+    with running_server(pair[1], auth_token=TOKEN, max_pending_handshakes=128, handshake_timeout_s=60) as (srv, url):
+        port, cap = _port(url), srv.config.max_pending_per_peer
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2 * cap)]
+        go, opened, errors, conns = threading.Barrier(n), [], [], []
+
+        def edge() -> None:
+            try:
+                go.wait(30)
+                c = conn.EdgeConnection.connect("127.0.0.1", port, auth_token=TOKEN, tls=False, timeout_s=30)
+                conns.append(c)
+                c.send(M.OpenSession(session_id=1, prompt_ids=ids, max_new_tokens=4))
+                opened.append(c.recv(30))
+            except BaseException as e:  # reported below, in the test's thread
+                errors.append(e)
+
+        ts = [threading.Thread(target=edge) for _ in range(n)]
+        try:
+            # the server has taken the silent ones in first: they are the oldest
+            assert wait_until(lambda: srv._gate.pending() + srv.stats.handshakes_evicted == len(silent))
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(60)
+            assert not errors, errors[:3]
+            assert len(opened) == n and all(isinstance(m, M.SessionOpened) for m in opened)
+            # past the grace the silent ones are cut back to the cap, and no real edge was evicted
+            assert wait_until(lambda: srv._gate.pending("127.0.0.1") == cap, 10)
+            assert srv.stats.handshakes_evicted == len(silent) - cap
+            assert all(_closed(s) for s in silent[:len(silent) - cap])  # the oldest ones went
+        finally:
+            for c in conns:
+                c.close()
+            for s in silent:
+                s.close()
+
+
+def _closed(s: socket.socket) -> bool:
+    """The server closed this socket (abort: a reset; close: end of stream); it sent nothing."""
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_the_handshake_gate_lets_a_young_burst_pass_the_peer_cap_but_never_the_overall_cap(pair):
+    gate = HandshakeGate(max_pending=6, max_per_peer=2, grace_s=1.0)
+    assert gate.admit("b1", "B", now=0.0) == []  # another address, within its cap
+    assert [gate.admit(f"a{i}", "A", now=0.1) for i in range(1, 6)] == [[]] * 5  # young: A passes its cap
+    assert gate.next_expiry() == 1.1  # when A's oldest has been silent for the grace
+    assert gate.admit("a6", "A", now=0.2) == ["a1"]  # over the overall cap: the over-cap peer gives first, not B
+    assert gate.expire(1.0) == []  # still young
+    assert gate.expire(1.15) == ["a2", "a3", "a4"]  # silent for the grace: cut back to the cap, oldest first
+    assert (gate.pending("A"), gate.pending("B"), gate.next_expiry()) == (2, 1, None)
+    gate.remove("a6")  # its Hello arrived: no longer pending
+    assert gate.admit("a7", "A", now=5.0) == []
+    assert gate.admit("a8", "A", now=5.0) == ["a5"]  # over the cap, and a5 is past the grace: it goes at once
+    at_once = HandshakeGate(max_pending=6, max_per_peer=2, grace_s=0.0)  # no grace: the cap applies at admission
+    assert [at_once.admit(k, "A", now=0.0) for k in ("x", "y", "z")] == [[], [], ["x"]]
+    with pytest.raises(ValueError, match="hello_grace_s"):
+        HandshakeGate(4, 2, grace_s=-1.0)
+    with pytest.raises(ValueError, match="hello_grace_s"):
+        running_server(pair[1], hello_grace_s=float("nan")).__enter__()
+
+
 # --------------------------------------------------------------------------- TLS
 
 
@@ -424,3 +497,15 @@ def test_cli_tls_and_limit_arguments(cert):
         (cert[0], cert[1], 500.0, 10, 2.0)
     g = build_parser().parse_args(["generate", "x", "--cloud", "h:1", "--tls-ca", cert[0]])
     assert g.tls_ca == cert[0] and not g.tls_insecure
+
+
+def test_serve_takes_the_hello_grace_and_refuses_a_negative_one():
+    from pipesd.cli import _apply_security_args, build_parser
+    from pipesd.cloud import CloudConfig
+
+    cfg = CloudConfig()
+    _apply_security_args(cfg, build_parser().parse_args(["serve", "--hello-grace-s", "0.25"]))
+    assert cfg.hello_grace_s == 0.25
+    r = subprocess.run([sys.executable, "-m", "pipesd", "serve", "--hello-grace-s", "-1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--hello-grace-s" in r.stderr and "Traceback" not in r.stderr

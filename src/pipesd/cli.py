@@ -126,7 +126,8 @@ def _serve_fleet(args, cfg) -> int:
     cloud["identities"] = cfg.identities  # as given (asdict would flatten them)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.replicas)
     fcfg = FleetConfig(replicas=args.replicas, host=args.host, port=args.port, cloud=cloud, model=args.model,
-                       target_gguf=args.target_gguf, threads=threads, drain_grace_s=args.drain_grace_s)
+                       target_gguf=args.target_gguf, threads=threads, drain_grace_s=args.drain_grace_s,
+                       hello_grace_s=args.hello_grace_s)
     owns = start_ray(args.ray_address, args.replicas)
     try:
         fleet = Fleet(fcfg, owns_ray=owns)
@@ -166,6 +167,7 @@ def _apply_security_args(cfg, args) -> None:
     cfg.max_frame_bytes = int(args.max_frame_mb * (1 << 20))
     cfg.idle_timeout_s, cfg.handshake_timeout_s = args.idle_timeout_s, args.handshake_timeout_s
     cfg.max_pending_handshakes, cfg.max_pending_per_peer = args.max_pending_handshakes, args.max_pending_per_peer
+    cfg.hello_grace_s = args.hello_grace_s
 
 
 def _serve_identities(args, token: str) -> tuple:
@@ -215,7 +217,10 @@ def _add_security_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-pending-handshakes", type=_number(int, 1), default=64,
                    help="connections in the handshake at once; over it the oldest pending one is closed")
     s.add_argument("--max-pending-per-peer", type=_number(int, 1), default=8,
-                   help="the same, per peer address (default 8)")
+                   help="the same, per peer address (default 8), for connections silent --hello-grace-s")
+    s.add_argument("--hello-grace-s", type=_number(float, 0), default=1.0,
+                   help="the per-peer cap closes only a connection silent this long: a burst from one address "
+                        "(a NAT) gets in (default 1; 0: at once)")
     s.add_argument("--tls-cert", default=None, help="serve TLS with this PEM certificate (chain) file")
     s.add_argument("--tls-key", default=None, help="PEM private key (default: in --tls-cert)")
     s.add_argument("--max-clients", type=int, default=256, help="authenticated connections at once; more are refused")

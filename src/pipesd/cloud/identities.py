@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import hmac
 import re
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,47 +195,85 @@ class IdentityTable:
 
 
 class HandshakeGate:
-    """Connections that have not authenticated yet: at most ``max_per_peer`` from one address
-    and ``max_pending`` in all. A new connection over either cap evicts the *oldest* pending
-    handshake (of that address, else overall) instead of being refused, so a flood of silent
-    sockets holds only those slots and a real edge, which sends its Hello at once, still gets
-    in. None of them count against the authenticated connection limit."""
+    """Connections that have not sent their Hello yet (*pending*): at most ``max_per_peer`` from
+    one address once they have been silent ``grace_s``, and never more than ``max_pending`` in
+    all. Over a cap the *oldest* pending connection is evicted (the caller closes it) instead of
+    the newcomer being refused, so a flood of silent sockets holds only those slots and a real
+    edge, which sends its Hello at once, still gets in. None of them count against the
+    authenticated connection limit.
 
-    def __init__(self, max_pending: int, max_per_peer: int) -> None:
+    The grace: a burst of connections is accepted before any of them is read, so a young one
+    may have its Hello in the socket buffer, unread (64 edges behind one NAT connecting at once
+    lost up to 56 to eviction at accept). A peer's young connections may therefore pass its cap,
+    up to ``max_pending``; :meth:`expire` cuts it back once they are ``grace_s`` old. Over
+    ``max_pending`` the oldest goes at once, taken first from peers over their own cap, so a
+    burst from one address never evicts another address's handshake while it has its own to
+    give up. ``grace_s = 0``: every cap applies at admission. Times are the caller's clock
+    (the event loop's)."""
+
+    def __init__(self, max_pending: int, max_per_peer: int, grace_s: float = 0.0) -> None:
         if max_pending < 1 or max_per_peer < 1:
             raise ValueError(f"max_pending_handshakes and max_pending_per_peer must be >= 1, "
                              f"got {max_pending}, {max_per_peer}")
-        self.max_pending, self.max_per_peer = int(max_pending), int(max_per_peer)
+        if not (isinstance(grace_s, (int, float)) and not isinstance(grace_s, bool) and 0 <= grace_s < float("inf")):
+            raise ValueError(f"hello_grace_s must be a finite number >= 0, got {grace_s!r}")
+        self.max_pending, self.max_per_peer, self.grace_s = int(max_pending), int(max_per_peer), float(grace_s)
         self._pending: dict = {}  # key -> peer address, oldest first
-        self._per_peer: dict[str, int] = {}
+        self._per_peer: dict[str, OrderedDict] = {}  # peer -> {key: admitted at}, oldest first
 
-    def admit(self, key, peer: str) -> list:
-        """Register a new pending handshake; returns the keys it evicts (the caller closes them)."""
-        evict = []
-        if self._per_peer.get(peer, 0) >= self.max_per_peer:
-            evict.append(next(k for k, p in self._pending.items() if p == peer))
-        elif len(self._pending) >= self.max_pending:
-            evict.append(next(iter(self._pending)))
-        for k in evict:
-            self.remove(k)
+    def admit(self, key, peer: str, now: Optional[float] = None) -> list:
+        """Register a new pending connection, admitted at ``now`` (default: ``time.monotonic()``);
+        returns the keys it evicts (the caller closes them)."""
+        now = time.monotonic() if now is None else now
         self._pending[key] = peer
-        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        self._per_peer.setdefault(peer, OrderedDict())[key] = now
+        evict = self._expire_peer(peer, now)
+        while len(self._pending) > self.max_pending:
+            over = [k for k, p in self._pending.items() if len(self._per_peer[p]) > self.max_per_peer]
+            evict.append(self._drop(over[0] if over else next(iter(self._pending))))
         return evict
 
+    def expire(self, now: float) -> list:
+        """Evict, of every peer over its cap, the oldest connections pending ``grace_s`` or longer
+        until it is back under the cap or all it has left are younger; returns their keys."""
+        evict = []
+        for peer in [p for p, d in self._per_peer.items() if len(d) > self.max_per_peer]:
+            evict += self._expire_peer(peer, now)
+        return evict
+
+    def next_expiry(self) -> Optional[float]:
+        """When :meth:`expire` next has something to do (a peer over its cap: its oldest is then
+        ``grace_s`` old), or None."""
+        due = [next(iter(d.values())) + self.grace_s for d in self._per_peer.values() if len(d) > self.max_per_peer]
+        return min(due, default=None)
+
+    def _expire_peer(self, peer: str, now: float) -> list:
+        d, evict = self._per_peer.get(peer), []
+        while d and len(d) > self.max_per_peer:
+            key, since = next(iter(d.items()))
+            if now - since < self.grace_s:
+                break
+            evict.append(self._drop(key))
+        return evict
+
+    def _drop(self, key):
+        self.remove(key)
+        return key
+
     def remove(self, key) -> None:
-        """The handshake is over (either way); a key no longer pending is ignored."""
+        """The connection is no longer pending (its Hello arrived, or it is gone); a key no
+        longer pending is ignored."""
         peer = self._pending.pop(key, None)
         if peer is None:
             return
-        n = self._per_peer[peer] - 1
-        if n:
-            self._per_peer[peer] = n
-        else:
+        d = self._per_peer[peer]
+        del d[key]
+        if not d:
             del self._per_peer[peer]
 
     def pending(self, peer: Optional[str] = None) -> int:
-        """Handshakes pending now (from ``peer``, or in all)."""
-        return len(self._pending) if peer is None else self._per_peer.get(peer, 0)
+        """Connections pending now (from ``peer``, or in all)."""
+        return len(self._pending) if peer is None else len(self._per_peer.get(peer, ()))
 
 
 class FairQueue:

@@ -62,6 +62,9 @@ class CloudConfig:
     # address and in all; one over either cap evicts the oldest pending one (cloud.identities.HandshakeGate).
     max_pending_handshakes: int = 64
     max_pending_per_peer: int = 8
+    # The per-peer cap evicts only a connection silent this long: a younger one may have its Hello
+    # in the socket buffer, unread (a burst of edges behind one NAT). max_pending_handshakes stays hard.
+    hello_grace_s: float = 1.0
     # Identities besides auth_token's "default" (cloud.identities.load_identities: --auth-tokens FILE),
     # each with its quota on connections, sessions, bytes awaiting verification and tokens/s.
     identities: tuple = ()
@@ -139,7 +142,9 @@ class CloudServer:
         for ident in self.identities:
             q = ident.quota
             ident.bucket = TokenBucket(q.max_tokens_per_s, q.tokens_burst) if q.max_tokens_per_s > 0 else None
-        self._gate = HandshakeGate(self.config.max_pending_handshakes, self.config.max_pending_per_peer)
+        self._gate = HandshakeGate(self.config.max_pending_handshakes, self.config.max_pending_per_peer,
+                                   self.config.hello_grace_s)
+        self._gate_timer: Optional[asyncio.TimerHandle] = None  # the gate's next expire (_gate_due)
         self._thread: Optional[threading.Thread] = None
         self._started = threading.Event()
         self._start_error: Optional[BaseException] = None
@@ -165,6 +170,8 @@ class CloudServer:
             await self._stop_event.wait()
         finally:
             self._server.close()
+            if self._gate_timer is not None:
+                self._gate_timer.cancel()
             verifier.cancel()
             sweeper.cancel()
             for c in list(self._clients):
@@ -246,12 +253,8 @@ class CloudServer:
         address = str(peername[0]) if isinstance(peername, (tuple, list)) and peername else peer
         self._n_conns += 1
         try:
-            for old in self._gate.admit(writer, address):  # over a pending cap: the oldest pending one goes
-                self.stats.handshakes_evicted += 1
-                log.info("closing a pending handshake from %s to make room (max_pending_per_peer %d, "
-                         "max_pending_handshakes %d)", address, self.config.max_pending_per_peer,
-                         self.config.max_pending_handshakes, extra={"peer": address})
-                old.transport.abort()
+            # over a pending cap: the oldest pending one goes (per peer only once silent hello_grace_s)
+            self._evict(self._gate.admit(writer, address, self._loop.time()))
             try:
                 client = await self._handshake(reader, writer, peer)
             finally:
@@ -260,6 +263,27 @@ class CloudServer:
                 await self._serve_client(reader, client)
         finally:
             self._n_conns -= 1
+
+    def _evict(self, writers: list) -> None:
+        """Close pending connections the gate evicted, then arm its next expiry."""
+        for old in writers:
+            self.stats.handshakes_evicted += 1
+            peer = old.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, (tuple, list)) and peer else str(peer)
+            log.info("closing a pending handshake from %s to make room (max_pending_per_peer %d after "
+                     "hello_grace_s %g, max_pending_handshakes %d)", address, self.config.max_pending_per_peer,
+                     self.config.hello_grace_s, self.config.max_pending_handshakes, extra={"peer": address})
+            old.transport.abort()
+        due = self._gate.next_expiry()
+        if due is None or (self._gate_timer is not None and self._gate_timer.when() <= due):
+            return
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
+        self._gate_timer = self._loop.call_at(due, self._gate_due, due)
+
+    def _gate_due(self, due: float) -> None:
+        self._gate_timer = None
+        self._evict(self._gate.expire(max(due, self._loop.time())))
 
     def _admit(self, hello: M.Hello, granted: list) -> None:
         """Authenticate a Hello and grant its connection a slot (appended to ``granted``), or
@@ -284,6 +308,12 @@ class CloudServer:
         self._n_auth += 1
         granted.append(ident)
 
+    def _hello(self, writer, hello: M.Hello, granted: list) -> None:
+        """The Hello is in whole: the connection is no longer pending (the gate's caps are for
+        silent ones), whatever :meth:`_admit` decides."""
+        self._gate.remove(writer)
+        self._admit(hello, granted)
+
     def _unbind(self, ident) -> None:
         ident.connections -= 1
         self._n_auth -= 1
@@ -296,7 +326,8 @@ class CloudServer:
         granted: list = []
         try:
             await conn.serve_handshake(reader, writer, expected_token=cfg.auth_token, server_info=info,
-                                       timeout_s=cfg.handshake_timeout_s, accept=lambda h: self._admit(h, granted))
+                                       timeout_s=cfg.handshake_timeout_s,
+                                       accept=lambda h: self._hello(writer, h, granted))
         except Exception as e:  # refused: serve_handshake already answered with an Error frame
             for ident in granted:  # the HelloAck did not get through
                 self._unbind(ident)

@@ -342,9 +342,14 @@ class EdgeConnection:
             raise HandshakeError(M.E_VERSION, f"the cloud at {host}:{port} speaks protocol version {msg.version}, "
                                               f"this edge {M.PROTOCOL_VERSION}")
         if closed is not None:
-            hint = "" if ctx is not None else "; if it serves TLS, connect with tls=True or a CA (--tls-ca)"
+            # Closed without an Error frame: a cloud over its pending-handshake caps evicts silently,
+            # and a TLS cloud drops plain TCP; the edge cannot tell which.
+            why = ("the cloud may be over its pending-handshake cap (--max-pending-per-peer, "
+                   "--max-pending-handshakes: retry later)")
+            if ctx is None:
+                why += ", or it serves TLS (connect with tls=True or a CA, --tls-ca)"
             raise HandshakeError(M.E_BAD_FRAME, f"the cloud at {host}:{port} closed the connection during the "
-                                                f"handshake ({closed}{hint})")
+                                                f"handshake ({closed}): {why}")
         if msg is None:
             raise HandshakeError(M.E_BAD_FRAME, f"the cloud at {host}:{port} did not complete the handshake "
                                                 f"within {timeout_s} s")
