@@ -309,6 +309,25 @@ class ProtocolMachine(RuleBasedStateMachine):
                               token=judged.token, rejected=judged.rejected,
                               verified_len=len(self.cloud.generated), finished=judged.finished, settled=settled))
 
+    @rule(data=st.data())
+    def drain(self, data) -> None:
+        """Everything in flight lands, in an order the data picks, and nothing new is drafted:
+        the run goes quiet, where the two sides must agree (``agree_when_quiet``). Without it, a
+        bug that shows only once the links settle (a late bonus voided without an epoch bump)
+        is rarely reached."""
+        for _ in range(400):
+            moves = [m for m, ok in ((self._send_all, bool(self.ring)),
+                                     (lambda: self._deliver_up(False, False), bool(self.up)),
+                                     (self.start_job, self.job is None and self.cloud.ready),
+                                     (lambda: self.finish_job(data), self.job is not None),
+                                     (lambda: self._apply_verdict(self.down.pop(0)), bool(self.down))) if ok]
+            if not moves:
+                return
+            data.draw(st.sampled_from(moves), label="move")()
+
+    def _send_all(self) -> None:
+        self.send(64)
+
     @rule(drop=st.integers(0, 15))
     def link_drops(self, drop: int) -> None:
         if drop == 0:  # rare
@@ -361,8 +380,9 @@ class ProtocolMachine(RuleBasedStateMachine):
 EXAMPLES = int(os.environ.get("PIPESD_PROTOCOL_EXAMPLES", "200"))
 SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=80, deadline=None, database=None,
                     suppress_health_check=list(HealthCheck))
-# Planted bugs: enough examples that each is found on every seed tried (8 of 8 at 1000), and a
-# fixed seed so CI is deterministic; no shrinking (only the failure matters).
+# Planted bugs: a fixed seed so CI is deterministic, no shrinking (only the failure matters),
+# and 1000 examples where random seeds found each bug within 240 (6 seeds per bug, with the
+# ``drain`` rule; without it one bug took up to 2259 and the fixed seed missed it in CI).
 FAST = settings(SETTINGS, max_examples=1000, phases=[Phase.generate], derandomize=True)
 
 
