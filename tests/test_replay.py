@@ -67,6 +67,11 @@ class SpySession:
         self._log.append((self._s.tokens, list(draft), rows.argmax(-1).tolist()))
         return rows
 
+    def score_tree(self, tokens, parents):
+        rows = self._s.score_tree(tokens, parents)
+        self._log.append((self._s.tokens, (list(tokens), list(parents)), rows.argmax(-1).tolist()))
+        return rows
+
 
 class SpyTarget:
     """The live target, logging every scored job: (session tokens, drafts, argmax per row)."""
@@ -178,6 +183,16 @@ def test_replay_reproduces_the_live_pair(pair, rec, live_server, replay_server, 
         np.testing.assert_allclose([st.prob, *st.q_probs], [prob, *qp], rtol=1e-5, atol=1e-7)
     t = ReplayTarget(rec)
     for tokens, draft, argmax in spy_t.log:
+        if isinstance(draft, tuple):  # a tree: the replay answers every node on the live target's path
+            toks, parents = draft
+            got = t.new_session(tokens).score_tree(toks, parents).argmax(-1).tolist()
+            assert got[0] == argmax[0]
+            on_path = [False] * len(toks)
+            for i, q in enumerate(parents):
+                on_path[i] = (q < 0 or on_path[q]) and toks[i] == argmax[q + 1]
+                if on_path[i]:
+                    assert got[i + 1] == argmax[i + 1], (i, toks, parents)
+            continue
         got = t.new_session(tokens).score(draft).argmax(-1).tolist()
         m = next((i for i, x in enumerate(draft) if x != argmax[i]), len(draft))
         assert got[: m + 1] == argmax[: m + 1]
