@@ -119,16 +119,10 @@ class Verifier:
             kernel_s += time.perf_counter() - t
         if g < B:
             q_ids, q_probs = self._pack_q(jobs[g:], K, dev)
-            p = [s.params for s in sessions[g:]]
-            seeds = self._seeds(sessions[g:], dev)
+            kw = self._sampling(sessions[g:], dev)
             t = time.perf_counter()
-            calls.append(_host(verify_chain(
-                logits[g:], draft_t[g:], num[g:], mode="sample", draft_topk_ids=q_ids, draft_topk_probs=q_probs,
-                temperature=torch.tensor([x.temperature for x in p], dtype=torch.float32, device=dev),
-                top_k=torch.tensor([x.top_k for x in p], dtype=torch.int64, device=dev),
-                top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev),
-                min_p=torch.tensor([x.min_p for x in p], dtype=torch.float32, device=dev),
-                seed=seeds, bonus=bonus[g:])))
+            calls.append(_host(verify_chain(logits[g:], draft_t[g:], num[g:], mode="sample", draft_topk_ids=q_ids,
+                                            draft_topk_probs=q_probs, bonus=bonus[g:], **kw)))
             kernel_s += time.perf_counter() - t
         return _Verdicts([a for c in calls for a in c[0]], [t for c in calls for t in c[1]],
                          [c[2] for c in calls], kernel_s)
@@ -148,11 +142,18 @@ class Verifier:
                 q_probs[i, t, : len(qp)] = qp
         return torch.from_numpy(q_ids).to(device), torch.from_numpy(q_probs).to(device)
 
-    def _seeds(self, sessions, dev) -> torch.Tensor:
-        """One seed per session, drawn from the session's own generator: a session's draws do
-        not depend on which other sessions share the launch."""
-        return torch.tensor([int(torch.randint(0, 2**62, (1,), generator=s.generator)) for s in sessions],
-                            dtype=torch.int64, device=dev)
+    @staticmethod
+    def _sampling(sessions, dev) -> dict:
+        """The sampling sessions' knobs as ``[B]`` tensors, and one seed per session drawn from
+        the session's own generator: a session's draws do not depend on which other sessions
+        share the launch."""
+        p = [s.params for s in sessions]
+        return dict(temperature=torch.tensor([x.temperature for x in p], dtype=torch.float32, device=dev),
+                    top_k=torch.tensor([x.top_k for x in p], dtype=torch.int64, device=dev),
+                    top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev),
+                    min_p=torch.tensor([x.min_p for x in p], dtype=torch.float32, device=dev),
+                    seed=torch.tensor([int(torch.randint(0, 2**62, (1,), generator=s.generator)) for s in sessions],
+                                      dtype=torch.int64, device=dev))
 
     def _verify_trees(self, sessions, jobs, rows: list) -> "_Verdicts":
         """verify_tree over the tree jobs (node 0 the root, node ``i + 1`` the tree's node ``i``):
@@ -185,15 +186,10 @@ class Verifier:
             kernel_s += time.perf_counter() - t
         if g < B:
             q_ids, q_probs = self._pack_q(jobs[g:], N, dev)
-            p = [s.params for s in sessions[g:]]
+            kw = self._sampling(sessions[g:], dev)
             t = time.perf_counter()
-            collect(verify_tree(
-                logits[g:], tok_t[g:], par_t[g:], num[g:], mode="sample", draft_topk_ids=q_ids, draft_topk_probs=q_probs,
-                temperature=torch.tensor([x.temperature for x in p], dtype=torch.float32, device=dev),
-                top_k=torch.tensor([x.top_k for x in p], dtype=torch.int64, device=dev),
-                top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev),
-                min_p=torch.tensor([x.min_p for x in p], dtype=torch.float32, device=dev),
-                seed=self._seeds(sessions[g:], dev), bonus=bonus[g:]))
+            collect(verify_tree(logits[g:], tok_t[g:], par_t[g:], num[g:], mode="sample", draft_topk_ids=q_ids,
+                                draft_topk_probs=q_probs, bonus=bonus[g:], **kw))
             kernel_s += time.perf_counter() - t
         return _Verdicts(acc, toks, backends, kernel_s, paths)
 

@@ -95,14 +95,15 @@ def tree_rounds(edge, run: Run) -> None:
         edge.conn.send(M.TreeRequest(session_id=run.sid, epoch=p.epoch, first_pos=first,
                                      tokens=np.asarray(tokens, dtype=np.int32),
                                      parents=np.asarray(parents, dtype=np.int32), sent_at=time.perf_counter(), **q))
-        v = recv_for(edge.conn, run.sid, cfg.verdict_timeout_s, M.TreeVerdict)
-        if v is None:
-            raise TimeoutError(f"no verdict from the cloud within {cfg.verdict_timeout_s} s")
         start = p.committed
-        out = p.on_tree_verdict(epoch=v.epoch, start_pos=v.start_pos, path=v.path.tolist(), token=v.token,
-                                rejected=v.rejected, verified_len=v.verified_len, finished=v.finished)
-        if out.stale:
-            continue  # cannot happen with an honest cloud
+        while True:  # a stale verdict (never from an honest cloud) changes nothing: wait for this tree's
+            v = recv_for(edge.conn, run.sid, cfg.verdict_timeout_s, M.TreeVerdict)
+            if v is None:
+                raise TimeoutError(f"no verdict from the cloud within {cfg.verdict_timeout_s} s")
+            out = p.on_tree_verdict(epoch=v.epoch, start_pos=v.start_pos, path=v.path.tolist(), token=v.token,
+                                    rejected=v.rejected, verified_len=v.verified_len, finished=v.finished)
+            if not out.stale:
+                break
         run.back_online()
         a = len(v.path)
         st.verifications += 1
