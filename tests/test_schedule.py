@@ -6,6 +6,8 @@ target's, sampled output follows the target's distribution (with a planted wrong
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import math
 import subprocess
 import sys
@@ -109,6 +111,82 @@ def test_rescues_are_folded_from_chain_runs_and_from_tree_runs():
     got = s.costs(CostModel())
     assert got.rescue_w2 == pytest.approx((3 + 6) / (10 + 10)) and got.rescue_w3 == pytest.approx(0.5)
     assert got.unsure == pytest.approx(0.4)  # a tree run's drafts include its siblings: not counted
+
+
+def _calibrating(g_s: float = 0.020):
+    """An inline AdaptiveSchedule, a cost model at draft step ``g_s`` and the paper link's round trip."""
+    from pipesd.scheduling import CostModel
+
+    s, cm = AdaptiveSchedule(background=False), CostModel()
+    for _ in range(10):
+        cm.observe_draft(g_s)
+    s.observe_rtt(2 * PAPER_LINK["delay_s"])
+    return s, cm
+
+
+def _generation(schedule: str, s, cm, tpt_of, accepted: int = 74, rejections: int = 6):
+    """One generation of ``schedule`` whose measured TPT is ``tpt_of(model's prediction)``, the
+    prediction made the way the schedule makes it (at this generation's own agreement)."""
+    from pipesd.edge.stats import GenerationStats
+
+    st = GenerationStats(new_tokens=64, verifications=20, verified_drafts=accepted + rejections,
+                         accepted_drafts=accepted, rejections=rejections, drafted=100, unsure_drafts=40,
+                         rescued_w2=2, rescued_w3=3, cloud_busy_s=20 * 0.025, schedule=schedule)
+    cfg = EdgeConfig.for_method("pipesd-adaptive")
+    # the costs this generation will be folded into (a copy folds it, unnamed: no calibration),
+    # then the model's prediction at the generation's own agreement
+    probe = AdaptiveSchedule(background=False)
+    probe._obs, probe.delay_s = copy.deepcopy(s._obs), s.delay_s
+    probe.observe(dataclasses.replace(st, schedule=""), cm, cfg)
+    own = dataclasses.replace(probe.costs(cm), agreement=accepted / (accepted + rejections))
+    pred = candidates(own, (cfg.trigger.tau_seq, cfg.trigger.tau_tok), only=schedule,
+                      max_draft=cfg.trigger.max_draft, lookahead=cfg.lookahead)[0]
+    st.tpt_s = tpt_of(pred.tpt_ms) / 1e3
+    s.observe(st, cm, cfg)
+    return pred
+
+
+def test_a_schedule_that_measures_as_modelled_keeps_the_pick_and_the_model_is_not_rerun():
+    s, cm = _calibrating()
+    _generation("pipelined", s, cm, lambda p: p)
+    first = s.choice
+    assert first is not None and s.calibration()["pipesd"][0] == pytest.approx(1.0, abs=1e-9)
+    _generation(first.chosen.name, s, cm, lambda p: p)
+    assert s.choice is first, "nothing drifted and no factor moved: the model is not re-run"
+    assert "measured/modelled TPT pipesd 1.00" in first.reason
+
+
+def test_a_schedule_slower_than_modelled_is_measured_once_and_dropped():
+    s, cm = _calibrating()
+    _generation("pipelined", s, cm, lambda p: p)
+    picked = s.choice.chosen
+    _generation(picked.name, s, cm, lambda p: 1.3 * p)  # it runs 30% slower than the model says
+    t, _ = s.calibration()[picked.method]
+    assert t > 1.1, "one generation 30% slow moves the factor most of the way (shrunk by one pseudo-generation)"
+    assert s.choice.chosen.method != picked.method, s.choice.reason
+    assert s.choice.chosen.tpt_ms < next(c for c in s.choice.candidates if c.name == picked.name).tpt_ms
+    assert f"{picked.method} {t:.2f}" in s.choice.reason
+
+
+def test_calibration_compares_a_generation_with_the_model_at_its_own_agreement():
+    """An easy prompt (79 of 80 drafts accepted) is faster than the running agreement predicts;
+    predicted at its own agreement it reads as the model's error it is (none), not as a fast
+    schedule."""
+    s, cm = _calibrating()
+    _generation("pipelined", s, cm, lambda p: p)
+    pred = _generation("pipelined", s, cm, lambda p: p, accepted=79, rejections=1)
+    assert s.calibration()["pipesd"][0] == pytest.approx(1.0, abs=1e-9)
+    at_running = candidates(s.costs(cm), only="pipelined")[0]
+    assert pred.tpt_ms < at_running.tpt_ms  # the easy prompt's own prediction is the faster one
+
+
+def test_factors_are_clamped_and_the_knob_is_validated():
+    s, cm = _calibrating()
+    _generation("pipelined", s, cm, lambda p: 50 * p)  # a measurement gone wrong (a stall)
+    assert s.calibration()["pipesd"][0] == AdaptiveSchedule.CAL_CLAMP[1]
+    with pytest.raises(ValueError, match="recalibrate"):
+        AdaptiveSchedule(recalibrate=0)
+    assert candidates(Costs(gen_s=0.02, **PAPER_LINK), only="no-such-schedule") == []
 
 
 def test_a_chain_run_measures_what_a_tree_would_have_rescued(pair):

@@ -30,10 +30,18 @@ Terms:
   verification time against drafts per verification (least squares over past generations) and
   the per-position agreement of draft and target (accepted / (accepted + rejections)).
 
+- **calibration**: per method, the measured TPT (and cloud cost) of the generations that ran
+  it over what the model predicts for them, each prediction made at that generation's own
+  agreement (so an easy prompt does not read as a fast schedule), decayed, and shrunk towards 1
+  by one pseudo-generation. The ranking multiplies each candidate's prediction by its method's
+  factor: a schedule the model flatters is measured once and dropped, and a near tie (the model's
+  error is a few percent) goes to what measures faster.
+
 The first generation on a connection runs ``pipelined`` (nothing is measured yet); after each
-generation the costs are updated and, when they moved by more than ``drift`` (or on the first
-measurement), the model is re-run on a background thread: the choice for the next generation is
-the last one it finished, so no generation waits for the model.
+generation the costs and the calibration are updated and, when the costs moved by more than
+``drift``, a factor by more than ``recalibrate`` (or on the first measurement), the model is re-run
+on a background thread: the choice for the next generation is the last one it finished, so no
+generation waits for the model.
 """
 from __future__ import annotations
 
@@ -111,12 +119,14 @@ class Choice:
     candidates: tuple = ()
     costs: Optional[Costs] = None
     asked: Optional[float] = None  # the budget as configured (None: vanilla SD's)
+    calibration: tuple = ()  # ((method, tpt factor, cloud factor), ...) the ranking applied
 
     def to_dict(self) -> dict:
         return {"schedule": self.chosen.name, "method": self.chosen.method, "reason": self.reason,
                 "budget_ms_per_token": self.budget_ms, "predicted_tpt_ms": self.chosen.tpt_ms,
                 "predicted_cloud_ms_per_token": self.chosen.cloud_ms_per_token,
                 "costs": asdict(self.costs) if self.costs is not None else None,
+                "calibration": {m: {"tpt": round(t, 4), "cloud": round(c, 4)} for m, t, c in self.calibration},
                 "candidates": [{"name": c.name, "tpt_ms": round(c.tpt_ms, 3),
                                 "cloud_ms_per_token": round(c.cloud_ms_per_token, 3)} for c in self.candidates]}
 
@@ -137,14 +147,18 @@ def _model(costs: Costs, seed: int, segments: int):
 
 
 def candidates(costs: Costs, tau: tuple = (0.35, 0.5), *, max_draft: int = 16, lookahead: int = 48,
-               segments: int = 400, seed: int = 0) -> list[Candidate]:
-    """Every candidate with the model's TPT and cloud cost for ``costs``."""
+               segments: int = 400, seed: int = 0, only: Optional[str] = None) -> list[Candidate]:
+    """Every candidate with the model's TPT and cloud cost for ``costs`` (``only``: just the one
+    of that name, an empty list when there is none)."""
     from pipesd.tuning.sim import simulate_tpt
 
     cfg = _model(costs, seed, segments)
     out = []
 
     def add(name, method, overrides, pipeline, batching, ts, tt, md):
+        if only is not None and only != name and not (name.startswith("serial-") and only.startswith(
+                "tree-") and only.split("x")[0][5:] == name[7:]):  # a tree-KxW needs serial-K's rounds
+            return None
         r = simulate_tpt(ts, tt, replace(cfg, pipeline=pipeline, batching=batching, max_draft=md, lookahead=lookahead))
         out.append(Candidate(name, method, tuple(sorted(overrides.items())), r.tpt_s * 1e3,
                              r.cloud_busy_per_token_s * 1e3))
@@ -156,6 +170,8 @@ def candidates(costs: Costs, tau: tuple = (0.35, 0.5), *, max_draft: int = 16, l
     add("serial-hsl", "hsl", {"tau_tok": HSL_TAU_TOK}, False, "trigger", 0.0, HSL_TAU_TOK, max_draft)
     for k in SERIAL_K:
         r = add(f"serial-{k}", "vanilla-sd", {"k": k}, False, "trigger", 0.0, 0.0, k)
+        if r is None:
+            continue
         for w, rescue in ((2, costs.rescue_w2), (3, costs.rescue_w3)):
             if rescue > 0:
                 out.append(_tree(k, w, rescue, r, costs))
@@ -163,6 +179,17 @@ def candidates(costs: Costs, tau: tuple = (0.35, 0.5), *, max_draft: int = 16, l
     # is paid once per generation, so it is left out per token.
     stream = costs.verify_base_s * 1e3
     out.append(Candidate("cloud-stream", "cloud-stream", (), stream, stream))
+    return out if only is None else [c for c in out if c.name == only]
+
+
+def calibrated(cands: list[Candidate], calibration: Optional[dict]) -> list[Candidate]:
+    """``cands`` with each prediction multiplied by its method's ``(tpt, cloud)`` factor."""
+    if not calibration:
+        return list(cands)
+    out = []
+    for c in cands:
+        t, k = calibration.get(c.method, (1.0, 1.0))
+        out.append(replace(c, tpt_ms=c.tpt_ms * t, cloud_ms_per_token=c.cloud_ms_per_token * k))
     return out
 
 
@@ -186,10 +213,12 @@ def vanilla_budget(cands: list[Candidate]) -> float:
     return best.cloud_ms_per_token
 
 
-def choose(costs: Costs, budget_ms: Optional[float] = None, tau: tuple = (0.35, 0.5), **kw) -> Choice:
+def choose(costs: Costs, budget_ms: Optional[float] = None, tau: tuple = (0.35, 0.5), *,
+           calibration: Optional[dict] = None, **kw) -> Choice:
     """Rank the candidates for ``costs`` and pick the fastest within ``budget_ms`` (None: what
-    vanilla SD at its best K would spend; ``math.inf``: no limit)."""
-    cands = candidates(costs, tau, **kw)
+    vanilla SD at its best K would spend; ``math.inf``: no limit). ``calibration``: method ->
+    (TPT factor, cloud factor), measured over modelled (:meth:`AdaptiveSchedule.calibration`)."""
+    cands = calibrated(candidates(costs, tau, **kw), calibration)
     default = budget_ms is None
     budget = vanilla_budget(cands) if default else float(budget_ms)
     tol = 1e-6 + 0.02 * budget  # the model's noise: 2% over the budget still counts as within it
@@ -205,8 +234,11 @@ def choose(costs: Costs, budget_ms: Optional[float] = None, tau: tuple = (0.35, 
         pick = min(cands, key=lambda c: (c.cloud_ms_per_token, c.tpt_ms))
         why = f"{pick.name}: no schedule fits the cloud budget ({budget:.2f} ms/token); the cheapest one"
     why += (f" [g {costs.gen_s * 1e3:.1f} ms, round trip {2 * costs.delay_s * 1e3:.1f} ms, verify "
-            f"{costs.verify_base_s * 1e3:.1f} ms, agreement {costs.agreement:.2f}]")
-    return Choice(pick, budget, why, tuple(cands), costs, budget_ms)
+            f"{costs.verify_base_s * 1e3:.1f} ms, agreement {costs.agreement:.2f}")
+    cal = tuple(sorted((m, t, k) for m, (t, k) in (calibration or {}).items()))
+    if cal:
+        why += "; measured/modelled TPT " + ", ".join(f"{m} {t:.2f}" for m, t, _ in cal)
+    return Choice(pick, budget, why + "]", tuple(cands), costs, budget_ms, cal)
 
 
 @dataclass
@@ -225,10 +257,19 @@ class AdaptiveSchedule:
     """Per-connection state of ``pipesd-adaptive`` (see the module docstring). ``background``:
     re-run the model on a thread (the runtime); False runs it inline (tests, tools)."""
 
-    def __init__(self, *, drift: float = 0.15, background: bool = True, window: int = 512) -> None:
+    CAL_DECAY = 0.7  # weight of the older generations of a method at each new one
+    CAL_CLAMP = (0.67, 1.5)  # a factor outside this is a measurement gone wrong, not model error
+
+    def __init__(self, *, drift: float = 0.15, background: bool = True, window: int = 512,
+                 recalibrate: float = 0.02) -> None:
         if not 0 < drift < 10:
             raise ValueError(f"drift must be in (0, 10), got {drift!r}")
+        if not 0 < recalibrate < 10:
+            raise ValueError(f"recalibrate must be in (0, 10), got {recalibrate!r}")
         self.drift = drift
+        self.recalibrate = recalibrate
+        self._calib: dict = {}  # method -> [measured TPT ms, modelled TPT ms, measured cloud, modelled cloud, weight]
+        self._pending: list = []  # (schedule, costs at its agreement, TPT ms, cloud ms/token) not yet calibrated
         self.background = background
         self.window = window
         self.choice: Optional[Choice] = None
@@ -301,20 +342,69 @@ class AdaptiveSchedule:
         costs = self.costs(cost_model)
         if costs is None:
             return
-        last = self.choice
-        budget = cfg.cloud_budget_ms_per_token
-        if last is not None and last.asked == budget and last.costs is not None \
-                and not costs.drifted(last.costs, self.drift):
-            return
-        kw = dict(max_draft=cfg.trigger.max_draft, lookahead=cfg.lookahead)
+        if stats.schedule and stats.new_tokens > 0 and stats.tpt_s > 0:
+            seen = stats.accepted_drafts + stats.rejections
+            own = replace(costs, agreement=stats.accepted_drafts / seen) if seen else costs
+            with self._lock:
+                self._pending.append((stats.schedule, own, stats.tpt_s * 1e3,
+                                      stats.cloud_busy_s / stats.new_tokens * 1e3))
+        job = (costs, cfg.cloud_budget_ms_per_token, tau,
+               dict(max_draft=cfg.trigger.max_draft, lookahead=cfg.lookahead))
         if not self.background:
-            self._set(choose(costs, budget, tau, **kw))
+            self._update(*job)
             return
         if self._thread is not None and self._thread.is_alive():
             return  # the model is still running on older costs; the next generation re-checks
-        self._thread = threading.Thread(target=lambda: self._set(choose(costs, budget, tau, **kw)),
-                                        name="pipesd-schedule", daemon=True)
+        self._thread = threading.Thread(target=self._update, args=job, name="pipesd-schedule", daemon=True)
         self._thread.start()
+
+    def calibration(self) -> dict:
+        """method -> (TPT factor, cloud factor): measured over modelled, shrunk towards 1 by one
+        pseudo-generation at the mean prediction, clamped to :attr:`CAL_CLAMP`."""
+        lo, hi = self.CAL_CLAMP
+        out = {}
+        for m, (mt, pt, mc, pc, w) in self._calib.items():
+            if pt <= 0 or w <= 0:
+                continue
+            t = (mt + pt / w) / (pt + pt / w)
+            c = (mc + pc / w) / (pc + pc / w) if pc > 0 else 1.0
+            out[m] = (min(hi, max(lo, t)), min(hi, max(lo, c)))
+        return out
+
+    def _calibrate(self, name: str, costs: Costs, tpt_ms: float, cloud_ms: float, tau: tuple, kw: dict) -> None:
+        got = candidates(costs, tau, only=name, **kw)
+        if not got or got[0].tpt_ms <= 0:
+            return  # a schedule the model does not rank (a user's fixed method, a stale name)
+        c = got[0]
+        d = self.CAL_DECAY
+        old = self._calib.get(c.method, [0.0] * 5)
+        self._calib[c.method] = [x * d for x in old[:4]] + [old[4] * d]
+        acc = self._calib[c.method]
+        acc[0] += tpt_ms
+        acc[1] += c.tpt_ms
+        acc[2] += cloud_ms
+        acc[3] += c.cloud_ms_per_token
+        acc[4] += 1.0
+
+    def _update(self, costs: Costs, budget, tau: tuple, kw: dict) -> None:
+        """Fold the pending generations into the calibration, then re-rank when the costs
+        drifted or a factor moved (the background thread, or inline)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for name, own, tpt_ms, cloud_ms in pending:
+            self._calibrate(name, own, tpt_ms, cloud_ms, tau, kw)
+        cal = self.calibration()
+        last = self.choice
+        if last is not None and last.asked == budget and last.costs is not None \
+                and not costs.drifted(last.costs, self.drift) and not self._moved(cal, last.calibration):
+            return
+        self._set(choose(costs, budget, tau, calibration=cal, **kw))
+
+    def _moved(self, cal: dict, used: tuple) -> bool:
+        before = {m: (t, c) for m, t, c in used}
+        if set(before) != set(cal):
+            return True
+        return any(abs(cal[m][i] - before[m][i]) > self.recalibrate * before[m][i] for m in cal for i in (0, 1))
 
     def _observe_trees(self, stats, cfg, keep: float) -> None:
         """The tree candidates' inputs: from a chain run, the corrections a tree would have
