@@ -243,7 +243,7 @@ class _Scripted(AdaptiveSchedule):
         self.i += 1
         return super().config_for(cfg)
 
-    def observe(self, stats, cost_model, cfg) -> None:
+    def observe(self, stats, cost_model, cfg, **kw) -> None:
         pass
 
 
@@ -310,6 +310,22 @@ def test_the_schedule_follows_a_slowed_edge_and_stays_exact(pair, refs):
     assert gens[-1].stats.schedule.startswith(("serial-", "tree-")), [g.stats.schedule for g in gens]  # serial rounds
     assert "fastest within the cloud budget" in gens[-1].stats.schedule_reason
     assert len(history) >= 1
+    cal = c.schedule.calibration()
+    assert "pipesd" in cal, "the client's generations reach the calibration (tokens and TPT set before it reads them)"
+    assert all(AdaptiveSchedule.CAL_CLAMP[0] <= f <= AdaptiveSchedule.CAL_CLAMP[1] for fs in cal.values() for f in fs)
+    assert "measured/modelled TPT" in gens[-1].stats.schedule_reason
+
+
+def test_a_cancelled_or_offline_generation_is_not_calibrated():
+    s, cm = _calibrating()
+    _generation("pipelined", s, cm, lambda p: p)
+    before = dict(s.calibration())
+    from pipesd.edge.stats import GenerationStats
+    st = GenerationStats(new_tokens=5, tpt_s=1.0, verifications=2, verified_drafts=4, accepted_drafts=2,
+                         rejections=1, cloud_busy_s=0.05, schedule=s.choice.chosen.name)
+    s.observe(st, cm, EdgeConfig.for_method("pipesd-adaptive"), calibrate=False)
+    s.observe(dataclasses.replace(st, offline_episodes=1), cm, EdgeConfig.for_method("pipesd-adaptive"))
+    assert s.calibration() == before
 
 
 # --------------------------------------------------------------------------- sampling

@@ -326,9 +326,10 @@ class EdgeClient:
                         pass
             if cancel.is_set() and not run.complete:
                 run.finish_reason = "cancelled"
+            gen = self._result(run)  # sets the stats' tokens and TPT, which the schedule reads
             if schedule:
-                self.schedule.observe(run.stats, self.cost, asked)
-        return self._result(run)
+                self.schedule.observe(run.stats, self.cost, asked, calibrate=run.finish_reason != "cancelled")
+        return gen
 
     def _result(self, run: Run) -> Generation:
         st, cfg = run.stats, run.cfg

@@ -324,8 +324,10 @@ class AdaptiveSchedule:
                      unsure=min(1.0, o.unsure / o.drafted) if o.drafted else 0.0,
                      rescue_w2=min(1.0, rescue[2]), rescue_w3=min(1.0, rescue[3]))
 
-    def observe(self, stats, cost_model, cfg) -> None:
-        """Fold a finished generation's stats in; re-run the model when the costs drifted."""
+    def observe(self, stats, cost_model, cfg, *, calibrate: bool = True) -> None:
+        """Fold a finished generation's stats in; re-run the model when the costs drifted or a
+        calibration factor moved. ``calibrate=False`` (a cancelled generation) and a generation
+        that went offline are left out of the calibration: their TPT is not the schedule's."""
         self._generations += 1
         o = self._obs
         if stats.verifications:
@@ -342,7 +344,8 @@ class AdaptiveSchedule:
         costs = self.costs(cost_model)
         if costs is None:
             return
-        if stats.schedule and stats.new_tokens > 0 and stats.tpt_s > 0:
+        if calibrate and stats.schedule and stats.new_tokens > 0 and stats.tpt_s > 0 \
+                and not stats.offline_episodes and not stats.unverified_tokens:
             seen = stats.accepted_drafts + stats.rejections
             own = replace(costs, agreement=stats.accepted_drafts / seen) if seen else costs
             with self._lock:
