@@ -379,15 +379,9 @@ class AdaptiveSchedule:
         if not got or got[0].tpt_ms <= 0:
             return  # a schedule the model does not rank (a user's fixed method, a stale name)
         c = got[0]
-        d = self.CAL_DECAY
         old = self._calib.get(c.method, [0.0] * 5)
-        self._calib[c.method] = [x * d for x in old[:4]] + [old[4] * d]
-        acc = self._calib[c.method]
-        acc[0] += tpt_ms
-        acc[1] += c.tpt_ms
-        acc[2] += cloud_ms
-        acc[3] += c.cloud_ms_per_token
-        acc[4] += 1.0
+        new = (tpt_ms, c.tpt_ms, cloud_ms, c.cloud_ms_per_token, 1.0)
+        self._calib[c.method] = [x * self.CAL_DECAY + y for x, y in zip(old, new)]
 
     def _update(self, costs: Costs, budget, tau: tuple, kw: dict) -> None:
         """Fold the pending generations into the calibration, then re-rank when the costs
