@@ -154,6 +154,41 @@ def test_a_confirmed_copy_starts_only_where_the_draft_model_copied_too():
     assert [other.step().token for _ in range(3)] == [9, 9, 9] and other.proposals == 0  # never confirmed
 
 
+class CopyDraft(FixedDraft):
+    """A stand-in draft model that repeats the sequence's period of 4 (so it copies as lookup does)."""
+
+    def step(self, params=None, generator=None, want_full_q=False):
+        self.token = self.tokens[-4]
+        return super().step(params, generator, want_full_q)
+
+
+def test_a_shadow_lookup_proposes_nothing_and_records_what_the_real_one_would():
+    """Shadow (the adaptive schedule's measurement): the draft model drafts every token, and
+    the positions and tokens recorded are the ones a real LookupDraft proposes on the same
+    sequence (the model copies, so the two sequences stay equal)."""
+    prompt = [1, 2, 3, 4, 1, 2, 3]
+    real = LookupDraft(CopyDraft(0), NgramIndex(3, 1), max_tokens=2)
+    shadow = LookupDraft(CopyDraft(0), NgramIndex(3, 1), max_tokens=2, shadow=True)
+    for d in (real, shadow):
+        d.reset(prompt)
+    proposed = {}
+    for _ in range(9):
+        st = real.step()
+        if real.last_lookup:
+            proposed[len(real) - 1] = st.token
+        assert shadow.step().token == st.token and not shadow.last_lookup
+    assert shadow.inner.steps == 9 and shadow.proposals == 0 and shadow.lookup_tokens_in(0, 100) == 0
+    assert real.proposals == shadow.shadow_count == 6 and shadow.shadow_at == proposed  # same rules, same positions
+    # a verdict: the sequence holds the target's tokens up to its end; score and forget below it
+    n = len(prompt)
+    shadow.index.tokens[n + 2] = 99  # say the target's token there differs from the proposal
+    checked, right = shadow.shadow_check(n, n + 4)
+    assert (checked, right) == (sum(n <= p < n + 4 for p in proposed), sum(n <= p < n + 4 for p in proposed) - 1)
+    assert min(shadow.shadow_at) >= n + 4
+    shadow.truncate(n + 5)  # a rollback drops the proposals at and above it
+    assert all(p < n + 5 for p in shadow.shadow_at)
+
+
 # --------------------------------------------------------------------------- greedy, several edges in one launch
 REPEATING = [[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2], [7, 8, 7, 8, 7, 8, 7], [20, 21, 22, 20, 21, 22, 20, 21],
              [9, 30, 9, 31, 9, 30, 9]]

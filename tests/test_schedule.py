@@ -215,7 +215,8 @@ def test_the_cli_refuses_a_bad_budget():
 
 # --------------------------------------------------------------------------- lossless, every pick
 _CANDIDATES = {c.name: c for c in candidates(Costs(gen_s=0.02, delay_s=0.01, verify_base_s=0.02, unsure=0.4,
-                                                  rescue_w2=0.35, rescue_w3=0.5), segments=20)}
+                                                  rescue_w2=0.35, rescue_w3=0.5, lookup_rate=0.3,
+                                                  lookup_precision=0.9), segments=20, lookup="auto")}
 
 
 def _choice(name: str) -> Choice:
@@ -353,4 +354,163 @@ class _TemperatureTwiceForDrafts(Verifier):
                          ids=["drafting-schedules", "cloud-stream"])
 def test_the_sampling_check_catches_a_wrong_rule_in_the_schedules(spair, exact, planted, names):
     counts = _sampled_counts(spair, "pipesd-adaptive", planted, N_PLANTED, setup=_scripted(names))
+    assert any(_stats.fails(torch.tensor(counts[d]), torch.tensor(exact[d])) for d in range(DEPTH))
+
+
+# --------------------------------------------------------------------------- prompt-lookup candidates
+LOOKUP = dict(lookup_rate=0.3, lookup_precision=0.95)  # measured: lookup would propose 30% of drafts, 95% right
+
+
+def test_the_model_without_lookup_is_unchanged_and_lookup_cuts_a_pipelined_edges_draft_time():
+    from pipesd.tuning.sim import SimConfig, simulate_tpt
+
+    base = SimConfig(gen_s=0.030, delay_s=0.010, verify_base_s=0.025, segments=200)
+    off = simulate_tpt(0.35, 0.5, base)
+    assert simulate_tpt(0.35, 0.5, dataclasses.replace(base, lookup_precision=0.1)) == off  # rate 0: no lookup
+    good = simulate_tpt(0.35, 0.5, dataclasses.replace(base, lookup_rate=0.3, lookup_precision=1.0))
+    bad = simulate_tpt(0.35, 0.5, dataclasses.replace(base, lookup_rate=0.3, lookup_precision=0.2))
+    assert good.tpt_s < 0.85 * off.tpt_s  # a third of the draft steps cost nothing
+    assert bad.tpt_s > off.tpt_s and bad.rollbacks > off.rollbacks  # wrong copies cost round trips
+    for k in ("lookup_rate", "lookup_precision", "lookup_confidence"):
+        with pytest.raises(ValueError, match=k):
+            SimConfig(**{k: 1.5})
+    with pytest.raises(ValueError, match="lookup_s"):
+        SimConfig(lookup_s=-1.0)
+
+
+def test_lookup_candidates_are_offered_only_when_measured_and_asked_for():
+    fast = dict(gen_s=0.010, **PAPER_LINK)
+    names = lambda cands: {c.name for c in cands}  # noqa: E731
+    assert not any(n.endswith("+lookup") for n in names(candidates(Costs(**fast), lookup="auto", segments=50)))
+    assert not any(n.endswith("+lookup") for n in names(candidates(Costs(**fast, **LOOKUP), segments=50)))
+    got = candidates(Costs(**fast, **LOOKUP), lookup="auto", segments=50)
+    assert {"pipelined+lookup"} | {f"serial-{k}+lookup" for k in SERIAL_K} <= names(got)
+    for c in got:
+        assert (("lookup", "ngram") in c.overrides) == c.name.endswith("+lookup")
+    c = choose(Costs(**fast, **LOOKUP), lookup="auto", segments=200)
+    assert c.chosen.name == "pipelined+lookup", c.reason  # a fast edge, accurate copies: lookup pays
+    assert not choose(Costs(**fast, lookup_rate=0.3, lookup_precision=0.3), lookup="auto",
+                      segments=200).chosen.name.endswith("+lookup")  # copies mostly wrong: it does not
+
+
+def test_the_concrete_config_runs_lookup_as_the_candidate_says():
+    s = AdaptiveSchedule(background=False)
+    auto = EdgeConfig.for_method("pipesd-adaptive")
+    assert auto.lookup == "auto" and EdgeConfig.for_method("pipesd").lookup == "off"
+    with pytest.raises(ValueError, match="pipesd-adaptive"):
+        EdgeConfig.for_method("pipesd", lookup="auto")
+    s.choice = _choice("pipelined+lookup")
+    cfg, name, _ = s.config_for(auto)
+    assert (name, cfg.method, cfg.lookup, cfg.pipeline) == ("pipelined+lookup", "pipesd", "ngram", True)
+    s.choice = _choice("serial-3+lookup")
+    cfg, _, _ = s.config_for(auto)
+    assert (cfg.method, cfg.k, cfg.lookup) == ("vanilla-sd", 3, "ngram")
+    s.choice = _choice("pipelined")
+    assert s.config_for(auto)[0].lookup == "shadow"  # measures what lookup would do
+    assert s.config_for(auto.replace(lookup="off"))[0].lookup == "off"
+    assert s.config_for(auto.replace(lookup="ngram"))[0].lookup == "ngram"  # the user's choice, for every candidate
+    replayed = AdaptiveSchedule(background=False, lookup_allowed=False)
+    replayed.choice = _choice("pipelined")
+    assert replayed.config_for(auto)[0].lookup == "off"  # a replayed draft cannot leave its recording
+
+
+def test_lookup_is_measured_in_shadow_and_in_lookup_runs_apart_from_the_draft_models_agreement():
+    from pipesd.edge.stats import GenerationStats
+    from pipesd.scheduling import CostModel
+
+    s, cfg = AdaptiveSchedule(background=False), EdgeConfig.for_method("pipesd-adaptive")
+    shadow = GenerationStats(verifications=10, verified_drafts=40, accepted_drafts=36, rejections=4, drafted=100,
+                             cloud_busy_s=0.25, lookup_shadow=20, lookup_shadow_checked=16, lookup_shadow_right=12)
+    s.observe(shadow, CostModel(), cfg)
+    got = s.costs(CostModel())
+    assert (got.lookup_rate, got.lookup_precision, got.agreement) == pytest.approx((0.2, 0.75, 0.9))
+    run = GenerationStats(verifications=10, verified_drafts=40, accepted_drafts=36, rejections=4, drafted=100,
+                          cloud_busy_s=0.25, lookup_proposals=40, lookup_accepted=18, lookup_rejected=4,
+                          schedule="pipelined+lookup")
+    s.observe(run, CostModel(), cfg)
+    got = s.costs(CostModel())
+    assert got.lookup_rate == pytest.approx(60 / 200) and got.lookup_precision == pytest.approx(30 / 38)
+    assert got.agreement == pytest.approx((36 + 18) / (40 + 18))  # the model's own drafts: lookup's taken out
+    assert got.agreement != pytest.approx((36 + 36) / 80)
+    with pytest.raises(ValueError, match="lookup_rate"):
+        Costs(gen_s=0.01, delay_s=0, verify_base_s=0, lookup_rate=2.0)
+
+
+def test_a_lookup_variant_is_calibrated_apart_from_its_method():
+    from pipesd.edge.schedule import family
+
+    got = {c.name: family(c) for c in candidates(Costs(gen_s=0.02, **PAPER_LINK, **LOOKUP), lookup="auto",
+                                                   segments=20)}
+    assert got["pipelined"] == "pipesd" and got["pipelined+lookup"] == "pipesd+lookup"
+    assert got["serial-2+lookup"] == "vanilla-sd+lookup"
+
+
+class _GarbageIndex:
+    """A planted proposer for the lossless checks: always a hit (so lookup proposes at once),
+    mostly a wrong token."""
+
+    def __new__(cls, max_n, min_n):
+        from pipesd.edge.lookup import NgramIndex
+
+        class Garbage(NgramIndex):
+            def lookup(self):
+                return (self.tokens[-1] * 7 + 3) % 12, 1
+        return Garbage(max_n, min_n)
+
+
+def _forced_lookup(monkeypatch, wrapper=None):
+    """Every lookup the edges run (ngram or shadow) proposes from :class:`_GarbageIndex`, unconfirmed."""
+    from pipesd.edge import lookup as lk, pipeline
+
+    wrap = wrapper or lk.LookupDraft
+    monkeypatch.setattr(pipeline, "_lookup_draft", lambda d, cfg: wrap(
+        d, _GarbageIndex(1, 1), confidence=cfg.lookup_confidence, max_tokens=2, confirm=False,
+        shadow=cfg.lookup == "shadow"))
+
+
+LOOKUP_PICKS = ["pipelined+lookup", "serial-2+lookup", "pipelined", "serial-3+lookup"]
+
+
+def test_greedy_is_the_targets_with_lookup_candidates_and_two_edges_at_once(pair, refs, monkeypatch):
+    _forced_lookup(monkeypatch)
+    prompts = [PROMPTS, PROMPTS[::-1]]
+    with running_server(pair[1]) as (srv, url):
+        _gather_before_each_launch(srv)
+        cfg = EdgeConfig.for_method("pipesd-adaptive")
+        out = _two_edges(url, [cfg, cfg], prompts, N_NEW, setup=_scripted(LOOKUP_PICKS))
+        assert srv.stats.max_batch >= 2, "the two edges were never verified in one launch"
+    for e in (0, 1):
+        for g, p in zip(out[e], prompts[e]):
+            assert g.token_ids == refs[tuple(p)], f"{g.stats.schedule} diverged from the target's greedy output on {p}"
+            if g.stats.schedule.endswith("+lookup"):
+                assert g.stats.lookup_proposals > 0 and g.stats.lookup_rejected > 0  # garbage proposed, rejected
+            else:
+                assert g.stats.lookup_proposals == 0 and g.stats.lookup_shadow_checked > 0  # measured only
+
+
+@pytest.mark.slow
+def test_sampling_follows_the_targets_distribution_with_lookup_candidates(spair, exact, monkeypatch):
+    _forced_lookup(monkeypatch)
+    counts = _sampled_counts(spair, "pipesd-adaptive", setup=_scripted(LOOKUP_PICKS))
+    for d in range(DEPTH):
+        _stats.check(torch.tensor(counts[d]), torch.tensor(exact[d]), f"pipesd-adaptive with lookup, position {d}")
+
+
+def test_the_sampling_check_catches_a_soft_q_on_lookup_proposals(spair, exact, monkeypatch):
+    """Planted: lookup proposals sent with a draft-like q (half on the token), not one-hot."""
+    import numpy as np
+
+    from pipesd.edge.lookup import LookupDraft
+
+    class SoftQ(LookupDraft):
+        def step(self, params=None, generator=None, want_full_q: bool = False):
+            st = super().step(params, generator, want_full_q)
+            if self.last_lookup:
+                st.q_ids = np.array([st.token, (st.token + 1) % 12, (st.token + 2) % 12], dtype=np.int32)
+                st.q_probs = np.array([0.5, 0.25, 0.25], dtype=np.float32)
+            return st
+
+    _forced_lookup(monkeypatch, SoftQ)
+    counts = _sampled_counts(spair, "pipesd-adaptive", n=N_PLANTED, setup=_scripted(["pipelined+lookup",
+                                                                                   "serial-2+lookup"]))
     assert any(_stats.fails(torch.tensor(counts[d]), torch.tensor(exact[d])) for d in range(DEPTH))

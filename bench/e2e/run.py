@@ -53,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -84,13 +85,14 @@ GRID = [Scenario(f"edge{ms}-{mb}M-{d}ms", ms, f"{mb}/{d}", "grid")
 ALL_SCENARIOS = {s.name: s for s in PAPER + [LIVE] + GRID}
 
 QUICK_METHODS = ["cloud-stream", "vanilla-sd", "tree-sd", "hsl", "edgellm", "dual-no-pipeline", "pipe-fixed-k",
-                 "pipe-token-only", "pipe-seq-only", "pipesd", "pipesd-adaptive", "pipesd-adaptive-nolimit"]
+                 "pipe-token-only", "pipe-seq-only", "pipesd", "pipesd-lookup", "pipesd-adaptive", "pipesd-adaptive-nolimit"]
 FULL_METHODS = ["cloud-stream", "target-per-token", "vanilla-sd", "tree-sd", "hsl", "edgellm", "dual-no-pipeline",
-                "fixed-batch", "pipe-fixed-k", "pipe-token-only", "pipe-seq-only", "pipesd", "pipesd-adaptive",
+                "fixed-batch", "pipe-fixed-k", "pipe-token-only", "pipe-seq-only", "pipesd", "pipesd-lookup", "pipesd-adaptive",
                 "pipesd-adaptive-nolimit", "pipesd-tuned",
                 "edge-only"]
 #: Methods whose output is not the target's (a speed reference only): not checked for exactness.
 NOT_TARGET_OUTPUT = {"edge-only"}
+LOOKUP_METHODS = {"pipesd-lookup": "pipesd"}  # a method with prompt-lookup proposals (lookup="ngram")
 K_SWEPT = ("vanilla-sd", "tree-sd")  # run at every K of --k-sweep; the best is reported
 BASELINES = ("cloud-stream", "target-per-token", "vanilla-sd", "hsl", "edgellm")
 
@@ -287,6 +289,8 @@ def fresh_trace(link) -> None:
 def run_method(client, link, method, prompts, n_new, sc, args, **cfg_kw):
     from pipesd.edge import EdgeConfig
 
+    if method in LOOKUP_METHODS:
+        method, cfg_kw = LOOKUP_METHODS[method], {**cfg_kw, "lookup": "ngram"}
     cfg = EdgeConfig.for_method(method, draft_step_s=sc.draft_ms / 1e3, wire_q=args.wire_q, offline_policy="fail",
                                 **cfg_kw)
     gens = []
@@ -374,7 +378,8 @@ def summarise(scenario, method, gens, args, exact, extra=None) -> dict:
     g_s = statistics.median([s.cost_g_s for s in st]) if drafts else 0.0
     s_s = statistics.median([s.cost_s_s for s in st])
     c_s = statistics.median([s.cost_c_s for s in st])
-    edge = g_s * drafted / max(1, tokens)
+    steps = drafted - sum(s.lookup_proposals for s in st)  # a lookup proposal costs no draft step
+    edge = g_s * steps / max(1, tokens)
     wire = (s_s * msgs + c_s * sent_tokens) / max(1, tokens)
     cloud = busy / max(1, tokens)
     bound = g_s if method == "edge-only" else max(edge, wire, cloud)
@@ -396,11 +401,18 @@ def summarise(scenario, method, gens, args, exact, extra=None) -> dict:
         "bound_tpt_s": bound,
         "edge_overhead_us_per_draft": 1e6 * sum(s.edge_overhead_s for s in st) / max(1, drafted),
         "tokens": tokens,
+        "lookup_share": sum(s.lookup_proposals for s in st) / max(1, drafted),
+        "lookup_precision": _ratio(sum(s.lookup_accepted for s in st),
+                                   sum(s.lookup_accepted + s.lookup_rejected for s in st)),
         "exact": all(exact) if method not in NOT_TARGET_OUTPUT else None,
     }
     if extra:
         row.update(extra)
     return row
+
+
+def _ratio(a: float, b: float) -> Optional[float]:
+    return a / b if b else None
 
 
 def dominated_by(row, rows) -> list[str]:
@@ -466,7 +478,7 @@ def parse_args(argv):
             ap.error("live-gguf needs a live pair with GGUF files (a fetched pair name, not replayed)")
     from pipesd.edge.config import METHODS
 
-    known = set(METHODS) | {"pipesd-tuned"} | set(ADAPTIVE_BUDGETS)
+    known = set(METHODS) | {"pipesd-tuned"} | set(ADAPTIVE_BUDGETS) | set(LOOKUP_METHODS)
     args.method_list = args.methods.split(",") if args.methods else (QUICK_METHODS if args.quick else FULL_METHODS)
     bad = [m for m in args.method_list if m not in known]
     if bad:
@@ -475,6 +487,13 @@ def parse_args(argv):
         bad = [m for m in args.method_list if m in ("pipesd-tuned",)]
         if bad:
             ap.error("pipesd-tuned warms up on other generations than the recorded ones: not with a replay")
+        lookup = [m for m in args.method_list if m in LOOKUP_METHODS]
+        if lookup and args.methods:
+            ap.error(f"{', '.join(lookup)}: a replayed draft serves its recorded sequences only, and a wrong lookup "
+                     "token leaves them (run the live pair)")
+        if lookup:  # the default list: left out, and the adaptive edge offers no lookup candidate either
+            print(f"note: {', '.join(lookup)} left out: a replay cannot run prompt-lookup proposals", flush=True)
+            args.method_list = [m for m in args.method_list if m not in LOOKUP_METHODS]
     return ap, args
 
 
@@ -668,6 +687,15 @@ def markdown(header, rows) -> str:
                      f"{f(r['efficiency_vs_bound'], '{:.2f}')} | {r['accepted_mean']:.2f} | "
                      f"{r['verifications_per_100']:.1f} | {r['bytes_per_token']:.0f} | "
                      f"{', '.join(r.get('dominated_by', [])) or '-'} |")
+    picks = [r for r in rows if r.get("schedules") or r.get("lookup_share")]
+    if picks:
+        lines += ["", "Schedules the adaptive edge ran (one per measured generation) and prompt-lookup proposals "
+                  "(share of drafts, and of those verified the share equal to the target's token):", "",
+                  "| scenario | method | schedules | lookup share | lookup precision |", "|---|---|---|---|---|"]
+        for r in picks:
+            sched = ", ".join(f"{n} x{c}" for n, c in Counter(r.get("schedules") or []).items()) or "-"
+            lines.append(f"| {r['scenario']} | {r['method']} | {sched} | {r.get('lookup_share', 0):.2f} | "
+                         f"{f(r.get('lookup_precision'), '{:.2f}')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -334,9 +334,12 @@ def cmd_generate(args) -> int:
     if cfg.method == "tree-sd":
         print(f"[tree] {st.drafted} nodes in {st.verifications} trees, {st.tree_sibling_hits} paths through a "
               f"sibling; {st.draft_steps} draft forwards", file=sys.stderr)
-    if cfg.lookup != "off":
+    if cfg.lookup == "ngram" or st.lookup_proposals:
         print(f"[lookup] {st.lookup_hits} hits, {st.lookup_proposals} proposals ({st.draft_forwards_saved} draft "
               f"forwards saved), {st.lookup_accepted} accepted; {st.draft_steps} draft forwards", file=sys.stderr)
+    if st.lookup_shadow_checked:
+        print(f"[lookup] measured, not used: lookup would have proposed {st.lookup_shadow} of {st.drafted} drafts, "
+              f"{st.lookup_shadow_right} of {st.lookup_shadow_checked} verified ones right", file=sys.stderr)
     if st.offline_episodes:
         print(f"[offline] cloud lost {st.offline_episodes} time(s), {st.reconnects} reconnect(s), "
               f"{st.offline_tokens} tokens drafted alone, {st.offline_s:.1f} s offline", file=sys.stderr)
@@ -579,7 +582,7 @@ def _generate_config(args):
     from pipesd.edge import EdgeConfig
 
     kw = dict(draft_step_s=args.draft_ms / 1e3, k=args.k, record_timeline=bool(args.save_run))
-    if getattr(args, "lookup", "off") != "off":
+    if getattr(args, "lookup", None) is not None:
         kw["lookup"] = args.lookup
     if getattr(args, "cloud_budget", None) is not None:
         kw["cloud_budget_ms_per_token"] = args.cloud_budget
@@ -720,9 +723,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most cloud busy ms per generated token the adaptive schedule (--method "
                         "pipesd-adaptive) and the tuner may spend; vanilla (default for pipesd-adaptive): what vanilla "
                         "SD at its best K spends; none: no limit (cloud streaming allowed)")
-    g.add_argument("--lookup", default="off", choices=["off", "ngram"],
+    g.add_argument("--lookup", default=None, choices=["off", "ngram", "shadow", "auto"],
                    help="ngram: prompt-lookup proposals (the token after the last earlier occurrence of the last "
-                        "3-4 tokens) drafted without a draft forward; lossless (docs/runtime.md)")
+                        "3-4 tokens) drafted without a draft forward; lossless (docs/runtime.md). shadow: measure "
+                        "what lookup would propose, without using it. auto (the default for --method "
+                        "pipesd-adaptive; off for the others): the adaptive schedule decides")
     g.add_argument("--tree-width", type=_bounded(int, 1, 8), default=None, metavar="W",
                    help="tree-sd: candidates per unsure position (the draft's token and W-1 siblings; default 2)")
     g.add_argument("--tree-confidence", type=_bounded(float, 0, 1), default=None, metavar="P",

@@ -299,7 +299,7 @@ class EdgeClient:
             asked, schedule = cfg, None
             if cfg.method == "pipesd-adaptive":  # the schedule the model ranks fastest within the budget
                 if self.schedule is None:
-                    self.schedule = AdaptiveSchedule()
+                    self.schedule = AdaptiveSchedule(lookup_allowed=not getattr(self.draft, "replayed", False))
                 self.schedule.observe_rtt(self.conn.handshake_rtt_s)
                 cfg, *schedule = self.schedule.config_for(cfg)
             run = Run(self._new_sid(), ids, max_new_tokens, _seeded(sampling), cfg,

@@ -93,7 +93,10 @@ class EdgeConfig:
     # (n from lookup_max_n down to lookup_min_n) without a draft forward; at most
     # lookup_max_tokens in a row, each with trigger confidence lookup_confidence; with
     # lookup_confirm, only once the draft model's own token matched the lookup's (a confirmed copy).
-    lookup: str = "off"
+    # "shadow" measures what lookup would propose without using it; "auto" (pipesd-adaptive
+    # only) lets the adaptive schedule turn it on where its model says it pays. None: "auto"
+    # for pipesd-adaptive, "off" for every other method.
+    lookup: Optional[str] = None
     # Draft trees (tree-sd; pipesd.edge.tree): at a spine position whose draft probability is
     # below tree_confidence, tree_width - 1 sibling leaves from the same q.
     tree_width: int = 2
@@ -143,8 +146,13 @@ class EdgeConfig:
     def _check_lookup(self) -> None:
         from pipesd.edge.lookup import LOOKUP_MODES
 
+        if self.lookup is None:
+            self.lookup = "auto" if self.method == "pipesd-adaptive" else "off"
         if self.lookup not in LOOKUP_MODES:
             raise ValueError(f"lookup must be one of {', '.join(LOOKUP_MODES)}; got {self.lookup!r}")
+        if self.lookup == "auto" and self.method != "pipesd-adaptive":
+            raise ValueError(f"lookup='auto' lets the adaptive schedule decide: it needs method 'pipesd-adaptive', "
+                             f"not {self.method!r} (use 'ngram' or 'off')")
         for name in ("lookup_max_n", "lookup_min_n", "lookup_max_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 64:

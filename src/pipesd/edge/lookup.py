@@ -38,7 +38,10 @@ from pipesd.models.runners import DraftStep
 
 __all__ = ["LOOKUP_MODES", "NgramIndex", "LookupDraft", "one_hot_q"]
 
-LOOKUP_MODES = ("off", "ngram")
+LOOKUP_MODES = ("off", "ngram", "shadow", "auto")
+# off: none; ngram: lookup proposals; shadow: the draft model drafts every token, and what lookup
+# would have proposed is measured against the target (the adaptive schedule's input); auto
+# (pipesd-adaptive only): the schedule decides, per generation, from those measurements.
 
 
 def one_hot_q(token: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,8 +120,13 @@ class LookupDraft:
     """
 
     def __init__(self, draft, index: Optional[NgramIndex] = None, *, confidence: float = 0.9,
-                 max_tokens: int = 8, confirm: bool = True) -> None:
+                 max_tokens: int = 8, confirm: bool = True, shadow: bool = False) -> None:
         self.inner = draft
+        # shadow: never propose; record in ``shadow_at`` (position -> token) what this wrapper
+        # would have proposed, with the same run and confirmation rules (``shadow`` counts them).
+        self.shadow = bool(shadow)
+        self.shadow_at: dict[int, int] = {}
+        self.shadow_count = 0
         self.index = index if index is not None else NgramIndex()
         self.confidence = float(confidence)
         self.max_tokens = int(max_tokens)
@@ -142,12 +150,15 @@ class LookupDraft:
         self.inner.reset(prompt_ids)
         self.index.reset(prompt_ids)
         self.from_lookup = [False] * len(self.index)
+        self.shadow_at = {}
         self.run, self.trusted = 0, False
 
     def truncate(self, length: int) -> None:
         self.inner.truncate(length)
         self.index.truncate(length)
         del self.from_lookup[length:]
+        if self.shadow_at:
+            self.shadow_at = {p: t for p, t in self.shadow_at.items() if p < length}
         self.run, self.trusted = 0, False
 
     def extend(self, ids: Sequence[int]) -> None:
@@ -162,6 +173,8 @@ class LookupDraft:
         hit = self.index.lookup()
         self.hits += hit is not None
         use = hit is not None and self.run < self.max_tokens and (self.trusted or not self.confirm)
+        if self.shadow:
+            return self._shadow_step(hit, use, params, generator, want_full_q)
         if use:
             tok = hit[0]
             self.inner.extend([tok])
@@ -185,6 +198,38 @@ class LookupDraft:
         self.index.append(st.token)
         self.from_lookup.append(self.last_lookup)
         return st
+
+    def _shadow_step(self, hit, use: bool, params, generator, want_full_q: bool) -> DraftStep:
+        """The draft model steps; a proposal lookup would have made is only recorded."""
+        t0 = time.perf_counter()
+        st = self.inner.step(params, generator, want_full_q) if params is not None else self.inner.step()
+        self.model_s += time.perf_counter() - t0
+        self.model_steps += 1
+        self.last_lookup = False
+        if use:
+            self.shadow_at[len(self.index)] = hit[0]
+            self.shadow_count += 1
+            self.run += 1  # as if proposed: the confirmation stands until the model would step
+        else:
+            self.run = 0
+            self.trusted = hit is not None and hit[0] == st.token
+        self.index.append(st.token)
+        self.from_lookup.append(False)
+        return st
+
+    def shadow_check(self, start: int, end: int) -> tuple[int, int]:
+        """``(checked, right)``: the shadow proposals at sequence positions ``[start, end)``, whose
+        tokens are now the target's, and how many of them equal it; forget everything below ``end``."""
+        toks = self.index.tokens
+        checked = right = 0
+        for p in range(max(0, start), min(end, len(toks))):
+            t = self.shadow_at.get(p)
+            if t is not None:
+                checked += 1
+                right += t == toks[p]
+        if self.shadow_at:
+            self.shadow_at = {p: t for p, t in self.shadow_at.items() if p >= end}
+        return checked, right
 
     def lookup_tokens_in(self, start: int, end: int) -> int:
         """Lookup proposals among sequence positions ``[start, end)``."""

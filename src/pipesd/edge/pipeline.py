@@ -116,6 +116,7 @@ class Compute:
         if self.lookup:
             st.lookup_hits += self.draft.hits
             st.lookup_proposals += self.draft.proposals
+            st.lookup_shadow += self.draft.shadow_count
 
     def _thresholds(self) -> None:
         if self.tuner is not None:
@@ -138,12 +139,24 @@ class Compute:
         while v is not None:
             if isinstance(v, BaseException):
                 raise v
+            at = len(run.prompt) + v.start_pos + run.proto.base  # the verdict's first position in the draft's sequence
+            end = at + v.accepted  # the correction's (or bonus') position: a rollback drops what stood there
+            wrong_lookup = self.lookup and v.rejected and self.draft.lookup_tokens_in(end, end + 1)
+            tail = self.draft.shadow_at.get(end) if self.lookup else None
             out = apply_verdict(run, self.draft, v)
             if not out.stale:
                 self._rescues(v)
             if self.lookup and not out.stale:
-                at = len(run.prompt) + v.start_pos + run.proto.base  # accepted drafts stand below their end
-                run.stats.lookup_accepted += self.draft.lookup_tokens_in(at, at + v.accepted)
+                st = run.stats
+                st.lookup_accepted += self.draft.lookup_tokens_in(at, at + v.accepted)  # accepted drafts stand
+                st.lookup_rejected += bool(wrong_lookup)
+                if self.draft.shadow:  # the verdict's tokens are the target's: score the shadow there
+                    checked, right = self.draft.shadow_check(at, end)
+                    if tail is not None and v.token >= 0:
+                        checked, right = checked + 1, right + (tail == v.token)
+                    self.draft.shadow_at.pop(end, None)
+                    st.lookup_shadow_checked += checked
+                    st.lookup_shadow_right += right
             if self.trig.wants_feedback and not out.stale:
                 self._feedback(v)
             if out.rollback_at is not None:
@@ -323,7 +336,7 @@ class Receiver:
 
 def _lookup_draft(draft, cfg) -> LookupDraft:
     return LookupDraft(draft, NgramIndex(cfg.lookup_max_n, cfg.lookup_min_n), confidence=cfg.lookup_confidence,
-                       max_tokens=cfg.lookup_max_tokens, confirm=cfg.lookup_confirm)
+                       max_tokens=cfg.lookup_max_tokens, confirm=cfg.lookup_confirm, shadow=cfg.lookup == "shadow")
 
 
 def _batcher(edge, cfg):

@@ -17,7 +17,11 @@ Terms:
   stopping at the first token below HSL's token threshold), ``tree-KxW`` (``tree-sd``:
   serial-K's spine plus W - 1 sibling leaves where the draft is unsure; offered once this
   connection has measured that a sibling would have rescued some corrections) and
-  ``cloud-stream``. The choice only
+  ``cloud-stream``; with ``lookup="auto"`` (the default), also ``pipelined+lookup`` and
+  ``serial-K+lookup``: the same schedules with prompt-lookup proposals
+  (:mod:`pipesd.edge.lookup`), offered once a run has measured what lookup would propose
+  (the other candidates run with lookup in ``shadow``: the draft model drafts every token and
+  the proposals lookup would have made are scored against the target's tokens). The choice only
   selects among them, so it cannot make a run lossy.
 - **cloud cost**: the cloud's busy milliseconds per generated token (verification time as the
   cloud reports it in each verdict, ``Verdict.verify_s``).
@@ -28,7 +32,9 @@ Terms:
   :class:`pipesd.scheduling.CostModel`, padding included), uplink ``s`` and ``c`` (same),
   the one-way delay (half the handshake round trip, the smallest seen), the cloud's
   verification time against drafts per verification (least squares over past generations) and
-  the per-position agreement of draft and target (accepted / (accepted + rejections)).
+  the per-position agreement of draft and target (accepted / (accepted + rejections), the
+  draft model's own drafts only), and lookup's rate (its proposals per draft) and precision
+  (its proposals equal to the target's token, per verified one).
 
 - **calibration**: per method, the measured TPT (and cloud cost) of the generations that ran
   it over what the model predicts for them, each prediction made at that generation's own
@@ -76,12 +82,14 @@ class Costs:
     unsure: float = 0.0  # share of drafts below the tree confidence
     rescue_w2: float = 0.0  # share of corrections a width-2 tree would have rescued (its sibling)
     rescue_w3: float = 0.0  # ... a width-3 tree
+    lookup_rate: float = 0.0  # share of drafts lookup proposes (0: unmeasured, no lookup candidates)
+    lookup_precision: float = 0.0  # share of lookup proposals equal to the target's token
 
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
-        for k in ("agreement", "unsure", "rescue_w2", "rescue_w3"):
+        for k in ("agreement", "unsure", "rescue_w2", "rescue_w3", "lookup_rate", "lookup_precision"):
             if getattr(self, k) > 1:
                 raise ValueError(f"{k} must be in [0, 1], got {getattr(self, k)!r}")
 
@@ -90,7 +98,7 @@ class Costs:
         0.5 ms / 0.02 floor so that tiny costs do not count as drift)."""
         for k, v in asdict(self).items():
             w = getattr(other, k)
-            floor = 0.02 if k == "agreement" else 5e-4
+            floor = 0.02 if k in ("agreement", "lookup_rate", "lookup_precision") else 5e-4
             if abs(v - w) > rel * max(abs(w), floor):
                 return True
         return False
@@ -146,29 +154,48 @@ def _model(costs: Costs, seed: int, segments: int):
                      segments=segments, seed=seed)
 
 
+LOOKUP = "+lookup"  # the name suffix of a candidate with prompt-lookup proposals
+
+
 def candidates(costs: Costs, tau: tuple = (0.35, 0.5), *, max_draft: int = 16, lookahead: int = 48,
-               segments: int = 400, seed: int = 0, only: Optional[str] = None) -> list[Candidate]:
+               segments: int = 400, seed: int = 0, only: Optional[str] = None, lookup: str = "off",
+               lookup_confidence: float = 0.9) -> list[Candidate]:
     """Every candidate with the model's TPT and cloud cost for ``costs`` (``only``: just the one
-    of that name, an empty list when there is none)."""
+    of that name, an empty list when there is none). ``lookup``: ``"off"`` (or ``"shadow"``)
+    offers none with lookup; ``"auto"`` adds the ``+lookup`` variants of ``pipelined`` and
+    ``serial-K`` once ``costs.lookup_rate`` is measured; ``"ngram"`` models every drafting
+    candidate with lookup (the user's choice: each of them runs it)."""
     from pipesd.tuning.sim import simulate_tpt
 
     cfg = _model(costs, seed, segments)
+    with_lookup = replace(cfg, lookup_rate=costs.lookup_rate, lookup_precision=costs.lookup_precision,
+                          lookup_confidence=lookup_confidence)
+    if lookup == "ngram":
+        cfg = with_lookup
+    variants = lookup == "auto" and costs.lookup_rate > 0
     out = []
 
-    def add(name, method, overrides, pipeline, batching, ts, tt, md):
+    def add(name, method, overrides, pipeline, batching, ts, tt, md, model=cfg):
         if only is not None and only != name and not (name.startswith("serial-") and only.startswith(
                 "tree-") and only.split("x")[0][5:] == name[7:]):  # a tree-KxW needs serial-K's rounds
             return None
-        r = simulate_tpt(ts, tt, replace(cfg, pipeline=pipeline, batching=batching, max_draft=md, lookahead=lookahead))
+        r = simulate_tpt(ts, tt, replace(model, pipeline=pipeline, batching=batching, max_draft=md,
+                                         lookahead=lookahead))
         out.append(Candidate(name, method, tuple(sorted(overrides.items())), r.tpt_s * 1e3,
                              r.cloud_busy_per_token_s * 1e3))
         return r
 
+    def add_lookup(name, method, overrides, *args):
+        if variants:
+            add(name + LOOKUP, method, {**overrides, "lookup": "ngram"}, *args, model=with_lookup)
+
     add("pipelined", "pipesd", {}, True, "dp", tau[0], tau[1], max_draft)
+    add_lookup("pipelined", "pipesd", {}, True, "dp", tau[0], tau[1], max_draft)
     add("serial-dual", "dual-no-pipeline", {}, False, "dp", tau[0], tau[1], max_draft)
     # HSL's rule: serial, stop at the first token below its token threshold, send the lot.
     add("serial-hsl", "hsl", {"tau_tok": HSL_TAU_TOK}, False, "trigger", 0.0, HSL_TAU_TOK, max_draft)
     for k in SERIAL_K:
+        add_lookup(f"serial-{k}", "vanilla-sd", {"k": k}, False, "trigger", 0.0, 0.0, k)
         r = add(f"serial-{k}", "vanilla-sd", {"k": k}, False, "trigger", 0.0, 0.0, k)
         if r is None:
             continue
@@ -182,13 +209,19 @@ def candidates(costs: Costs, tau: tuple = (0.35, 0.5), *, max_draft: int = 16, l
     return out if only is None else [c for c in out if c.name == only]
 
 
+def family(c: Candidate) -> str:
+    """The calibration's key: the method, with ``+lookup`` for a lookup variant (lookup changes
+    what the model gets wrong: its runs of copies are not modelled)."""
+    return c.method + (LOOKUP if c.name.endswith(LOOKUP) else "")
+
+
 def calibrated(cands: list[Candidate], calibration: Optional[dict]) -> list[Candidate]:
-    """``cands`` with each prediction multiplied by its method's ``(tpt, cloud)`` factor."""
+    """``cands`` with each prediction multiplied by its family's ``(tpt, cloud)`` factor."""
     if not calibration:
         return list(cands)
     out = []
     for c in cands:
-        t, k = calibration.get(c.method, (1.0, 1.0))
+        t, k = calibration.get(family(c), (1.0, 1.0))
         out.append(replace(c, tpt_ms=c.tpt_ms * t, cloud_ms_per_token=c.cloud_ms_per_token * k))
     return out
 
@@ -250,7 +283,16 @@ class _Observed:
     drafted: float = 0.0
     unsure: float = 0.0
     rescued: dict = field(default_factory=lambda: {2: [0.0, 0.0], 3: [0.0, 0.0]})  # width -> [rescued, corrections]
+    lookup: list = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # [proposed, drafted, verified, right]
     points: list = field(default_factory=list)  # (mean drafts per verification, mean verify_s, verifications)
+
+
+def _model_drafts(stats) -> tuple[int, int]:
+    """(accepted, rejections) of the draft model's own drafts: a generation's counts less its
+    lookup proposals' (lookup has a precision of its own, :attr:`Costs.lookup_precision`)."""
+    acc = stats.accepted_drafts - getattr(stats, "lookup_accepted", 0)
+    rej = getattr(stats, "rejections", 0) - getattr(stats, "lookup_rejected", 0)
+    return max(0, acc), max(0, rej)
 
 
 class AdaptiveSchedule:
@@ -261,13 +303,16 @@ class AdaptiveSchedule:
     CAL_CLAMP = (0.67, 1.5)  # a factor outside this is a measurement gone wrong, not model error
 
     def __init__(self, *, drift: float = 0.15, background: bool = True, window: int = 512,
-                 recalibrate: float = 0.02) -> None:
+                 recalibrate: float = 0.02, lookup_allowed: bool = True) -> None:
         if not 0 < drift < 10:
             raise ValueError(f"drift must be in (0, 10), got {drift!r}")
         if not 0 < recalibrate < 10:
             raise ValueError(f"recalibrate must be in (0, 10), got {recalibrate!r}")
         self.drift = drift
         self.recalibrate = recalibrate
+        # False: the draft cannot run lookup (a replayed draft serves recorded sequences only, and
+        # a wrong lookup token leaves them), so lookup "auto" offers no lookup candidate.
+        self.lookup_allowed = lookup_allowed
         self._calib: dict = {}  # method -> [measured TPT ms, modelled TPT ms, measured cloud, modelled cloud, weight]
         self._pending: list = []  # (schedule, costs at its agreement, TPT ms, cloud ms/token) not yet calibrated
         self.background = background
@@ -290,8 +335,10 @@ class AdaptiveSchedule:
             choice = None  # made for another budget: the next observation re-chooses
         name, method, overrides = ("pipelined", "pipesd", ()) if choice is None else (
             choice.chosen.name, choice.chosen.method, choice.chosen.overrides)
-        kept = {k: getattr(cfg, k) for k in _FIELDS_KEPT}
         t, ov = cfg.trigger, dict(overrides)
+        if "lookup" not in ov:  # auto: the candidates without lookup measure it in shadow
+            ov["lookup"] = {"auto": "shadow" if self.lookup_allowed else "off"}.get(cfg.lookup, cfg.lookup)
+        kept = {k: getattr(cfg, k) for k in _FIELDS_KEPT if k not in ov}
         taus = {k: ov.pop(k, getattr(t, k)) for k in ("tau_seq", "tau_tok")}  # a candidate's own thresholds win
         concrete = EdgeConfig.for_method(method, **taus, **kept, **ov)
         return concrete, name, (choice.reason if choice is not None else
@@ -318,11 +365,15 @@ class AdaptiveSchedule:
         total = o.accepted + o.rejections
         agreement = o.accepted / total if total else 0.9
         rescue = {w: (a / b if b else 0.0) for w, (a, b) in o.rescued.items()}
+        proposed, drafted, checked, right = o.lookup
+        measured = checked > 0 and drafted > 0
         return Costs(gen_s=cost_model.gen_s, delay_s=self.delay_s or 0.0, verify_base_s=base,
                      verify_per_token_s=slope, startup_s=max(0.0, cost_model.startup_s),
                      per_token_s=max(0.0, cost_model.per_token_s), agreement=agreement,
                      unsure=min(1.0, o.unsure / o.drafted) if o.drafted else 0.0,
-                     rescue_w2=min(1.0, rescue[2]), rescue_w3=min(1.0, rescue[3]))
+                     rescue_w2=min(1.0, rescue[2]), rescue_w3=min(1.0, rescue[3]),
+                     lookup_rate=min(1.0, proposed / drafted) if measured else 0.0,
+                     lookup_precision=min(1.0, right / checked) if measured else 0.0)
 
     def observe(self, stats, cost_model, cfg, *, calibrate: bool = True) -> None:
         """Fold a finished generation's stats in; re-run the model when the costs drifted or a
@@ -335,24 +386,32 @@ class AdaptiveSchedule:
                              stats.verifications))
             while sum(w for _, _, w in o.points) > self.window and len(o.points) > 1:
                 o.points.pop(0)
+        own_acc, own_rej = _model_drafts(stats)
         if stats.verified_drafts:
             keep = 1.0 if o.accepted + o.rejections < self.window else 0.5  # forget old acceptance slowly
-            o.accepted = o.accepted * keep + stats.accepted_drafts
-            o.rejections = o.rejections * keep + getattr(stats, "rejections", 0)
+            o.accepted = o.accepted * keep + own_acc
+            o.rejections = o.rejections * keep + own_rej
             self._observe_trees(stats, cfg, keep)
+            self._observe_lookup(stats, keep)
         tau = (cfg.trigger.tau_seq, cfg.trigger.tau_tok)
         costs = self.costs(cost_model)
         if costs is None:
             return
         if calibrate and stats.schedule and stats.new_tokens > 0 and stats.tpt_s > 0 \
                 and not stats.offline_episodes and not stats.unverified_tokens:
-            seen = stats.accepted_drafts + stats.rejections
-            own = replace(costs, agreement=stats.accepted_drafts / seen) if seen else costs
+            seen = own_acc + own_rej
+            own = replace(costs, agreement=own_acc / seen) if seen else costs
+            la, lr = getattr(stats, "lookup_accepted", 0), getattr(stats, "lookup_rejected", 0)
+            if la + lr and stats.drafted:  # a lookup run: its own rate and precision
+                own = replace(own, lookup_rate=min(1.0, getattr(stats, "lookup_proposals", 0) / stats.drafted),
+                              lookup_precision=la / (la + lr))
             with self._lock:
                 self._pending.append((stats.schedule, own, stats.tpt_s * 1e3,
                                       stats.cloud_busy_s / stats.new_tokens * 1e3))
+        mode = cfg.lookup if cfg.lookup != "auto" or self.lookup_allowed else "off"
         job = (costs, cfg.cloud_budget_ms_per_token, tau,
-               dict(max_draft=cfg.trigger.max_draft, lookahead=cfg.lookahead))
+               dict(max_draft=cfg.trigger.max_draft, lookahead=cfg.lookahead, lookup=mode,
+                    lookup_confidence=cfg.lookup_confidence))
         if not self.background:
             self._update(*job)
             return
@@ -379,9 +438,9 @@ class AdaptiveSchedule:
         if not got or got[0].tpt_ms <= 0:
             return  # a schedule the model does not rank (a user's fixed method, a stale name)
         c = got[0]
-        old = self._calib.get(c.method, [0.0] * 5)
+        old = self._calib.get(family(c), [0.0] * 5)
         new = (tpt_ms, c.tpt_ms, cloud_ms, c.cloud_ms_per_token, 1.0)
-        self._calib[c.method] = [x * self.CAL_DECAY + y for x, y in zip(old, new)]
+        self._calib[family(c)] = [x * self.CAL_DECAY + y for x, y in zip(old, new)]
 
     def _update(self, costs: Costs, budget, tau: tuple, kw: dict) -> None:
         """Fold the pending generations into the calibration, then re-rank when the costs
@@ -402,6 +461,21 @@ class AdaptiveSchedule:
         if set(before) != set(cal):
             return True
         return any(abs(cal[m][i] - before[m][i]) > self.recalibrate * before[m][i] for m in cal for i in (0, 1))
+
+    def _observe_lookup(self, stats, keep: float) -> None:
+        """Lookup's rate and precision: from a lookup run, its proposals and their verdicts; from
+        a run with lookup in shadow, what it would have proposed and how much of that was right."""
+        lk = self._obs.lookup
+        n = {k: getattr(stats, "lookup_" + k, 0) for k in ("proposals", "accepted", "rejected", "shadow",
+                                                             "shadow_checked", "shadow_right")}
+        real = n["accepted"] + n["rejected"]
+        if not (n["shadow_checked"] or real):
+            return
+        lk[:] = [x * keep for x in lk]
+        lk[0] += n["proposals"] + n["shadow"]
+        lk[1] += stats.drafted
+        lk[2] += real + n["shadow_checked"]
+        lk[3] += n["accepted"] + n["shadow_right"]
 
     def _observe_trees(self, stats, cfg, keep: float) -> None:
         """The tree candidates' inputs: from a chain run, the corrections a tree would have

@@ -60,6 +60,13 @@ class GenerationStats:
     lookup_hits: int = 0  # lookups that found an earlier occurrence
     lookup_proposals: int = 0  # drafts that were lookup proposals: each a draft forward saved
     lookup_accepted: int = 0  # lookup proposals the cloud accepted
+    lookup_rejected: int = 0  # corrections at a lookup proposal
+    # lookup "shadow" (the adaptive schedule's measurement, the draft model drafts every token):
+    # drafts lookup would have proposed, those the cloud verified (accepted, or the correction or
+    # bonus position), and those equal to the target's token there.
+    lookup_shadow: int = 0
+    lookup_shadow_checked: int = 0
+    lookup_shadow_right: int = 0
     tree_sibling_hits: int = 0  # tree rounds (tree-sd) whose accepted path went through a sibling leaf
     # What a draft tree would have rescued (measured in every pipelined / serial run, the adaptive
     # schedule's tree candidates read it): drafts below the tree confidence (0.8), and corrections

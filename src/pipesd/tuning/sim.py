@@ -30,6 +30,10 @@ What it adds is time and draft behaviour:
   for greedy decoding) or i.i.d. draws from a mixture, ``Beta(conf_a, conf_b)`` (confident,
   mean 0.984) with probability ``1 - hard_frac``, ``Beta(hard_a, hard_b)`` (contested, mean 0.5)
   with probability ``hard_frac``; ``a_k`` with probability ``p_k ** calibration``.
+- **Prompt-lookup proposals** (``lookup_rate`` > 0): position ``k`` is drafted by lookup with
+  probability ``lookup_rate`` (an independent stream: real copies come in runs, which this
+  ignores), in ``lookup_s``, at confidence ``lookup_confidence``, right with probability
+  ``lookup_precision`` (the measured precision along the path, independent of ``a_k``).
 - **Edge**: ``gen_s`` per draft step; verdicts are applied between steps (a verdict that arrives
   during a step waits for its end, as the compute thread polls its mailbox between steps).
 - **Uplink**: one send thread, FIFO: a message of ``n`` tokens takes ``startup_s + n*per_token_s``
@@ -100,10 +104,21 @@ class SimConfig:
     hint_s: Optional[float] = None  # wire seconds of a hint token (no q); None: per_token_s
     down_s: float = 0.0  # downlink seconds per verdict on top of delay_s
     batching: Optional[str] = None
+    # Prompt-lookup proposals (pipesd.edge.lookup): a position is drafted by lookup with
+    # probability ``lookup_rate`` (its own stream of draws), in ``lookup_s`` instead of ``gen_s``,
+    # with trigger confidence ``lookup_confidence``, right with probability ``lookup_precision``.
+    lookup_rate: float = 0.0
+    lookup_precision: float = 0.85
+    lookup_confidence: float = 0.9
+    lookup_s: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("lookup_rate", "lookup_precision", "lookup_confidence"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
         for name in ("gen_s", "startup_s", "per_token_s", "delay_s", "verify_base_s", "verify_per_token_s",
-                     "down_s"):
+                     "down_s", "lookup_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -168,6 +183,27 @@ def _block(conf: tuple, calibration: float, seed: int, index: int) -> tuple[np.n
     p.setflags(write=False)
     accept.setflags(write=False)
     return p, accept
+
+
+@functools.lru_cache(maxsize=16)
+def _lookup_block(rate: float, precision: float, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block ``index`` of the lookup stream: (drafted by lookup, lookup right). Its own generator,
+    so turning lookup on leaves the draft model's draws as they were."""
+    rng = np.random.default_rng([seed, index, 0x100C])
+    used = rng.random(_BLOCK) < rate
+    right = rng.random(_BLOCK) < precision
+    used.setflags(write=False)
+    right.setflags(write=False)
+    return used, right
+
+
+def _lookup_draws(cfg: SimConfig, n: int) -> tuple[list, list]:
+    if cfg.lookup_rate <= 0:
+        return [False] * n, [False] * n
+    blocks = [_lookup_block(float(cfg.lookup_rate), float(cfg.lookup_precision), cfg.seed, i)
+              for i in range(-(-n // _BLOCK))]
+    return (np.concatenate([b[0] for b in blocks])[:n].tolist(),
+            np.concatenate([b[1] for b in blocks])[:n].tolist())
 
 
 def _draws(cfg: SimConfig, n: int) -> tuple[list, list]:
@@ -259,6 +295,7 @@ def _generation(cfg: SimConfig, tau_seq: float, tau_tok: float, P: list, A: list
     from pipesd.scheduling import CostModel
 
     g, s, c, d = cfg.gen_s, cfg.startup_s, cfg.per_token_s, cfg.delay_s
+    LU, LA = _lookup_draws(cfg, len(P))
     c_hint = c if cfg.hint_s is None else cfg.hint_s
     down = d + cfg.down_s
     stop_tokens = cfg.max_tokens or math.inf
@@ -378,8 +415,8 @@ def _generation(cfg: SimConfig, tau_seq: float, tau_tok: float, P: list, A: list
         if kind == _EDGE:
             if payload:  # a draft step ends now: trigger, protocol, ring
                 pos = len(edge.seq)
-                right = first_bad is None and A[pos]
-                reason = trig.update(P[pos])
+                right = first_bad is None and (LA[pos] if LU[pos] else A[pos])
+                reason = trig.update(cfg.lookup_confidence if LU[pos] else P[pos])
                 pos, reason = edge.on_draft(0 if right else 1, reason)
                 if not right and first_bad is None:
                     first_bad = pos
@@ -388,8 +425,8 @@ def _generation(cfg: SimConfig, tau_seq: float, tau_tok: float, P: list, A: list
                 push(t, (pos, 0 if right else 1, edge.epoch, reason is not None))
             if apply_verdicts(t):
                 break
-            if edge.may_draft():
-                at(t + g, _EDGE, True)
+            if edge.may_draft():  # the next step drafts position len(edge.seq): no verdict is applied before
+                at(t + (cfg.lookup_s if LU[len(edge.seq)] else g), _EDGE, True)
             else:
                 edge_waiting = True
         elif kind == _VERDICT:
